@@ -1,0 +1,74 @@
+"""Declarative HF <-> Flax weight-name tables and the transforms they name.
+
+A table is a list of `Rule(hf, ours, transform)`: `hf` is a regex over a Hugging Face hub key
+(named groups such as `(?P<i>\\d+)`), `ours` a dotted path template into the nnx module
+(`"language.layers.{i}.attn.q.kernel"`; integers index `nnx.List`s), `transform` the name of an
+entry of TRANSFORMS that maps the HF array to ours (`to_ours`) and back (`to_hf`).
+The generic loader / exporter (weights.py) knows nothing about any particular model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable, Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    hf: str
+    ours: str
+    transform: str = "identity"
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+    to_ours: Callable[[np.ndarray, tuple], np.ndarray]  # (hf_array, our_shape) -> our_array
+    to_hf: Callable[[np.ndarray, tuple], np.ndarray]  # (our_array, hf_shape or None) -> hf_array
+
+
+TRANSFORMS: dict[str, Transform] = {
+    "identity": Transform(lambda a, s: a, lambda a, s: a),
+    # torch Linear weight [out, in] <-> our kernel [in, out]
+    "transpose": Transform(lambda a, s: a.T, lambda a, s: a.T),
+    # Conv3d patch embedding [out, C, T, P, P] <-> dense kernel [C*T*P*P, out]
+    # (the processor flattens each patch in C, T, P, P order, so the conv is a matmul)
+    "conv_to_dense": Transform(
+        lambda a, s: a.reshape(a.shape[0], -1).T,
+        lambda a, s: a.T.reshape((a.shape[1],) + tuple(s[1:])) if s is not None else a.T,
+    ),
+}
+
+
+def match(name: str, rules: Sequence[Rule]) -> tuple[str, str] | None:
+    """Returns (our_path, transform) for an HF key, or None if no rule matches."""
+    for rule in rules:
+        m = re.fullmatch(rule.hf, name)
+        if m:
+            return rule.ours.format(**m.groupdict()), rule.transform
+    return None
+
+
+def hf_name(path: str, rules: Sequence[Rule]) -> tuple[str, str] | None:
+    """Inverse of `match`: (hf_key, transform) for one of our paths, or None."""
+    for rule in rules:
+        pattern = re.escape(rule.ours)
+        groups = re.findall(r"\\\{(\w+)\\\}", pattern)
+        for g in groups:
+            pattern = pattern.replace(r"\{" + g + r"\}", rf"(?P<{g}>\d+)")
+        m = re.fullmatch(pattern, path)
+        if m:
+            key = rule.hf
+            for g, v in m.groupdict().items():
+                key = re.sub(rf"\(\?P<{g}>[^)]*\)", v, key)
+            return key.replace("\\.", "."), rule.transform
+    return None
+
+
+def get_by_path(module, path: str):
+    obj = module
+    for part in path.split("."):
+        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+    return obj
