@@ -1,0 +1,78 @@
+"""Building blocks shared by the vision tower and the language model.
+
+Parameters carry logical axis names (`axes` metadata) that `anatomy_r1_jax.sharding` maps to a mesh.
+Computation runs in `dtype`; norms and softmax are computed in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+INIT_STD = 0.02
+
+
+class Dense(nnx.Module):
+    """y = x @ kernel (+ bias); kernel [in, out] (the transpose of torch's Linear weight)."""
+
+    def __init__(self, din: int, dout: int, *, axes: Sequence[str | None], use_bias: bool = True,
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(
+            (INIT_STD * jax.random.normal(rngs.params(), (din, dout))).astype(param_dtype), axes=tuple(axes))
+        self.bias = nnx.Param(jnp.zeros((dout,), param_dtype), axes=(axes[-1],)) if use_bias else None
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, in float32 then cast back (as transformers does)."""
+
+    def __init__(self, dim: int, *, eps: float, axis_name: str = "embed", param_dtype=jnp.float32):
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype), axes=(axis_name,))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = x.dtype
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(dtype) * x32.astype(dtype)
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [..., L, H, D]; cos, sin broadcastable to it ([..., L, 1, D]); computed in float32."""
+    dtype = x.dtype
+    x32 = x.astype(jnp.float32)
+    return (x32 * cos + rotate_half(x32) * sin).astype(dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Scaled dot-product attention with grouped-query heads.
+
+    q [B, Lq, H, D]; k, v [B, Lk, KVH, D] with H % KVH == 0; mask bool, broadcastable to
+    [B, H, Lq, Lk] (True = may attend). Returns [B, Lq, H, D]. Logits and softmax in float32;
+    a query row with no allowed key returns zeros instead of NaN.
+    """
+    b, lq, h, d = q.shape
+    kvh = k.shape[2]
+    qg = q.reshape(b, lq, kvh, h // kvh, d)
+    logits = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32) / jnp.sqrt(d).astype(
+        jnp.float32)
+    mask = jnp.broadcast_to(mask, (b, h, lq, k.shape[1])).reshape(b, kvh, h // kvh, lq, k.shape[1])
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    probs = jnp.where(mask.any(axis=-1, keepdims=True), probs, 0.0).astype(v.dtype)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(b, lq, h, d).astype(q.dtype)
