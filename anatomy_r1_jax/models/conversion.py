@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
+import jax
 import numpy as np
 
 
@@ -72,3 +73,37 @@ def get_by_path(module, path: str):
     for part in path.split("."):
         obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
     return obj
+
+
+def set_by_path(module, path: str, value) -> None:
+    """Writes `value` into the nnx Variable at `path` in place.
+
+    The shape must match exactly; the value is cast to the Variable's dtype and placed with the
+    Variable's current sharding (so a model built sharded stays sharded).
+    """
+    var = get_by_path(module, path)
+    if not hasattr(var, "set_value"):
+        raise TypeError(f"{path} is a {type(var).__name__}, not an nnx Variable")
+    old = var.get_value()
+    if tuple(np.shape(value)) != tuple(old.shape):
+        raise ValueError(f"{path}: got shape {tuple(np.shape(value))}, expected {tuple(old.shape)}")
+    var.set_value(jax.device_put(np.asarray(value).astype(old.dtype), getattr(old, "sharding", None)))
+
+
+def assign_by_rules(module, tensors: Mapping[str, np.ndarray], rules: Sequence[Rule]) -> tuple[list[str], list[str]]:
+    """Writes every HF tensor a rule matches into `module` (transform from TRANSFORMS applied).
+
+    tensors: HF key -> array (e.g. a safetensors file read with `safetensors.numpy.load_file`).
+    Returns (our paths written, HF keys no rule matched); callers decide whether leftovers are an error.
+    """
+    written, unmatched = [], []
+    for key, array in tensors.items():
+        hit = match(key, rules)
+        if hit is None:
+            unmatched.append(key)
+            continue
+        path, transform = hit
+        shape = tuple(get_by_path(module, path).get_value().shape)
+        set_by_path(module, path, TRANSFORMS[transform].to_ours(np.asarray(array), shape))
+        written.append(path)
+    return written, unmatched

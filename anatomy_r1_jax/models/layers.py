@@ -46,6 +46,23 @@ class RMSNorm(nnx.Module):
         return self.weight[...].astype(dtype) * x32.astype(dtype)
 
 
+class LayerNorm(nnx.Module):
+    """(x - mean(x)) / sqrt(var(x) + eps) * weight + bias over the last axis (torch.nn.LayerNorm,
+    biased variance); statistics and affine map in float32, result cast back to x's dtype."""
+
+    def __init__(self, dim: int, *, eps: float, axis_name: str = "embed", param_dtype=jnp.float32):
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype), axes=(axis_name,))
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), axes=(axis_name,))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+
 def rotate_half(x: jax.Array) -> jax.Array:
     x1, x2 = jnp.split(x, 2, axis=-1)
     return jnp.concatenate([-x2, x1], axis=-1)

@@ -1,0 +1,287 @@
+"""The Qwen2-VL / Qwen2.5-VL vision tower (ViT + patch merger) in Flax NNX, and its weight-name table.
+
+    pixel_values [P, C*T*p*p] --patch_embed--> [P, E]
+      (Qwen2.5-VL: permute merged units into window order)
+      --depth x block--> [P, E]  block: x += attn(norm1(x)); x += mlp(norm2(x))
+      --merger--> [P/m^2, out]  norm, fuse each run of m^2 patches, Linear-GELU-Linear
+      (Qwen2.5-VL: permute back into input order)
+
+Attention is block-diagonal over segment ids (`vision_inputs.VisionInputs`): one segment per frame
+(transformers' `cu_seqlens`), and for Qwen2.5-VL one per window in all blocks not listed in
+`fullatt_block_indexes`. Rotary is 2-D: the first half of the rotated dims turn with the patch row,
+the second half with the column.
+
+                      Qwen2-VL                     Qwen2.5-VL
+    norms             LayerNorm (eps 1e-6)         RMSNorm (eps 1e-6)
+    MLP               fc2(quick_gelu(fc1 x))       down(silu(gate x) * up x)
+    attention         full, per frame              window, full in fullatt_block_indexes
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from anatomy_r1_jax.models import layers
+from anatomy_r1_jax.models.conversion import Rule
+from anatomy_r1_jax.models.vision_inputs import VisionInputs, pad_pixel_values, vision_inputs
+from anatomy_r1_jax.sharding import constrain
+
+__all__ = ["VisionConfig", "VisionTower", "VisionInputs", "vision_inputs", "pad_pixel_values", "VISION_RULES"]
+
+FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+NORM_EPS = 1e-6  # fixed in transformers' vision blocks and merger
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "silu": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """Vision tower shape. `width` is the ViT width (HF Qwen2-VL `embed_dim`, Qwen2.5-VL
+    `hidden_size`); `out_hidden_size` the merger output = the language model width (HF Qwen2-VL
+    `hidden_size`, Qwen2.5-VL `out_hidden_size`)."""
+
+    family: str
+    depth: int
+    width: int
+    out_hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    hidden_act: str
+    in_channels: int = 3
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    rope_theta: float = 10000.0
+    window_size: int = 0  # Qwen2.5-VL only (pixels)
+    fullatt_block_indexes: tuple[int, ...] = ()  # Qwen2.5-VL only
+    tokens_per_second: int = 2  # Qwen2.5-VL only (used by the language model's video rope)
+    mlp_ratio: int = 4  # Qwen2-VL only (intermediate_size = width * mlp_ratio)
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown family {self.family!r}; expected one of {FAMILIES}")
+        if self.width % self.num_heads or (self.width // self.num_heads) % 4:
+            raise ValueError(f"width {self.width} / heads {self.num_heads} must give a head_dim divisible by 4")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"unsupported hidden_act {self.hidden_act!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Length of one pixel_values row: C * T * p * p (the processor's flattening order)."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
+
+    @property
+    def uses_windows(self) -> bool:
+        return self.family == "qwen2_5_vl"
+
+    @classmethod
+    def from_hf(cls, family: str, vision_config: dict) -> "VisionConfig":
+        """From a transformers-5 `vision_config` dict (older hub files' `in_chans` is accepted too)."""
+        c = vision_config
+        common = dict(
+            family=family, depth=c["depth"], num_heads=c["num_heads"],
+            in_channels=c.get("in_channels", c.get("in_chans", 3)), patch_size=c.get("patch_size", 14),
+            temporal_patch_size=c.get("temporal_patch_size", 2), spatial_merge_size=c.get("spatial_merge_size", 2),
+            rope_theta=float((c.get("rope_parameters") or {}).get("rope_theta", 10000.0)))
+        if family == "qwen2_vl":
+            ratio = c.get("mlp_ratio", 4)
+            return cls(**common, width=c["embed_dim"], out_hidden_size=c["hidden_size"],
+                       intermediate_size=int(c["embed_dim"] * ratio), mlp_ratio=ratio,
+                       hidden_act=c.get("hidden_act", "quick_gelu"))
+        if family == "qwen2_5_vl":
+            return cls(**common, width=c["hidden_size"], out_hidden_size=c["out_hidden_size"],
+                       intermediate_size=c["intermediate_size"], hidden_act=c.get("hidden_act", "silu"),
+                       window_size=c.get("window_size", 112),
+                       fullatt_block_indexes=tuple(c.get("fullatt_block_indexes", (7, 15, 23, 31))),
+                       tokens_per_second=c.get("tokens_per_second", 2))
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+
+    def to_hf(self) -> dict:
+        """The transformers-5 `vision_config` dict (inverse of `from_hf`)."""
+        common = {"depth": self.depth, "num_heads": self.num_heads, "in_channels": self.in_channels,
+                  "patch_size": self.patch_size, "temporal_patch_size": self.temporal_patch_size,
+                  "spatial_merge_size": self.spatial_merge_size, "hidden_act": self.hidden_act,
+                  "rope_parameters": {"rope_type": "axial", "rope_theta": self.rope_theta}}
+        if self.family == "qwen2_vl":
+            return {"model_type": "qwen2_vl_vision", **common, "embed_dim": self.width,
+                    "hidden_size": self.out_hidden_size, "mlp_ratio": self.mlp_ratio}
+        return {"model_type": "qwen2_5_vl_vision", **common, "hidden_size": self.width,
+                "out_hidden_size": self.out_hidden_size, "intermediate_size": self.intermediate_size,
+                "window_size": self.window_size, "fullatt_block_indexes": list(self.fullatt_block_indexes),
+                "tokens_per_second": self.tokens_per_second}
+
+
+def rotary_cos_sin(position_ids: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """2-D rotary tables for `position_ids [P, 2]` (row, col) -> cos, sin [P, 1, head_dim].
+
+    With f_k = theta^(-4k/head_dim), k < head_dim/4, the angles are
+    [row*f, col*f, row*f, col*f] (the duplication pairs with `rotate_half`), as transformers' axial rope.
+    """
+    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim // 2, 2, dtype=jnp.float32) / (head_dim // 2))
+    angles = position_ids.astype(jnp.float32)[:, :, None] * inv_freq  # [P, 2, head_dim/4]
+    angles = angles.reshape(angles.shape[0], -1)  # [P, head_dim/2]: rows then columns
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, None, :]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def segment_mask(segment_ids: jax.Array) -> jax.Array:
+    """[P] -> bool [1, 1, P, P]: patches attend within their own segment only (block-diagonal)."""
+    return (segment_ids[:, None] == segment_ids[None, :])[None, None]
+
+
+class VisionAttention(nnx.Module):
+    """Multi-head self-attention with a fused qkv projection ([E, 3E], columns in (3, heads, head_dim)
+    order as in transformers) and 2-D rotary on q and k."""
+
+    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.qkv = layers.Dense(cfg.width, 3 * cfg.width, axes=("vision_embed", "vision_heads"), **kw)
+        self.proj = layers.Dense(cfg.width, cfg.width, axes=("vision_heads", "vision_embed"), **kw)
+        self.num_heads = cfg.num_heads
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        """x [P, E]; cos, sin [P, 1, D]; mask bool [1, 1, P, P] -> [P, E]."""
+        p = x.shape[0]
+        q, k, v = jnp.moveaxis(self.qkv(x).reshape(p, 3, self.num_heads, -1), 1, 0)
+        q, k = layers.apply_rotary(q, cos, sin), layers.apply_rotary(k, cos, sin)
+        out = layers.attention(q[None], k[None], v[None], mask)[0]
+        return self.proj(out.reshape(p, -1))
+
+
+class VisionMlp(nnx.Module):
+    """Qwen2-VL: fc2(act(fc1 x)), act = quick_gelu."""
+
+    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.fc1 = layers.Dense(cfg.width, cfg.intermediate_size, axes=("vision_embed", "vision_mlp"), **kw)
+        self.fc2 = layers.Dense(cfg.intermediate_size, cfg.width, axes=("vision_mlp", "vision_embed"), **kw)
+        self.act = ACTIVATIONS[cfg.hidden_act]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class VisionGatedMlp(nnx.Module):
+    """Qwen2.5-VL: down_proj(act(gate_proj x) * up_proj x), act = silu, all with biases."""
+
+    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = layers.Dense(cfg.width, cfg.intermediate_size, axes=("vision_embed", "vision_mlp"), **kw)
+        self.up_proj = layers.Dense(cfg.width, cfg.intermediate_size, axes=("vision_embed", "vision_mlp"), **kw)
+        self.down_proj = layers.Dense(cfg.intermediate_size, cfg.width, axes=("vision_mlp", "vision_embed"), **kw)
+        self.act = ACTIVATIONS[cfg.hidden_act]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _norm(cfg: VisionConfig, dim: int, param_dtype) -> nnx.Module:
+    norm = layers.LayerNorm if cfg.family == "qwen2_vl" else layers.RMSNorm
+    return norm(dim, eps=NORM_EPS, axis_name="vision_embed", param_dtype=param_dtype)
+
+
+class VisionBlock(nnx.Module):
+    """Pre-norm transformer block: x += attn(norm1 x); x += mlp(norm2 x)."""
+
+    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm1 = _norm(cfg, cfg.width, param_dtype)
+        self.norm2 = _norm(cfg, cfg.width, param_dtype)
+        self.attn = VisionAttention(cfg, **kw)
+        self.mlp = VisionMlp(cfg, **kw) if cfg.family == "qwen2_vl" else VisionGatedMlp(cfg, **kw)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        x = x + self.attn(self.norm1(x), cos, sin, mask)
+        x = x + self.mlp(self.norm2(x))
+        return constrain(x, ("patches", "vision_embed"))
+
+
+class PatchMerger(nnx.Module):
+    """norm over E, then each run of m^2 consecutive patches (one m x m block) concatenated to
+    [P/m^2, m^2 E] and projected: fc2(gelu(fc1 .)) -> [P/m^2, out_hidden_size]."""
+
+    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        fused = cfg.width * cfg.spatial_merge_size ** 2
+        self.ln_q = _norm(cfg, cfg.width, param_dtype)
+        self.fc1 = layers.Dense(fused, fused, axes=("vision_embed", "vision_mlp"), **kw)
+        self.fc2 = layers.Dense(fused, cfg.out_hidden_size, axes=("vision_mlp", "embed"), **kw)
+        self.fused = fused
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.ln_q(x).reshape(-1, self.fused)
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))  # torch nn.GELU(): exact erf
+
+
+class VisionTower(nnx.Module):
+    """pixel_values [P, C*T*p*p] + VisionInputs -> image tokens [P/m^2, out_hidden_size] in
+    transformers' output order (input order of the merged units), padding rows last."""
+
+    def __init__(self, cfg: VisionConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False,
+                 rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.cfg = cfg
+        self.remat = remat
+        # Conv3d with stride = kernel over one patch is a matmul over the flattened patch.
+        self.patch_embed = layers.Dense(cfg.patch_dim, cfg.width, axes=(None, "vision_embed"), use_bias=False, **kw)
+        self.blocks = nnx.List([VisionBlock(cfg, **kw) for _ in range(cfg.depth)])
+        self.merger = PatchMerger(cfg, **kw)
+
+    def __call__(self, pixel_values: jax.Array, inputs: VisionInputs) -> jax.Array:
+        cfg = self.cfg
+        unit = cfg.spatial_merge_size ** 2
+        x = self.patch_embed(pixel_values)  # [P, E]
+        p = x.shape[0]
+        if cfg.uses_windows:  # gather whole merged units into window order
+            x = x.reshape(p // unit, unit, -1)[inputs.window_index].reshape(p, -1)
+        x = constrain(x, ("patches", "vision_embed"))
+        cos, sin = rotary_cos_sin(inputs.position_ids, cfg.head_dim, cfg.rope_theta)
+        full_mask = segment_mask(inputs.segment_ids)
+        window_mask = segment_mask(inputs.window_segment_ids) if cfg.uses_windows else full_mask
+
+        def run_block(block, x, mask):
+            return block(x, cos, sin, mask)
+
+        if self.remat:
+            run_block = nnx.remat(run_block)
+        for i, block in enumerate(self.blocks):
+            full = not cfg.uses_windows or i in cfg.fullatt_block_indexes
+            x = run_block(block, x, full_mask if full else window_mask)
+        out = self.merger(x)  # [U, out], compute order
+        if cfg.uses_windows:
+            out = out[inputs.reverse_index]
+        return out
+
+
+# Hub keys (`save_pretrained` layout) -> our paths; the top model holds the tower as `vision`.
+# Keys of the other family simply never occur (Qwen2-VL: LayerNorm biases, fc1/fc2;
+# Qwen2.5-VL: gate/up/down_proj).
+_B = r"visual\.blocks\.(?P<i>\d+)\."
+_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+VISION_RULES: list[Rule] = [
+    Rule(r"visual\.patch_embed\.proj\.weight", "vision.patch_embed.kernel", "conv_to_dense"),
+    *[Rule(_B + rf"{n}\.{p}", f"vision.blocks.{{i}}.{n}.{p}") for n in ("norm1", "norm2") for p in ("weight", "bias")],
+    *[Rule(_B + re.escape(m) + r"\.weight", f"vision.blocks.{{i}}.{m}.kernel", "transpose") for m in _LINEARS],
+    *[Rule(_B + re.escape(m) + r"\.bias", f"vision.blocks.{{i}}.{m}.bias") for m in _LINEARS],
+    Rule(r"visual\.merger\.ln_q\.weight", "vision.merger.ln_q.weight"),
+    Rule(r"visual\.merger\.ln_q\.bias", "vision.merger.ln_q.bias"),
+    Rule(r"visual\.merger\.mlp\.0\.weight", "vision.merger.fc1.kernel", "transpose"),
+    Rule(r"visual\.merger\.mlp\.0\.bias", "vision.merger.fc1.bias"),
+    Rule(r"visual\.merger\.mlp\.2\.weight", "vision.merger.fc2.kernel", "transpose"),
+    Rule(r"visual\.merger\.mlp\.2\.bias", "vision.merger.fc2.bias"),
+]

@@ -1,0 +1,154 @@
+"""Host-side (NumPy) inputs of the vision tower: everything that depends on the image grids.
+
+The Qwen2-VL processor emits `pixel_values [P, C*T*p*p]` (all images concatenated) and
+`image_grid_thw [n, 3]` (t, h, w in patches per image). Patches of one frame come in
+*merge-block-major* order: the image is cut into m x m blocks of patches (m = spatial_merge_size),
+blocks run row-major over the `(h/m, w/m)` grid, and the m*m patches of a block are consecutive, so
+that the merger can fuse each run of m*m rows into one token ("merged unit", U = P / m^2 of them).
+
+Everything grid-dependent (positions, segments, window permutation) is computed here once per batch,
+so the jitted tower sees only fixed-shape integer arrays: with `patch_budget`, images of any sizes
+reuse one compiled function.
+
+Orders. *Input order* is the processor's. *Compute order* is the order the transformer blocks see:
+for Qwen2.5-VL the merged units are permuted window by window (`window_index`); for Qwen2-VL it is
+the input order. The tower un-permutes after the merger, so its output rows are in input order
+(the order the language model's image placeholder tokens consume them).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+from flax import struct
+
+if TYPE_CHECKING:
+    from anatomy_r1_jax.models.vision import VisionConfig
+
+
+@struct.dataclass
+class VisionInputs:
+    """Per-batch tower inputs (int32 / bool NumPy arrays; P patches, U = P / merge^2 units).
+
+    position_ids:       [P, 2] (row, column) of each patch inside its frame, compute order; the 2-D rotary.
+    segment_ids:        [P] frame id (images count as one frame), compute order; full attention is
+                        block-diagonal over these, as transformers' `cu_seqlens` (one segment per frame).
+    window_segment_ids: [P] window id, compute order (Qwen2.5-VL window attention; Qwen2-VL: = segment_ids).
+    window_index:       [U] compute-order unit j holds input-order unit window_index[j] (identity for Qwen2-VL).
+    reverse_index:      [U] the inverse permutation: input-order unit i sits at compute position reverse_index[i].
+    token_valid:        [U] True for output rows that belong to a real image (padding rows come last).
+
+    Padding patches get a segment and a window id of their own, so they never attend to or
+    from real patches; their outputs are garbage the caller ignores.
+    """
+
+    position_ids: np.ndarray
+    segment_ids: np.ndarray
+    window_segment_ids: np.ndarray
+    window_index: np.ndarray
+    reverse_index: np.ndarray
+    token_valid: np.ndarray
+
+    @property
+    def num_patches(self) -> int:
+        return int(self.position_ids.shape[0])
+
+
+def _check_grids(grid: np.ndarray, merge: int) -> np.ndarray:
+    grid = np.asarray(grid, dtype=np.int64).reshape(-1, 3)
+    if (grid <= 0).any():
+        raise ValueError(f"image_grid_thw must be positive, got {grid.tolist()}")
+    if (grid[:, 1:] % merge).any():
+        raise ValueError(f"grid heights and widths must be multiples of spatial_merge_size={merge}: {grid.tolist()}")
+    return grid
+
+
+def _unit_coordinates(grid: np.ndarray, merge: int) -> dict[str, np.ndarray]:
+    """Per merged unit in input order: global frame id, row and column in the frame's unit grid,
+    and that grid's height and width. Units run image by image, frame-major, then row-major."""
+    t, lh, lw = grid[:, 0], grid[:, 1] // merge, grid[:, 2] // merge
+    units = t * lh * lw
+    image = np.repeat(np.arange(len(grid)), units)
+    offset = np.arange(units.sum()) - np.repeat(np.cumsum(units) - units, units)
+    per_frame = (lh * lw)[image]
+    return {
+        "frame": (np.cumsum(t) - t)[image] + offset // per_frame,
+        "row": (offset % per_frame) // lw[image],
+        "col": offset % lw[image],
+        "height": lh[image],
+        "width": lw[image],
+    }
+
+
+def _window_ids(units: dict[str, np.ndarray], side: int) -> np.ndarray:
+    """Global window id per unit: windows tile each frame in side x side units, row-major, the last
+    row / column of windows partial; ids increase frame by frame. A stable sort by these ids is
+    transformers' `get_vision_window_index` order (its empty padding windows hold no units)."""
+    frame = units["frame"]
+    windows_w = -(-units["width"] // side)
+    windows_per_frame = -(-units["height"] // side) * windows_w
+    n_frames = int(frame.max()) + 1 if len(frame) else 0
+    count = np.zeros(n_frames, np.int64)
+    count[frame] = windows_per_frame  # the same value for every unit of a frame
+    first = np.cumsum(count) - count
+    return first[frame] + (units["row"] // side) * windows_w + units["col"] // side
+
+
+def vision_inputs(image_grid_thw: np.ndarray, cfg: "VisionConfig", patch_budget: int | None = None) -> VisionInputs:
+    """Builds the tower inputs for images with grids `image_grid_thw [n, 3]` (t, h, w in patches).
+
+    patch_budget: total patch rows the tower will see (the caller pads `pixel_values` to it with
+    `pad_pixel_values`); a multiple of merge^2 and >= the real patch count. None = no padding.
+    Qwen2.5-VL windows are `window_size / (patch_size * merge)` merged units on a side.
+    """
+    merge = cfg.spatial_merge_size
+    unit = merge * merge
+    grid = _check_grids(image_grid_thw, merge)
+    real = int((grid[:, 0] * grid[:, 1] * grid[:, 2]).sum())
+    total = real if patch_budget is None else int(patch_budget)
+    if total < real or total % unit:
+        raise ValueError(f"patch_budget={patch_budget} must be a multiple of merge^2={unit} and at least the "
+                         f"{real} patches of image_grid_thw={grid.tolist()}")
+    n_real, n_units = real // unit, total // unit
+
+    units = _unit_coordinates(grid, merge)
+    if cfg.uses_windows:
+        side = cfg.window_size // (cfg.patch_size * merge)
+        if side < 1:
+            raise ValueError(f"window_size={cfg.window_size} is smaller than one merged patch")
+        window = _window_ids(units, side)
+    else:
+        window = units["frame"]
+    # Padding units form one extra segment and one extra window of their own, at position (0, 0)
+    # (their rotary is irrelevant); they stay at the end of the compute order.
+    pad = n_units - n_real
+    frame = np.concatenate([units["frame"], np.full(pad, int(grid[:, 0].sum()))])
+    window = np.concatenate([window, np.full(pad, int(window.max(initial=-1)) + 1)])
+    row = np.concatenate([units["row"], np.zeros(pad, np.int64)])
+    col = np.concatenate([units["col"], np.zeros(pad, np.int64)])
+    window_index = np.argsort(window, kind="stable")
+    reverse_index = np.argsort(window_index)
+
+    def per_patch(x):  # unit-level value in compute order, repeated for the unit's m*m patches
+        return np.repeat(x[window_index], unit).astype(np.int32)
+
+    # Patch (row, col) inside its frame: unit corner + offset inside the m x m block.
+    within = np.tile(np.arange(unit), n_units)
+    position_ids = np.stack([per_patch(row) * merge + within // merge, per_patch(col) * merge + within % merge], -1)
+    return VisionInputs(
+        position_ids=position_ids.astype(np.int32),
+        segment_ids=per_patch(frame),
+        window_segment_ids=per_patch(window),
+        window_index=window_index.astype(np.int32),
+        reverse_index=reverse_index.astype(np.int32),
+        token_valid=np.arange(n_units) < n_real,
+    )
+
+
+def pad_pixel_values(pixel_values: np.ndarray, num_patches: int) -> np.ndarray:
+    """Appends zero rows to `pixel_values [P, C*T*p*p]` up to `num_patches` rows (a patch budget)."""
+    pixel_values = np.asarray(pixel_values)
+    if pixel_values.shape[0] > num_patches:
+        raise ValueError(f"{pixel_values.shape[0]} patches exceed the budget of {num_patches}")
+    return np.pad(pixel_values, ((0, num_patches - pixel_values.shape[0]), (0, 0)))
