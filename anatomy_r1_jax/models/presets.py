@@ -35,6 +35,56 @@ def _check_family(family: str) -> None:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
 
 
+ARCHITECTURES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
+
+
+def hf_text_config(family: str, *, vocab_size: int, hidden_size: int, intermediate_size: int,
+                   num_hidden_layers: int, num_attention_heads: int, num_key_value_heads: int,
+                   rms_norm_eps: float, rope_theta: float, mrope_section: list[int],
+                   max_position_embeddings: int, bos_token_id: int | None, eos_token_id: int | list[int] | None,
+                   pad_token_id: int | None, dtype: str = "float32") -> dict:
+    """The transformers-5 `text_config` dict (full attention everywhere, SiLU MLP, M-RoPE)."""
+    return {
+        "model_type": f"{family}_text",
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
+        "num_hidden_layers": num_hidden_layers,
+        "num_attention_heads": num_attention_heads,
+        "num_key_value_heads": num_key_value_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": max_position_embeddings,
+        "initializer_range": 0.02,
+        "rms_norm_eps": rms_norm_eps,
+        "use_cache": True,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "max_window_layers": num_hidden_layers,
+        "layer_types": ["full_attention"] * num_hidden_layers,
+        "attention_dropout": 0.0,
+        "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta, "mrope_section": list(mrope_section)},
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+        "pad_token_id": pad_token_id,
+        "dtype": dtype,
+    }
+
+
+def hf_layout(family: str, text: dict, vision: dict, tokens: dict, *, tie_word_embeddings: bool,
+              dtype: str = "float32") -> dict:
+    """Assembles the top-level config.json dict; `tokens` holds image/video/vision_start/vision_end
+    token ids and bos/eos (repeated at top level, where pre-v5 hub files keep them)."""
+    _check_family(family)
+    out = {"architectures": [ARCHITECTURES[family]], "model_type": family, "text_config": text,
+           "vision_config": vision}
+    for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id",
+                "bos_token_id", "eos_token_id"):
+        out[key] = tokens[key]
+    out["tie_word_embeddings"] = tie_word_embeddings
+    out["dtype"] = dtype
+    return out
+
+
 def hf_config(family: str, *, vocab_size: int, hidden_size: int, intermediate_size: int,
               num_hidden_layers: int, num_attention_heads: int, num_key_value_heads: int,
               vision_depth: int, vision_hidden_size: int, vision_num_heads: int,
@@ -54,63 +104,29 @@ def hf_config(family: str, *, vocab_size: int, hidden_size: int, intermediate_si
     _check_family(family)
     if hidden_size % num_attention_heads or num_attention_heads % num_key_value_heads:
         raise ValueError("hidden_size must divide into heads, and heads into kv heads")
-    head_dim = hidden_size // num_attention_heads
     base = vocab_size - 16 if token_base is None else token_base
     tokens = {k: base + off for k, off in _SPECIAL_OFFSETS.items()}
     if max(tokens.values()) >= vocab_size:
         raise ValueError(f"special tokens {tokens} do not fit in vocab_size {vocab_size}")
-    text = {
-        "model_type": f"{family}_text",
-        "vocab_size": vocab_size,
-        "hidden_size": hidden_size,
-        "intermediate_size": intermediate_size,
-        "num_hidden_layers": num_hidden_layers,
-        "num_attention_heads": num_attention_heads,
-        "num_key_value_heads": num_key_value_heads,
-        "hidden_act": "silu",
-        "max_position_embeddings": max_position_embeddings,
-        "initializer_range": 0.02,
-        "rms_norm_eps": rms_norm_eps,
-        "use_cache": True,
-        "use_sliding_window": False,
-        "sliding_window": None,
-        "max_window_layers": num_hidden_layers,
-        "layer_types": ["full_attention"] * num_hidden_layers,
-        "attention_dropout": 0.0,
-        "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta,
-                            "mrope_section": mrope_section(head_dim)},
-        "bos_token_id": tokens["bos_token_id"],
-        "eos_token_id": tokens["eos_token_id"],
-        "pad_token_id": None,
-        "dtype": "float32",
-    }
+    text = hf_text_config(
+        family, vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads, rms_norm_eps=rms_norm_eps, rope_theta=rope_theta,
+        mrope_section=mrope_section(hidden_size // num_attention_heads),
+        max_position_embeddings=max_position_embeddings, bos_token_id=tokens["bos_token_id"],
+        eos_token_id=tokens["eos_token_id"], pad_token_id=None)
     common = {"depth": vision_depth, "num_heads": vision_num_heads, "in_channels": 3,
               "patch_size": patch_size, "spatial_merge_size": spatial_merge_size,
               "temporal_patch_size": temporal_patch_size, "initializer_range": 0.02}
     if family == "qwen2_vl":
         vision = {"model_type": "qwen2_vl_vision", **common, "embed_dim": vision_hidden_size,
                   "hidden_size": hidden_size, "hidden_act": "quick_gelu", "mlp_ratio": 4}
-        arch = "Qwen2VLForConditionalGeneration"
     else:
         vision = {"model_type": "qwen2_5_vl_vision", **common, "hidden_size": vision_hidden_size,
                   "intermediate_size": vision_intermediate_size or 4 * vision_hidden_size,
                   "out_hidden_size": hidden_size, "hidden_act": "silu", "window_size": window_size,
                   "fullatt_block_indexes": list(fullatt_block_indexes), "tokens_per_second": tokens_per_second}
-        arch = "Qwen2_5_VLForConditionalGeneration"
-    return {
-        "architectures": [arch],
-        "model_type": family,
-        "text_config": text,
-        "vision_config": vision,
-        "image_token_id": tokens["image_token_id"],
-        "video_token_id": tokens["video_token_id"],
-        "vision_start_token_id": tokens["vision_start_token_id"],
-        "vision_end_token_id": tokens["vision_end_token_id"],
-        "bos_token_id": tokens["bos_token_id"],
-        "eos_token_id": tokens["eos_token_id"],
-        "tie_word_embeddings": tie_word_embeddings,
-        "dtype": "float32",
-    }
+    return hf_layout(family, text, vision, tokens, tie_word_embeddings=tie_word_embeddings)
 
 
 def tiny_hf_config(family: str, *, vocab_size: int = 256, hidden_size: int = 64, intermediate_size: int = 128,

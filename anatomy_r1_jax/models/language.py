@@ -1,0 +1,233 @@
+"""The Qwen2 decoder of Qwen2-VL / Qwen2.5-VL: GQA with q/k/v bias, RMSNorm, SwiGLU, M-RoPE, KV cache.
+
+Shapes: B batch, L new tokens, S cache slots, E hidden, H / KVH query / key-value heads, D head_dim,
+F = intermediate size, V vocabulary.
+
+Multimodal rotary (M-RoPE): every token has three position ids (temporal, height, width). The D/2
+rotary frequencies inv_freq[j] = theta^(-2j/D) are cut into consecutive sections of sizes
+`mrope_section` (summing to D/2); section i takes its angle from position axis i % 3, i.e.
+angle[b, l, j] = pos[axis(j), b, l] * inv_freq[j], and cos/sin are duplicated to D as in
+`rotate_half` RoPE. For text tokens the three ids are equal and this is plain RoPE.
+
+Attention masking works on cache *slots*: a token at slot q may attend to slot s iff the slot holds a
+real token (attention mask) and s <= q. Without a cache the slots are simply 0..L-1.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from anatomy_r1_jax.models.config import QwenVLConfig
+from anatomy_r1_jax.models.conversion import Rule
+from anatomy_r1_jax.models.layers import INIT_STD, Dense, RMSNorm, apply_rotary, attention
+from anatomy_r1_jax.sharding import constrain
+
+_L = r"model\.layers\.(?P<i>\d+)\."
+LANGUAGE_RULES: list[Rule] = [
+    Rule(r"model\.embed_tokens\.weight", "language.embed_tokens.embedding"),
+    Rule(_L + r"self_attn\.q_proj\.weight", "language.layers.{i}.attn.q.kernel", "transpose"),
+    Rule(_L + r"self_attn\.q_proj\.bias", "language.layers.{i}.attn.q.bias"),
+    Rule(_L + r"self_attn\.k_proj\.weight", "language.layers.{i}.attn.k.kernel", "transpose"),
+    Rule(_L + r"self_attn\.k_proj\.bias", "language.layers.{i}.attn.k.bias"),
+    Rule(_L + r"self_attn\.v_proj\.weight", "language.layers.{i}.attn.v.kernel", "transpose"),
+    Rule(_L + r"self_attn\.v_proj\.bias", "language.layers.{i}.attn.v.bias"),
+    Rule(_L + r"self_attn\.o_proj\.weight", "language.layers.{i}.attn.o.kernel", "transpose"),
+    Rule(_L + r"mlp\.gate_proj\.weight", "language.layers.{i}.mlp.gate.kernel", "transpose"),
+    Rule(_L + r"mlp\.up_proj\.weight", "language.layers.{i}.mlp.up.kernel", "transpose"),
+    Rule(_L + r"mlp\.down_proj\.weight", "language.layers.{i}.mlp.down.kernel", "transpose"),
+    Rule(_L + r"input_layernorm\.weight", "language.layers.{i}.input_norm.weight"),
+    Rule(_L + r"post_attention_layernorm\.weight", "language.layers.{i}.post_attention_norm.weight"),
+    Rule(r"model\.norm\.weight", "language.norm.weight"),
+    Rule(r"lm_head\.weight", "lm_head.kernel", "transpose"),
+]
+
+
+@struct.dataclass
+class KVCache:
+    """Static-shape key/value cache for incremental decoding.
+
+    k, v:  per layer [B, S, KVH, D] (rotary already applied to k).
+    mask:  [B, S] bool, True where the slot holds a real token (False for left padding / unwritten).
+    index: int32 scalar, the next slot to write; a forward over L tokens writes [index, index + L).
+    The caller must keep index + L <= S (dynamic_update_slice would otherwise clamp the start).
+    """
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+    mask: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def init(cls, *, num_layers: int, batch: int, max_length: int, num_kv_heads: int, head_dim: int,
+             dtype=jnp.float32) -> "KVCache":
+        shape = (batch, max_length, num_kv_heads, head_dim)
+        return cls(k=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+                   v=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+                   mask=jnp.zeros((batch, max_length), bool), index=jnp.zeros((), jnp.int32))
+
+    @property
+    def max_length(self) -> int:
+        return self.mask.shape[1]
+
+
+def mrope_cos_sin(position_ids: jax.Array, head_dim: int, theta: float,
+                  mrope_section: Sequence[int]) -> tuple[jax.Array, jax.Array]:
+    """position_ids [3, B, L] -> cos, sin [B, L, 1, D] float32 (see the module docstring)."""
+    if sum(mrope_section) != head_dim // 2:
+        raise ValueError(f"mrope_section {tuple(mrope_section)} must sum to head_dim/2 = {head_dim // 2}")
+    # Same float32 arithmetic as transformers' compute_default_rope_parameters.
+    inv_freq = 1.0 / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)))
+    axis_of_freq = np.repeat(np.arange(len(mrope_section)) % 3, mrope_section)  # [D/2], static
+    pos = jnp.moveaxis(position_ids[axis_of_freq], 0, -1).astype(jnp.float32)  # [B, L, D/2]
+    angles = pos * jnp.asarray(inv_freq, jnp.float32)
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def slot_mask(attention_mask: jax.Array, cache_mask: jax.Array | None, index) -> tuple[jax.Array, jax.Array | None]:
+    """Attention mask [B, 1, L, S] over slots, and the updated cache mask [B, S] (None without cache).
+
+    attention_mask [B, L] marks the new tokens that are real; they occupy slots index .. index+L-1.
+    """
+    new = attention_mask.astype(bool)
+    length = new.shape[1]
+    if cache_mask is None:
+        keys, q_slot = new, jnp.arange(length)
+    else:
+        cache_mask = jax.lax.dynamic_update_slice(cache_mask, new, (0, index))
+        keys, q_slot = cache_mask, index + jnp.arange(length)
+    causal = jnp.arange(keys.shape[1])[None, :] <= q_slot[:, None]  # [L, S]
+    return keys[:, None, None, :] & causal[None, None], cache_mask
+
+
+class Embedding(nnx.Module):
+    """Token table [V, E]; `__call__` looks rows up, `attend` is the tied output projection."""
+
+    def __init__(self, vocab_size: int, dim: int, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.embedding = nnx.Param(
+            (INIT_STD * jax.random.normal(rngs.params(), (vocab_size, dim))).astype(param_dtype),
+            axes=("vocab", "embed"))
+        self.dtype = dtype
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """x [..., E] -> logits [..., V] in float32."""
+        return jnp.einsum("...e,ve->...v", x.astype(self.dtype), self.embedding[...].astype(self.dtype),
+                          preferred_element_type=jnp.float32)
+
+
+class Attention(nnx.Module):
+    """GQA self-attention: q/k/v projections with bias, M-RoPE on q and k, output without bias."""
+
+    def __init__(self, cfg: QwenVLConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        e, d = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q = Dense(e, self.num_heads * d, axes=("embed", "heads"), **kw)
+        self.k = Dense(e, self.num_kv_heads * d, axes=("embed", "kv_heads"), **kw)
+        self.v = Dense(e, self.num_kv_heads * d, axes=("embed", "kv_heads"), **kw)
+        self.o = Dense(self.num_heads * d, e, axes=("heads", "embed"), use_bias=False, **kw)
+
+    def __call__(self, x, cos, sin, mask, kv=None, index=None):
+        """x [B, L, E]; cos, sin [B, L, 1, D]; mask [B, 1, L, S]; kv = (k, v) cache [B, S, KVH, D] or None.
+
+        Returns (y [B, L, E], updated (k, v) or None).
+        """
+        b, length, _ = x.shape
+        q = constrain(self.q(x).reshape(b, length, self.num_heads, self.head_dim),
+                      ("batch", "length", "heads", "head_dim"))
+        k = self.k(x).reshape(b, length, self.num_kv_heads, self.head_dim)
+        v = self.v(x).reshape(b, length, self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv is not None:
+            k_cache, v_cache = kv
+            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
+            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+            k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
+            v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+            kv = (k, v)
+        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        return self.o(out.reshape(b, length, self.num_heads * self.head_dim)), kv
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
+
+    def __init__(self, cfg: QwenVLConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        e, f = cfg.hidden_size, cfg.intermediate_size
+        kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate = Dense(e, f, axes=("embed", "mlp"), **kw)
+        self.up = Dense(e, f, axes=("embed", "mlp"), **kw)
+        self.down = Dense(f, e, axes=("mlp", "embed"), **kw)
+
+    def __call__(self, x):
+        h = constrain(jax.nn.silu(self.gate(x)) * self.up(x), ("batch", "length", "mlp"))
+        return self.down(h)
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: QwenVLConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.input_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.attn = Attention(cfg, **kw)
+        self.post_attention_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.mlp = MLP(cfg, **kw)
+
+    def __call__(self, x, cos, sin, mask, kv=None, index=None):
+        h, kv = self.attn(self.input_norm(x), cos, sin, mask, kv, index)
+        x = x + h
+        x = x + self.mlp(self.post_attention_norm(x))
+        return constrain(x, ("batch", "length", "embed")), kv
+
+
+def _run_layer(layer, x, cos, sin, mask, kv, index):
+    return layer(x, cos, sin, mask, kv, index)
+
+
+_run_layer_remat = nnx.remat(_run_layer)
+
+
+class LanguageModel(nnx.Module):
+    """Token embedding, decoder layers (an `nnx.List`) and the final norm."""
+
+    def __init__(self, cfg: QwenVLConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False,
+                 rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, **kw)
+        self.layers = nnx.List([DecoderLayer(cfg, **kw) for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.head_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta
+        self.mrope_section = tuple(cfg.mrope_section)
+        self.remat = remat
+
+    def __call__(self, inputs_embeds: jax.Array, position_ids: jax.Array, attention_mask: jax.Array,
+                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+        """inputs_embeds [B, L, E], position_ids [3, B, L], attention_mask [B, L] -> (hidden [B, L, E], cache).
+
+        With a cache the L tokens are written at slots [cache.index, cache.index + L) and the returned
+        cache has index + L; `hidden` is after the final norm.
+        """
+        x = constrain(inputs_embeds, ("batch", "length", "embed"))
+        cos, sin = mrope_cos_sin(position_ids, self.head_dim, self.rope_theta, self.mrope_section)
+        index = None if cache is None else cache.index
+        mask, cache_mask = slot_mask(attention_mask, None if cache is None else cache.mask, index)
+        run = _run_layer_remat if self.remat else _run_layer
+        ks, vs = [], []
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            x, kv = run(layer, x, cos, sin, mask, kv, index)
+            if kv is not None:
+                ks.append(kv[0])
+                vs.append(kv[1])
+        if cache is not None:
+            cache = KVCache(k=tuple(ks), v=tuple(vs), mask=cache_mask, index=cache.index + x.shape[1])
+        return self.norm(x), cache
