@@ -15,6 +15,11 @@ class Record:
     options are the option texts in letter order (options[0] is "A"); answer is the correct letter;
     answer_text == options[LETTERS.index(answer)]. category is the anatomy class (SSG-VQA), or the
     modality / question type (OmniMedVQA) when known.
+
+    question_type is the source's question kind when it has one (OmniMedVQA "Anatomy Identification",
+    synthetic "location" / "attribute" / "relation"). prompt_variant names the instruction template the
+    source file used (see data/prompts.py: "grpo", "numbered", "numbered_choice"); "" means the
+    trainer's configured default.
     """
 
     id: str
@@ -25,6 +30,8 @@ class Record:
     answer_text: str
     category: str = ""
     source: str = ""
+    question_type: str = ""
+    prompt_variant: str = ""
 
     @property
     def answer_index(self) -> int:
