@@ -1,0 +1,27 @@
+"""RL maths: rewards (host side), group advantages and policy losses (pure jnp), by name."""
+
+from anatomy_r1_jax.rl.advantages import (
+    ADVANTAGES,
+    group_advantages,
+    invalid_counts_by_category,
+    invalid_group_mask,
+    invalid_ratio_by_category,
+    register_advantage,
+    valid_group_fraction,
+)
+from anatomy_r1_jax.rl.losses import (
+    AGGREGATIONS,
+    POLICY_LOSSES,
+    LossParts,
+    finalize_metrics,
+    gpg_loss,
+    gpg_loss_parts,
+    grpo_loss,
+    grpo_loss_parts,
+    loss_value,
+    register_aggregation,
+    register_policy_loss,
+    sum_loss_parts,
+)
+from anatomy_r1_jax.rl.registry import Registry
+from anatomy_r1_jax.rl.rewards import REWARDS, compute_rewards, register_reward
