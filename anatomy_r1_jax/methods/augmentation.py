@@ -1,0 +1,293 @@
+"""Group Diversity Question Augmentation (GDQA), host side. Our reconstruction (METHOD.md section 7).
+
+A triggered query's G rollouts are spread over variants of the query, so the group sees different
+phrasings; its advantages are then computed over the pooled group of G as usual. Variants are
+made before batching, from three kinds of change:
+
+- "rephrase": the question re-rendered with another form of the template bank. SSG-VQA questions
+  are parsed into their target phrase (e.g. "red anatomy that is above the liver anatomy") and
+  re-rendered with every form seen in the released files, the GDQA file's rephrasings included
+  (their "a anatomy" and "?;" quirks kept as the authors' data has them). Other questions
+  (OmniMedVQA style) get generic wrappers.
+- "permute": the options reordered, the answer letter remapped to where the correct text went.
+- "template": another instruction template (`Record.prompt_variant`, one of data.prompts.VARIANTS).
+
+Variants keep the query's id (same query: same S(q), same GDQA state entry). Variant 0 is the query
+itself. The trigger decides which queries get variants ("adaptive", "always", "off").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import re
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from anatomy_r1_jax.data.prompts import VARIANTS as PROMPT_VARIANTS
+from anatomy_r1_jax.data.records import LETTERS, Record
+from anatomy_r1_jax.rl.registry import Registry
+
+KINDS = ("rephrase", "permute", "template")
+
+# Every question form of SSG-VQA in the released files, with {np} the target phrase.
+SSG_TEMPLATES = (
+    "What is the name of the {np}?",
+    "What name is the {np}?",
+    "What is the {np}?",
+    "There is a {np}, what is its name?",
+    "There is a {np}; what is it?",
+    "There is a {np}?; what is its name?",
+    "There is a {np}?; what name is it?",
+)
+LOCATIONS = frozenset(
+    f"{v}-{h}" for v in ("top", "mid", "bottom") for h in ("left", "mid", "right")
+) | {"center"}
+# The location form; {loc} is top-left, top-mid, center, ... ("{loc} anatomy" is its target phrase).
+LOCATION_TEMPLATE = "What anatomy is at the {loc} of the frame ?"
+# Generic rewordings for questions outside the SSG-VQA grammar; {q} the question, {ql} lower-cased.
+GENERIC_TEMPLATES = (
+    "{q}",
+    "Based on the image, {ql}",
+    "Looking at this image, {ql}",
+    "Examine the image carefully. {q}",
+    "{q} Choose the best option.",
+    "Question about the image: {q}",
+)
+
+_LOCATION_RE = re.compile(r"^What anatomy is at the (?P<loc>[\w-]+) of the frame \?$")
+_SSG_RES = tuple(
+    re.compile(p)
+    for p in (
+        r"^What is the name of the (?P<np>[^?;]+)\?$",
+        r"^What name is the (?P<np>[^?;]+)\?$",
+        r"^What is the (?P<np>[^?;]+)\?$",
+        r"^There is a (?P<np>[^?;,]+), what is its name\?$",
+        r"^There is a (?P<np>[^?;]+)\??; what (?:is it|is its name|name is it)\?$",
+    )
+)
+
+
+# The words of SSG-VQA target phrases (all seen in the released files, plus the other CholecT45
+# classes and colours); a phrase with any other word is not treated as SSG-VQA.
+_SSG_HEADS = frozenset({"anatomy", "object", "thing", "instrument"})
+_SSG_WORDS = _SSG_HEADS | LOCATIONS | frozenset(
+    "the that is and of both by within above below left right on side to vertical horizontal "
+    "red brown white yellow silver blue green black gray pink retracted coagulated "
+    "liver gallbladder omentum gut abdominal_wall_cavity cystic_plate cystic_duct cystic_artery "
+    "cystic_pedicle blood_vessel fluid peritoneum adhesion "
+    "grasper bipolar hook scissors clipper irrigator specimenbag specimen_bag".split()
+)
+
+
+def parse_ssg_question(question: str) -> str | None:
+    """The target phrase of an SSG-VQA question ("brown top-mid anatomy"), None if not one."""
+    q = question.strip()
+    m = _LOCATION_RE.match(q)
+    if m:  # the released files have 2 "at the None of the frame" questions: no SSG target then
+        return f"{m.group('loc')} anatomy" if m.group("loc") in LOCATIONS else None
+    for pattern in _SSG_RES:
+        m = pattern.match(q)
+        if m:
+            words = set(m.group("np").split())
+            return m.group("np").strip() if words <= _SSG_WORDS and words & _SSG_HEADS else None
+    return None
+
+
+def _lower_first(q: str) -> str:
+    first = q.split(" ", 1)[0]
+    return q if first.isupper() or any(c.isupper() for c in first[1:]) else q[:1].lower() + q[1:]
+
+
+def question_rephrasings(question: str) -> list[str]:
+    """Every distinct bank rendering of `question`, the question itself excluded, in bank order."""
+    q = question.strip()
+    phrase = parse_ssg_question(q)
+    if phrase is not None:
+        forms = [t.format(np=phrase) for t in SSG_TEMPLATES]
+        loc = phrase.removesuffix(" anatomy")
+        if loc in LOCATIONS:
+            forms.insert(0, LOCATION_TEMPLATE.format(loc=loc))
+    else:
+        forms = [t.format(q=q, ql=_lower_first(q)) for t in GENERIC_TEMPLATES]
+    return [f for f in dict.fromkeys(forms) if f != q]
+
+
+def permute_options(record: Record, perm: Sequence[int]) -> Record:
+    """Options reordered so new position i holds old option perm[i]; the answer letter follows."""
+    perm = list(perm)
+    if sorted(perm) != list(range(len(record.options))):
+        raise ValueError(f"{perm} is not a permutation of {len(record.options)} options")
+    options = tuple(record.options[j] for j in perm)
+    answer = LETTERS[perm.index(record.answer_index)]
+    return dataclasses.replace(record, options=options, answer=answer, answer_text=options[LETTERS.index(answer)])
+
+
+def _cycle_shuffled(items: list, rng: np.random.Generator) -> Iterable:
+    """Yield items in a random order, reshuffling after each pass (distinct before repeating)."""
+    if not items:
+        return itertools.repeat(None)
+    return itertools.chain.from_iterable(
+        [items[i] for i in rng.permutation(len(items))] for _ in itertools.count()
+    )
+
+
+def _other_permutations(k: int, rng: np.random.Generator, limit: int) -> list[tuple[int, ...]]:
+    if k <= 6:
+        return [p for p in itertools.permutations(range(k)) if p != tuple(range(k))]
+    return [tuple(int(i) for i in rng.permutation(k)) for _ in range(limit)]
+
+
+def make_variants(
+    record: Record,
+    n: int,
+    rng: np.random.Generator,
+    *,
+    kinds: Sequence[str] = KINDS,
+    templates: Sequence[str] | None = None,
+) -> list[Record]:
+    """n variants of `record`: [record, v1, ..., v_{n-1}], each v_k combining all `kinds`.
+
+    Each kind draws its choices without repetition until exhausted (rephrasings, non-identity
+    option permutations, instruction templates other than the record's). Every variant has
+    exactly one correct option: answer_text == options[answer] == record.answer_text.
+    templates: the prompt variants to draw from (default data.prompts.VARIANTS).
+    """
+    unknown = set(kinds) - set(KINDS)
+    if unknown:
+        raise ValueError(f"unknown GDQA variant kinds {sorted(unknown)}; known: {KINDS}")
+    if n < 1:
+        raise ValueError("n must be >= 1")
+    templates = PROMPT_VARIANTS if templates is None else templates
+    current = record.prompt_variant
+    phrasings = _cycle_shuffled(question_rephrasings(record.question) if "rephrase" in kinds else [], rng)
+    perms = _cycle_shuffled(_other_permutations(len(record.options), rng, n) if "permute" in kinds else [], rng)
+    other_templates = [t for t in templates if t != current] if "template" in kinds else []
+    prompt_variants = _cycle_shuffled(other_templates, rng)
+    out = [record]
+    for _ in range(n - 1):
+        variant, question, perm, template = record, next(phrasings), next(perms), next(prompt_variants)
+        if question is not None:
+            variant = dataclasses.replace(variant, question=question)
+        if perm is not None:
+            variant = permute_options(variant, perm)
+        if template is not None:
+            variant = dataclasses.replace(variant, prompt_variant=template)
+        out.append(variant)
+    return out
+
+
+# ---- triggers and state -------------------------------------------------------------------------
+
+TriggerFn = Callable[["GDQAState", str], bool]
+TRIGGERS: Registry[TriggerFn] = Registry("GDQA trigger")
+register_trigger = TRIGGERS.register
+
+
+@register_trigger("adaptive")
+def adaptive_trigger(state: "GDQAState", record_id: str) -> bool:
+    """Triggered if the query's last group had all-equal rewards or calibration marked it hard."""
+    return record_id in state.hard_ids or state.last_all_equal.get(record_id, False)
+
+
+@register_trigger("always")
+def always_trigger(state: "GDQAState", record_id: str) -> bool:
+    del state, record_id
+    return True
+
+
+@register_trigger("off")
+def off_trigger(state: "GDQAState", record_id: str) -> bool:
+    del state, record_id
+    return False
+
+
+@dataclasses.dataclass
+class GDQAState:
+    """Which queries get variants. Host-side, JSON-serialisable for checkpoints.
+
+    trigger: a TRIGGERS name; num_variants: distinct variants a triggered group is spread over
+    (capped at G); kinds: the variant kinds used; hard_ids: queries a calibration pass marked
+    hard; last_all_equal: per query id, whether its last group's rewards were all equal.
+    """
+
+    trigger: str = "adaptive"
+    num_variants: int = 4
+    kinds: tuple[str, ...] = KINDS
+    hard_ids: set[str] = dataclasses.field(default_factory=set)
+    last_all_equal: dict[str, bool] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        TRIGGERS.get(self.trigger)  # fail early on a bad name
+        self.kinds = tuple(self.kinds)
+        self.hard_ids = set(self.hard_ids)
+
+    def is_triggered(self, record_id: str) -> bool:
+        return TRIGGERS.get(self.trigger)(self, record_id)
+
+    def mark_hard(self, record_ids: Iterable[str]) -> None:
+        self.hard_ids.update(record_ids)
+
+    def observe(self, record_ids: Sequence[str], rewards: np.ndarray, group_size: int) -> np.ndarray:
+        """Record each group's outcome. rewards [P * G] (groups contiguous), record_ids [P].
+
+        Returns the [P] bool all-equal mask.
+        """
+        grouped = np.asarray(rewards, np.float64).reshape(len(record_ids), group_size)
+        all_equal = np.all(grouped == grouped[:, :1], axis=1)
+        for rid, eq in zip(record_ids, all_equal):
+            self.last_all_equal[rid] = bool(eq)
+        return all_equal
+
+    def calibrate(self, record_ids: Sequence[str], rewards: np.ndarray, group_size: int) -> None:
+        """Mark as hard the queries whose calibration group had all-equal rewards."""
+        grouped = np.asarray(rewards, np.float64).reshape(len(record_ids), group_size)
+        self.mark_hard(rid for rid, g in zip(record_ids, grouped) if np.all(g == g[0]))
+
+    def to_json(self) -> dict:
+        return {
+            "trigger": self.trigger,
+            "num_variants": self.num_variants,
+            "kinds": list(self.kinds),
+            "hard_ids": sorted(self.hard_ids),
+            "last_all_equal": dict(sorted(self.last_all_equal.items())),
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> "GDQAState":
+        return cls(
+            trigger=d["trigger"],
+            num_variants=int(d["num_variants"]),
+            kinds=tuple(d["kinds"]),
+            hard_ids=set(d["hard_ids"]),
+            last_all_equal={k: bool(v) for k, v in d["last_all_equal"].items()},
+        )
+
+    def save(self, path: str | os.PathLike) -> None:
+        tmp = f"{os.fspath(path)}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.to_json(), f)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "GDQAState":
+        with open(path) as f:
+            return cls.from_json(json.load(f))
+
+
+def assign_group_variants(
+    record: Record, group_size: int, trigger_state: GDQAState, rng: np.random.Generator
+) -> list[Record]:
+    """The G records a query's rollouts are conditioned on.
+
+    Triggered: min(G, num_variants) variants from `make_variants`, assigned round-robin
+    (rollout j gets variant j mod n). Untriggered: G copies of the record.
+    """
+    if not trigger_state.is_triggered(record.id):
+        return [record] * group_size
+    n = max(1, min(group_size, trigger_state.num_variants))
+    variants = make_variants(record, n, rng, kinds=trigger_state.kinds)
+    return [variants[j % n] for j in range(group_size)]
