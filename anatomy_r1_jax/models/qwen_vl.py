@@ -113,7 +113,9 @@ class QwenVL(nnx.Module):
 
         input_ids [B, L]; attention_mask [B, L] (default all ones); pixel_values [P, C*T*p*p] and
         image_grid_thw [n_images, 3] (host NumPy) as the processor returns them; position_ids
-        [3, B, L] computed on the host by get_rope_index when not given.
+        [3, B, L] computed on the host by get_rope_index when not given. Those skip padding, as in
+        transformers' generate and its forward with images; transformers' forward without images
+        uses arange(L) even over left padding, so pass position_ids to reproduce that case.
         """
         input_ids = np.asarray(input_ids)
         attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)

@@ -72,8 +72,8 @@ def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, mesh: jax.shardi
     """Loads a hub-layout checkpoint directory into a QwenVL.
 
     dtype: compute dtype (also the storage dtype unless param_dtype is given). mesh / rules: place
-    every parameter on `NamedSharding(mesh, spec from its logical axes under rules)`; no mesh = default
-    device. Raises on a checkpoint key no rule maps, on a shape mismatch, and on parameters the
+    every parameter on `NamedSharding(mesh, spec from its logical axes under rules)` (rules None:
+    replicated); no mesh: the default device. Raises on a checkpoint key no rule maps, on a shape mismatch, and on parameters the
     checkpoint lacks (naming the key and the file).
     """
     cfg = QwenVLConfig.from_dir(path)
