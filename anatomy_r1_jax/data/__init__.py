@@ -21,10 +21,13 @@ from anatomy_r1_jax.data.readers import (
     write_records,
 )
 from anatomy_r1_jax.data.records import LETTERS, Record
+from anatomy_r1_jax.data.synthetic import CLASSES, CLASS_SIMILARITY, SIMILARITY_FILE, make_synthetic_dataset
+from anatomy_r1_jax.data.tokenizer import build_tiny_tokenizer, load_processor, special_token_ids
 
 __all__ = [
-    "FORMATS", "LETTERS", "VARIANTS", "DataError", "Record", "chat_messages", "format_question",
-    "format_sft_prompt", "image_problem", "load_image", "parse_instruction", "read_class_similarity",
-    "read_records", "record_problems", "resolve_image_path", "sft_target", "think_target",
-    "write_class_similarity", "write_records",
+    "build_tiny_tokenizer", "chat_messages", "CLASS_SIMILARITY", "CLASSES", "DataError", "format_question",
+    "format_sft_prompt", "FORMATS", "image_problem", "LETTERS", "load_image", "load_processor",
+    "make_synthetic_dataset", "parse_instruction", "read_class_similarity", "read_records", "Record",
+    "record_problems", "resolve_image_path", "sft_target", "SIMILARITY_FILE", "special_token_ids",
+    "think_target", "VARIANTS", "write_class_similarity", "write_records",
 ]
