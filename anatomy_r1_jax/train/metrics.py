@@ -1,0 +1,79 @@
+"""Metric sinks of the training shell: JSON lines, TensorBoard and PNG curves."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Iterable
+
+import numpy as np
+
+
+def _scalar(v):
+    v = np.asarray(v)
+    return float(v) if v.ndim == 0 else None
+
+
+class MetricsWriter:
+    """Appends one JSON object per step to `{workdir}/metrics.jsonl` and mirrors scalars to
+    TensorBoard. On resume, lines of steps after the restored checkpoint are dropped so the file
+    equals that of an uninterrupted run."""
+
+    def __init__(self, workdir: str, resume_step: int | None = None):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        if os.path.exists(self.path):
+            keep = [r for r in read_metrics(self.path) if resume_step is not None and r["step"] <= resume_step]
+            with open(self.path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in keep)
+        from tensorboardX import SummaryWriter
+
+        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, metrics: dict) -> None:
+        row = {"step": int(step)}
+        for k, v in metrics.items():
+            s = _scalar(v) if not isinstance(v, (float, int)) else float(v)
+            if s is not None:
+                row[k] = s
+                if math.isfinite(s):
+                    self.tb.add_scalar(k, s, step)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def close(self) -> None:
+        self.tb.close()
+
+
+def read_metrics(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(rows: list[dict], out_path: str, keys: Iterable[str], title: str = "") -> str:
+    """One subplot per metric key against step; saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in keys if any(k in r for r in rows)]
+    if not keys:
+        return out_path
+    cols = min(3, len(keys))
+    n_rows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(n_rows, cols, figsize=(4.2 * cols, 3.0 * n_rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        pts = [(r["step"], r[key]) for r in rows if key in r and r[key] is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 30 else None)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path

@@ -1,0 +1,159 @@
+"""The pure GRPO / SFT update: `(state, batch) -> (state, metrics)`, compiled once.
+
+Batches carry a leading micro-batch axis M (micro-batches hold whole groups). Gradients of the
+loss numerators are summed over a `lax.scan` and divided by the summed denominators once, which
+equals the full-batch gradient exactly (losses are (numerator, denominator) pairs).
+
+    A      = advantage_fn(rewards [M*n], G)               (groups contiguous)
+    grad   = sum_m grad(num_m(params)) / sum_m den_m
+    params = optax update (clip by global norm, AdamW, schedule), skipped when non-finite
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from anatomy_r1_jax.rl import advantages as adv_lib
+from anatomy_r1_jax.rl import losses
+from anatomy_r1_jax.rl.batch import TrainBatch
+from anatomy_r1_jax.train.logprobs import completion_logps
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Static settings of the update (hashable)."""
+
+    objective: str = "grpo"  # a registered policy loss ("grpo", "gpg") or "sft"
+    group_size: int = 8
+    advantage: str = "grpo"
+    temperature: float = 0.9
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    beta: float = 0.04
+    aggregation: str = "token-mean"
+    max_completion_length: int | None = None
+    logp_chunk: int = 128
+    num_categories: int = 1
+
+
+@flax.struct.dataclass
+class TrainState:
+    """step []; params: trainable nnx.State; frozen: the rest of the model (e.g. a frozen vision
+    tower); ref_params: the reference policy's trainable part (None when beta == 0);
+    opt_state: optax state."""
+
+    step: jax.Array
+    params: Any
+    frozen: Any
+    ref_params: Any
+    opt_state: Any
+
+
+def make_optimizer(learning_rate: float | optax.Schedule, *, weight_decay: float = 0.0, grad_clip: float = 1.0,
+                   b1: float = 0.9, b2: float = 0.999,
+                   max_consecutive_errors: int = 1_000_000) -> optax.GradientTransformation:
+    """Clip by global norm -> AdamW; an update whose gradients are not finite is skipped
+    (`optax.apply_if_finite`), so a NaN never reaches the parameters or a checkpoint."""
+    tx = optax.chain(optax.clip_by_global_norm(grad_clip) if grad_clip > 0 else optax.identity(),
+                     optax.adamw(learning_rate, b1=b1, b2=b2, weight_decay=weight_decay))
+    return optax.apply_if_finite(tx, max_consecutive_errors)
+
+
+def _sft_parts(logps, mask):
+    """Supervised warm-up: token-mean negative log-likelihood as (numerator, denominator)."""
+    mask = mask.astype(jnp.float32)
+    zero = jnp.zeros((), jnp.float32)
+    return losses.LossParts(-jnp.sum(logps * mask), jnp.sum(mask),
+                            {"tokens": jnp.sum(mask), "kl": zero, "ratio": jnp.sum(mask), "clip_low": zero,
+                             "clip_high": zero})
+
+
+def _loss_parts(cfg: StepConfig, logps, old_logps, ref_logps, advantages, mask, valid_fraction):
+    if cfg.objective == "sft":
+        return _sft_parts(logps, mask)
+    kw = dict(beta=cfg.beta, aggregation=cfg.aggregation, max_completion_length=cfg.max_completion_length)
+    if cfg.objective == "gpg":
+        kw["valid_fraction"] = valid_fraction
+    else:
+        kw.update(eps_low=cfg.eps_low, eps_high=cfg.eps_high)
+    return losses.POLICY_LOSSES.get(cfg.objective)(logps, old_logps, ref_logps, advantages, mask, **kw)
+
+
+def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: StepConfig, state: TrainState,
+               batch: TrainBatch, old_logps: jax.Array | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One update. batch arrays are [M, n, ...] (pixel values [M, P, D]); old_logps [M, n, T] or None
+    (num_iterations == 1: old = stop_gradient(logps), so the ratio is 1)."""
+    m, n = batch.rewards.shape
+    g = cfg.group_size
+    rewards = batch.rewards.reshape(-1)
+    if cfg.objective == "sft":
+        advantages = jnp.zeros_like(rewards)
+    else:
+        advantages = adv_lib.ADVANTAGES.get(cfg.advantage)(rewards, g)
+    invalid = adv_lib.invalid_group_mask(rewards, g) if cfg.objective != "sft" else jnp.zeros((m * n // g,), bool)
+    valid_fraction = 1.0 - jnp.mean(invalid.astype(jnp.float32))
+    advantages = advantages.reshape(m, n)
+
+    def micro(carry, xs):
+        grad_acc, parts_acc, entropy_acc = carry
+        mb, adv_m, old_m = xs
+
+        def numerator(params):
+            model = nnx.merge(graphdef, params, state.frozen)
+            ids, mask = mb.completions.ids, mb.completions.mask
+            logps, entropy = completion_logps(model, mb.prompt, ids, mask, cfg.temperature, cfg.logp_chunk)
+            ref = None
+            if cfg.beta != 0 and cfg.objective != "sft":
+                ref_model = nnx.merge(graphdef, state.ref_params, state.frozen)
+                ref = jax.lax.stop_gradient(
+                    completion_logps(ref_model, mb.prompt, ids, mask, cfg.temperature, cfg.logp_chunk)[0])
+            old = jax.lax.stop_gradient(logps) if old_m is None else old_m
+            parts = _loss_parts(cfg, logps, old, ref, adv_m, mask, valid_fraction)
+            ent = jnp.sum(jax.lax.stop_gradient(entropy) * mask)
+            return parts.numerator, (parts, ent)
+
+        grads, (parts, ent) = jax.grad(numerator, has_aux=True)(state.params)
+        grad_acc = jax.tree.map(jnp.add, grad_acc, grads)
+        parts_acc = jax.tree.map(jnp.add, parts_acc, parts)
+        return (grad_acc, parts_acc, entropy_acc + ent), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    zero = jnp.zeros((), jnp.float32)
+    parts0 = losses.LossParts(zero, zero, {k: zero for k in ("tokens", "kl", "ratio", "clip_low", "clip_high")})
+    xs = (batch, advantages, old_logps)
+    (grads, parts, entropy), _ = jax.lax.scan(micro, (zeros, parts0, zero), xs)
+    den = jnp.maximum(parts.denominator, 1e-8)
+    grads = jax.tree.map(lambda x: x / den, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+
+    metrics = {"loss": losses.loss_value(parts), "grad_norm": optax.global_norm(grads),
+               "entropy": entropy / jnp.maximum(parts.metric_sums["tokens"], 1.0),
+               "update_skipped": 1 - opt_state.last_finite.astype(jnp.int32),
+               **losses.finalize_metrics(parts.metric_sums)}
+    if cfg.objective != "sft":
+        cats = batch.categories.reshape(-1)[::g]
+        bad, total = adv_lib.invalid_counts_by_category(invalid, jnp.maximum(cats, 0), cfg.num_categories)
+        metrics.update({"invalid_gradient_ratio": 1.0 - valid_fraction, "invalid_groups_by_category": bad,
+                        "groups_by_category": total, "advantage_abs_mean": jnp.mean(jnp.abs(advantages))})
+    return new_state, metrics
+
+
+def policy_logps(graphdef: nnx.GraphDef, state: TrainState, batch: TrainBatch, temperature: float,
+                 chunk: int = 128) -> jax.Array:
+    """[M, n, T] log-probs of the batch's completions under the current policy (old_logps for
+    num_iterations > 1)."""
+
+    def one(mb):
+        model = nnx.merge(graphdef, state.params, state.frozen)
+        return completion_logps(model, mb.prompt, mb.completions.ids, mb.completions.mask, temperature, chunk)[0]
+
+    return jax.lax.map(one, batch)

@@ -1,0 +1,283 @@
+"""The imperative shell: feeds data, calls the compiled rollout / update, logs, checkpoints.
+
+Per GRPO step (B queries, G rollouts each, M micro-batches):
+  queries (Grain, curriculum order) -> GDQA variants per group -> collate (fixed shapes)
+  -> rollout (jit) -> decode + rewards (host) -> update (jit, donated state) -> metrics.
+A supervised warm-up (config.sft.steps, tiny runs) precedes GRPO on the same step counter.
+Randomness is a pure function of (seed, step), so a killed run resumes exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+from anatomy_r1_jax import sharding
+from anatomy_r1_jax.data.collate import BatchShape, Collator
+from anatomy_r1_jax.data.pipeline import QueryPipeline
+from anatomy_r1_jax.data import prompts
+from anatomy_r1_jax.methods.augmentation import GDQAState, assign_group_variants
+from anatomy_r1_jax.methods.curriculum import curriculum_order
+from anatomy_r1_jax.rl.batch import Completions, TrainBatch
+from anatomy_r1_jax.rl.rewards import compute_rewards
+from anatomy_r1_jax.rl.rollout import generate
+from anatomy_r1_jax.rl.sampling import SamplingConfig
+from anatomy_r1_jax.train import experiment
+from anatomy_r1_jax.train.checkpoint import Checkpointer
+from anatomy_r1_jax.train.metrics import MetricsWriter, plot_curves, read_metrics
+from anatomy_r1_jax.train.partitioning import place_state, put_batch, split_model
+from anatomy_r1_jax.train.step import StepConfig, TrainState, make_optimizer, train_step
+
+log = logging.getLogger(__name__)
+
+CURVES = ("reward/total", "reward/format", "reward/accuracy", "eval/accuracy", "invalid_gradient_ratio", "sq_mean",
+          "kl", "clip_fraction", "entropy", "completion_length", "loss", "tokens_per_second")
+
+
+def _stack(items):
+    return jax.tree.map(lambda *xs: np.stack(xs), *items)
+
+
+def _schedule(config) -> optax.Schedule:
+    """SFT warm-up (constant after warm-up) then GRPO (warm-up + cosine) on one step counter."""
+    s, o = config.sft, config.optim
+    grpo = optax.warmup_cosine_decay_schedule(0.0, o.lr, max(o.warmup_steps, 1),
+                                              max(config.train.steps, o.warmup_steps + 1), end_value=0.1 * o.lr)
+    if s.steps <= 0:
+        return grpo
+    sft = optax.join_schedules([optax.linear_schedule(0.0, s.lr, max(s.warmup_steps, 1)),
+                                optax.constant_schedule(s.lr)], [max(s.warmup_steps, 1)])
+    return optax.join_schedules([sft, grpo], [s.steps])
+
+
+class Trainer:
+    """Owns the compiled functions and the run's host state."""
+
+    def __init__(self, config, workdir: str):
+        self.config, self.workdir = config, workdir
+        os.makedirs(workdir, exist_ok=True)
+        c = config
+        self.mesh = sharding.make_mesh([tuple(a) for a in c.mesh])
+        self.rules = [tuple(r) for r in c.sharding_rules]
+        self.tokenizer = experiment.build_tokenizer(c, workdir)
+        self.image_processor = experiment.build_image_processor(c)
+        self.data = experiment.build_data(c, workdir)
+        with sharding.use_rules(self.mesh, self.rules):
+            model = experiment.build_model(c, self.tokenizer, self.mesh, self.rules)
+        self.model_cfg = model.config
+        self.sq = experiment.similarity_scores(c, self.data, model, self.tokenizer, workdir)
+        self.sq_by_id = dict(zip((r.id for r in self.data.train), self.sq))
+        self.category_index = {name: i for i, name in enumerate(self.data.categories)}
+
+        self.group_size = c.rl.group_size
+        self.shape = BatchShape(c.data.prompt_length, c.rl.max_completion_length, c.data.patches_per_query)
+        self.collator = Collator(self.tokenizer, self.model_cfg, self.shape)
+        eos = tuple(self.model_cfg.eos_token_ids) or (self.tokenizer.convert_tokens_to_ids("<|im_end|>"),)
+        self.eos_id = eos[0]
+        forbidden = tuple(sorted({self.model_cfg.image_token_id, self.model_cfg.video_token_id,
+                                  self.model_cfg.vision_start_token_id, self.model_cfg.vision_end_token_id}))
+        self.sampling = SamplingConfig(max_new_tokens=c.rl.max_completion_length, temperature=c.rl.temperature,
+                                       top_k=c.rl.top_k, top_p=c.rl.top_p, eos_ids=eos,
+                                       pad_id=self.collator.pad_id, forbidden_ids=forbidden)
+        self.greedy = dataclasses.replace(self.sampling, greedy=True)
+        self.gdqa = GDQAState(trigger=c.gdqa.trigger, num_variants=c.gdqa.num_variants, kinds=tuple(c.gdqa.kinds))
+
+        # State: trainable params (+ frozen rest), a frozen reference copy when beta > 0, AdamW.
+        self.graphdef, params, frozen = split_model(model, c.model.freeze_vision)
+        params = place_state(params, self.mesh, self.rules)
+        frozen = place_state(frozen, self.mesh, self.rules)
+        self.tx = make_optimizer(_schedule(c), weight_decay=c.optim.weight_decay, grad_clip=c.optim.grad_clip,
+                                 b1=c.optim.b1, b2=c.optim.b2)
+        opt_state = jax.jit(self.tx.init)(params)
+        ref = jax.tree.map(jnp.copy, params) if c.rl.beta != 0 else None
+        self.state = TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen, ref_params=ref,
+                                opt_state=opt_state)
+        state_sharding = jax.tree.map(lambda x: x.sharding, self.state)
+        self._compile(state_sharding)
+
+        self.pipeline_sft = QueryPipeline(self.data.train, batch_size=c.sft.batch_size,
+                                          image_processor=self.image_processor, order_fn=None, seed=c.seed + 1,
+                                          workers=c.data.workers)
+        order = functools.partial(curriculum_order, self.sq, schedule=c.curriculum.schedule,
+                                  num_stages=c.curriculum.num_stages, seed=c.seed)
+        self.pipeline = QueryPipeline(self.data.train, batch_size=c.train.batch_size,
+                                      image_processor=self.image_processor,
+                                      order_fn=lambda epoch: order(epoch=epoch), seed=c.seed, workers=c.data.workers)
+        self.it_sft, self.it = iter(self.pipeline_sft), iter(self.pipeline)
+        self.ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=c.train.keep_checkpoints)
+
+    # ---- compiled functions ------------------------------------------------------------------
+    def _compile(self, state_sharding):
+        c, g = self.config, self.graphdef
+        common = dict(temperature=c.rl.temperature, logp_chunk=c.train.logp_chunk,
+                      num_categories=max(1, len(self.data.categories)))
+        grpo = StepConfig(objective=c.rl.loss, group_size=self.group_size, advantage=c.rl.advantage,
+                          eps_low=c.rl.eps_low, eps_high=c.rl.eps_high, beta=c.rl.beta, aggregation=c.rl.aggregation,
+                          max_completion_length=c.rl.max_completion_length, **common)
+        sft = StepConfig(objective="sft", group_size=1, beta=0.0, **{**common, "temperature": 1.0})
+        step = lambda cfg: jax.jit(functools.partial(train_step, g, self.tx, cfg),  # noqa: E731
+                                   out_shardings=(state_sharding, None), donate_argnums=0)
+        self.grpo_step, self.sft_step = step(grpo), step(sft)
+
+        def rollout(params, frozen, batch, rng, cfg):
+            return generate(nnx.merge(g, params, frozen), batch, rng, cfg)
+
+        self.rollout = jax.jit(rollout, static_argnums=4)
+
+    # ---- host-side pieces -------------------------------------------------------------------
+    def _place(self, batch, micro_axis=False):
+        return put_batch(batch, self.mesh, self.rules, micro_axis)
+
+    def decode(self, completions: Completions) -> list[str]:
+        """Completion texts without the closing EOS (the format reward needs the exact tail)."""
+        ids, mask = np.asarray(completions.ids), np.asarray(completions.mask)
+        out = []
+        for row, m in zip(ids, mask):
+            toks = [int(t) for t in row[: int(m.sum())]]
+            if toks and toks[-1] in self.sampling.eos_ids:
+                toks = toks[:-1]
+            out.append(self.tokenizer.decode(toks, skip_special_tokens=False))
+        return out
+
+    def _categories(self, records) -> np.ndarray:
+        return np.array([self.category_index.get(r.category, -1) for r in records], np.int32)
+
+    def evaluate(self, records, rng_seed: int = 0) -> dict:
+        """Greedy accuracy and format rate on `records` (batched like a GRPO step's rows)."""
+        rows = self.config.train.batch_size * self.group_size
+        correct, formatted, n = 0.0, 0.0, 0
+        from anatomy_r1_jax.data.collate import preprocess_images
+
+        for start in range(0, len(records), rows):
+            chunk = records[start: start + rows]
+            padded = chunk + [chunk[-1]] * (rows - len(chunk))
+            batch = self.collator.prompts([[r] for r in padded],
+                                          [preprocess_images(r, self.image_processor) for r in padded])
+            comp = self.rollout(self.state.params, self.state.frozen, self._place(batch), jax.random.key(rng_seed),
+                                self.greedy)
+            texts = self.decode(comp)[: len(chunk)]
+            _, per = compute_rewards(texts, chunk, {"format": 1.0, "accuracy": 1.0})
+            correct += per["accuracy"].sum()
+            formatted += per["format"].sum()
+            n += len(chunk)
+        return {"eval/accuracy": correct / max(n, 1), "eval/format": formatted / max(n, 1)}
+
+    def sft_iteration(self, step: int) -> dict:
+        queries = next(self.it_sft)
+        records = [q.record for q in queries]
+        target = prompts.think_target if self.config.sft.target == "think" else prompts.sft_target
+        batch = self.collator.prompts([[r] for r in records], [q.images for q in queries])
+        ids, mask = self.collator.targets([target(r) for r in records], self.eos_id)
+        comp = Completions(ids=ids, mask=mask, logps=np.zeros(ids.shape, np.float32), lengths=mask.sum(-1))
+        n = len(records)
+        tb = TrainBatch(prompt=batch, completions=comp, rewards=np.zeros((n,), np.float32),
+                        categories=self._categories(records), similarity=np.zeros((n,), np.float32))
+        self.state, metrics = self.sft_step(self.state, self._place(_stack([tb]), micro_axis=True))
+        return {"sft/loss": metrics["loss"], "grad_norm": metrics["grad_norm"]}
+
+    def grpo_iteration(self, step: int) -> dict:
+        c, g = self.config, self.group_size
+        t0 = time.perf_counter()
+        queries = next(self.it)
+        rng = np.random.default_rng([c.seed, step])
+        key = jax.random.fold_in(jax.random.key(c.seed), step)
+        m = c.train.micro_batches
+        per_micro = len(queries) // m
+        micro, rows_all, texts_all = [], [], []
+        triggered = 0
+        for i in range(m):
+            chunk = queries[i * per_micro:(i + 1) * per_micro]
+            groups = [assign_group_variants(q.record, g, self.gdqa, rng) for q in chunk]
+            triggered += sum(self.gdqa.is_triggered(q.record.id) for q in chunk)
+            batch = self.collator.prompts(groups, [q.images for q in chunk])
+            comp = self.rollout(self.state.params, self.state.frozen, self._place(batch), jax.random.fold_in(key, i),
+                                self.sampling)
+            comp = jax.device_get(comp)
+            rows = [r for grp in groups for r in grp]
+            texts = self.decode(comp)
+            micro.append((batch, comp, rows))
+            rows_all += rows
+            texts_all += texts
+        t_rollout = time.perf_counter() - t0
+        rewards, per = compute_rewards(texts_all, rows_all, dict(c.rl.rewards))
+        ids = [q.record.id for q in queries]
+        self.gdqa.observe(ids, rewards, g)
+        batches = []
+        for i, (batch, comp, rows) in enumerate(micro):
+            sl = slice(i * per_micro * g, (i + 1) * per_micro * g)
+            batches.append(TrainBatch(prompt=batch, completions=comp, rewards=rewards[sl],
+                                      categories=self._categories(rows),
+                                      similarity=np.array([self.sq_by_id.get(r.id, np.nan) for r in rows], np.float32)))
+        tb = self._place(_stack(batches), micro_axis=True)
+        for _ in range(c.rl.num_iterations):
+            self.state, metrics = self.grpo_step(self.state, tb)
+        metrics = jax.device_get(metrics)
+        tokens = sum(int(np.asarray(b[1].mask).sum()) for b in micro)
+        out = {
+            "reward/total": float(rewards.mean()), "reward/format": float(per["format"].mean()),
+            "reward/accuracy": float(per["accuracy"].mean()),
+            "sq_mean": float(np.mean([self.sq_by_id[q.record.id] for q in queries])),
+            "completion_length": tokens / len(rows_all), "tokens_per_second": tokens / max(t_rollout, 1e-9),
+            "gdqa_triggered": triggered / len(queries), "step_seconds": time.perf_counter() - t0,
+        }
+        for k in ("loss", "kl", "clip_fraction", "entropy", "grad_norm", "invalid_gradient_ratio", "update_skipped"):
+            out[k] = float(metrics[k])
+        bad, total = metrics["invalid_groups_by_category"], metrics["groups_by_category"]
+        for name, j in self.category_index.items():
+            if total[j] > 0:
+                out[f"invalid_gradient_ratio/{name}"] = float(bad[j] / total[j])
+        if out["update_skipped"]:
+            log.warning("step %d: non-finite loss or gradient; update skipped", step)
+        return out
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def _meta(self) -> dict:
+        return {"pipeline": self.it.get_state(), "pipeline_sft": self.it_sft.get_state(),
+                "gdqa": self.gdqa.to_json()}
+
+    def restore(self) -> int:
+        step = self.ckpt.latest_step()
+        if step is None:
+            return 0
+        self.state, meta = self.ckpt.restore(step, self.state)
+        self.it.set_state(meta["pipeline"])
+        self.it_sft.set_state(meta["pipeline_sft"])
+        self.gdqa = GDQAState.from_json(meta["gdqa"])
+        log.info("resumed from step %d", step)
+        return step
+
+    def run(self) -> list[dict]:
+        c = self.config
+        start = self.restore()
+        writer = MetricsWriter(self.workdir, resume_step=start if start else None)
+        total = c.sft.steps + c.train.steps
+        bar = tqdm(range(start, total), initial=start, total=total, desc="train", dynamic_ncols=True)
+        for step in bar:
+            sft = step < c.sft.steps
+            out = self.sft_iteration(step) if sft else self.grpo_iteration(step)
+            done = step + 1
+            last = done == total
+            if not sft and (done - c.sft.steps) % c.train.eval_every == 0 or last or (
+                    sft and done == c.sft.steps):
+                out.update(self.evaluate(self.data.eval))
+            out = {k: float(v) for k, v in out.items()}
+            writer.write(done, {"phase": 0.0 if sft else 1.0, **out})
+            bar.set_postfix({k: f"{out[k]:.3f}" for k in ("sft/loss", "reward/total", "eval/accuracy") if k in out})
+            if done % c.train.checkpoint_every == 0 or last:
+                self.ckpt.save(done, self.state, self._meta())
+        self.ckpt.close()
+        writer.close()
+        rows = read_metrics(writer.path)
+        plot_curves([r for r in rows if r.get("phase") == 1.0] or rows, os.path.join(self.workdir, "curves.png"),
+                    CURVES, title="GRPO")
+        return rows
