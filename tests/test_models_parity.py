@@ -17,7 +17,7 @@ from flax import nnx
 from hf_tiny import HF_CLASSES, build_hf_model, multimodal_batch, torch_inputs
 
 from anatomy_r1_jax.models import decode_position_ids, load_pretrained, save_pretrained
-from anatomy_r1_jax.models.vision import vision_inputs
+from anatomy_r1_jax.models.vision import pad_pixel_values, vision_inputs
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 TOL = 1e-4
@@ -152,3 +152,33 @@ def test_tied_embeddings(tmp_path):
     reloaded = HF_CLASSES["qwen2_vl"][1].from_pretrained(tmp_path / "ours").eval()
     with torch.no_grad():
         assert _max_diff(reloaded(**torch_inputs(b)).logits.numpy(), ref, b["attention_mask"]) <= TOL
+
+
+TRACES["layout"] = 0
+
+
+@nnx.jit
+def _padded_logits(model, input_ids, position_ids, attention_mask, pixel_values, inputs):
+    TRACES["layout"] += 1
+    hidden, _ = model.forward(input_ids, position_ids, attention_mask, model.encode_images(pixel_values, inputs))
+    return model.logits(hidden)
+
+
+def test_image_layouts_share_one_compile(tiny):
+    """Two batches with different image sizes, padded to one patch budget and one length: one trace."""
+    model, config = tiny["model"], tiny["config"]
+    layouts = [(((1, 6, 8), (1, 4, 6)), (40, 30, 30)),  # 12 + 6 image tokens
+               (((1, 4, 4), (1, 8, 8)), (38, 30, 30))]  # 4 + 16 image tokens: same length
+    traces = TRACES["layout"]
+    for grids, text_lengths in layouts:
+        b = multimodal_batch(config, grids=grids, text_lengths=text_lengths, text_only_length=80, seed=3)
+        assert b["input_ids"].shape == (2, 122)
+        inputs = vision_inputs(b["image_grid_thw"], model.config.vision, patch_budget=96)
+        pixels = pad_pixel_values(b["pixel_values"], 96)
+        position_ids, _ = model.position_ids(b["input_ids"], b["attention_mask"], b["image_grid_thw"])
+        logits = _padded_logits(model, jnp.asarray(b["input_ids"]), jnp.asarray(position_ids),
+                                jnp.asarray(b["attention_mask"]), jnp.asarray(pixels), inputs)
+        with torch.no_grad():
+            ref = tiny["hf"](**torch_inputs(b)).logits.numpy()
+        assert _max_diff(logits, ref, b["attention_mask"]) <= TOL
+    assert TRACES["layout"] - traces == 1

@@ -77,6 +77,8 @@ def test_7b_builds_abstractly_with_shardings():
     mesh = sharding.make_mesh([("data", 2), ("fsdp", 2), ("tensor", 2)])
     shardings = sharding.state_shardings(params, mesh, RULES)
     assert shardings["language"]["layers"][0]["attn"]["q"]["kernel"].spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    for key, var in nnx.to_flat_state(params):  # every parameter names its logical axes
+        assert len(var.get_metadata().get("axes") or ()) == len(var.get_value().shape), key
     count = sum(int(np.prod(v.get_value().shape)) for _, v in nnx.to_flat_state(params))
     assert abs(count - 8.29e9) / 8.29e9 < 0.01, count  # the published 8.29B
 
