@@ -11,6 +11,7 @@ import logging
 import os
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -21,7 +22,8 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "where checkpoints, me
 
 def main(argv):
     del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax / grain chatter
+    logging.getLogger("anatomy_r1_jax").setLevel(logging.INFO)
     from anatomy_r1_jax.train.distributed import maybe_initialize
     from anatomy_r1_jax.train.trainer import Trainer
 

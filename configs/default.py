@@ -34,7 +34,7 @@ def get_config(arg=None):
         image_root="",
         synthetic=dict(n=2000, seed=0, image_size=56),
         prompt_variant="grpo",
-        prompt_length=160,
+        prompt_length=192,
         patches_per_query=16,  # 56x56 px -> 4x4 patches
         eval_size=200,
         workers=0,
@@ -45,7 +45,7 @@ def get_config(arg=None):
         temperature=0.9,
         top_p=0.9,
         top_k=50,
-        max_completion_length=24,
+        max_completion_length=32,
         beta=0.04,
         eps_low=0.2,
         eps_high=0.2,

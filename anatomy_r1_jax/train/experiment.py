@@ -47,12 +47,14 @@ def build_tokenizer(config, workdir: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def build_image_processor(config):
-    """Qwen2-VL's PIL image processor (no torchvision); a checkpoint's own settings when it has them."""
+def build_image_processor(config, tokenizer):
+    """Qwen2-VL's PIL image processor (no torchvision) with the checkpoint's (or the tiny tokenizer
+    folder's) settings; synthetic runs pin the pixel budget to the synthetic image size."""
     from transformers import Qwen2VLImageProcessorPil
 
-    if config.model.path and os.path.exists(os.path.join(config.model.path, "preprocessor_config.json")):
-        return Qwen2VLImageProcessorPil.from_pretrained(config.model.path)
+    for path in (config.model.path, tokenizer.name_or_path):
+        if path and os.path.exists(os.path.join(path, "preprocessor_config.json")):
+            return Qwen2VLImageProcessorPil.from_pretrained(path)
     size = config.data.synthetic.image_size
     return Qwen2VLImageProcessorPil(min_pixels=size * size, max_pixels=size * size)
 
@@ -67,7 +69,7 @@ def build_data(config, workdir: str) -> Data:
 
         out = os.path.join(workdir, "data")
         paths = make_synthetic_dataset(out, n=c.synthetic.n, seed=c.synthetic.seed, image_size=c.synthetic.image_size)
-        matrix = matrix or paths["similarity"]
+        matrix = matrix or os.path.join(out, "class_similarity.json")
     read = dict(format=c.format, image_root=c.image_root or None)
     train = read_records(paths["train"] if c.train == "synthetic" else c.train, **read)
     evals = read_records(paths["val"] if c.eval == "synthetic" else c.eval, **read) if c.eval else []

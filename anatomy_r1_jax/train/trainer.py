@@ -70,7 +70,7 @@ class Trainer:
         self.mesh = sharding.make_mesh([tuple(a) for a in c.mesh])
         self.rules = [tuple(r) for r in c.sharding_rules]
         self.tokenizer = experiment.build_tokenizer(c, workdir)
-        self.image_processor = experiment.build_image_processor(c)
+        self.image_processor = experiment.build_image_processor(c, self.tokenizer)
         self.data = experiment.build_data(c, workdir)
         with sharding.use_rules(self.mesh, self.rules):
             model = experiment.build_model(c, self.tokenizer, self.mesh, self.rules)
@@ -172,12 +172,18 @@ class Trainer:
             n += len(chunk)
         return {"eval/accuracy": correct / max(n, 1), "eval/format": formatted / max(n, 1)}
 
+    def _sft_target(self, record) -> str:
+        """Warm-up target: "<answer>X</answer>" (target="answer") or the think format with a short
+        rationale naming the structure (target="think"; long rationales do not fit tiny budgets)."""
+        if self.config.sft.target == "answer":
+            return prompts.sft_target(record)
+        return prompts.think_target(record, reasoning=f"It is the {record.answer_text}.")
+
     def sft_iteration(self, step: int) -> dict:
         queries = next(self.it_sft)
         records = [q.record for q in queries]
-        target = prompts.think_target if self.config.sft.target == "think" else prompts.sft_target
         batch = self.collator.prompts([[r] for r in records], [q.images for q in queries])
-        ids, mask = self.collator.targets([target(r) for r in records], self.eos_id)
+        ids, mask = self.collator.targets([self._sft_target(r) for r in records], self.eos_id)
         comp = Completions(ids=ids, mask=mask, logps=np.zeros(ids.shape, np.float32), lengths=mask.sum(-1))
         n = len(records)
         tb = TrainBatch(prompt=batch, completions=comp, rewards=np.zeros((n,), np.float32),
@@ -264,6 +270,9 @@ class Trainer:
         bar = tqdm(range(start, total), initial=start, total=total, desc="train", dynamic_ncols=True)
         for step in bar:
             sft = step < c.sft.steps
+            if step == c.sft.steps and step > 0 and self.state.ref_params is not None:
+                # GRPO's reference policy is the policy it starts from: the warmed-up one.
+                self.state = self.state.replace(ref_params=jax.tree.map(jnp.copy, self.state.params))
             out = self.sft_iteration(step) if sft else self.grpo_iteration(step)
             done = step + 1
             last = done == total
@@ -277,6 +286,8 @@ class Trainer:
                 self.ckpt.save(done, self.state, self._meta())
         self.ckpt.close()
         writer.close()
+        self.it.close()
+        self.it_sft.close()
         rows = read_metrics(writer.path)
         plot_curves([r for r in rows if r.get("phase") == 1.0] or rows, os.path.join(self.workdir, "curves.png"),
                     CURVES, title="GRPO")
