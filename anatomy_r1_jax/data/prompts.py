@@ -61,7 +61,11 @@ HEADERS: dict[str, tuple[str, str]] = {
         _EXPERT + _NUMBERED_TASK + _ANSWER_FORMAT.format(slot=_CHOICE_SLOT),
     ),
 }
+#: the paper's templates (what GDQA's template variants draw from)
 VARIANTS = tuple(HEADERS)
+#: a short header for tiny CPU runs, where the paper's 100-token header dominates the compute
+HEADERS["compact"] = ("Answer in <think> </think> <answer> </answer> tags.",
+                      "Answer in <answer> </answer> tags.")
 
 _QUESTION_MARK = "\nQuestion:\n"
 _OPTIONS_MARK = "\nAnatomy Options:\n"
