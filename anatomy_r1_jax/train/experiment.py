@@ -70,6 +70,8 @@ def build_data(config, workdir: str) -> Data:
         out = os.path.join(workdir, "data")
         paths = make_synthetic_dataset(out, n=c.synthetic.n, seed=c.synthetic.seed, image_size=c.synthetic.image_size)
         matrix = matrix or os.path.join(out, "class_similarity.json")
+    if not c.train:
+        raise ValueError("config data.train is empty: give a records file (--config.data.train=PATH) or 'synthetic'")
     read = dict(format=c.format, image_root=c.image_root or None)
     train = read_records(paths["train"] if c.train == "synthetic" else c.train, **read)
     evals = read_records(paths["val"] if c.eval == "synthetic" else c.eval, **read) if c.eval else []
@@ -105,6 +107,8 @@ def build_model(config, tokenizer, mesh=None, rules=()) -> QwenVL:
     """Loads model.path, or makes a tiny model of model.family sized to the tokenizer."""
     c = config.model
     dtype, param_dtype = DTYPES[c.dtype], DTYPES[c.param_dtype]
+    if not c.path and c.get("preset"):
+        raise ValueError(f"config model.preset={c.preset!r} needs --config.model.path=<local HF checkpoint directory>")
     if c.path:
         return load_pretrained(c.path, dtype=dtype, mesh=mesh, rules=rules, param_dtype=param_dtype, remat=c.remat)
     ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (

@@ -1,0 +1,74 @@
+"""Shared pieces of the configs: the four ablation arms and real-model presets.
+
+An arm is the pair (curriculum schedule, GDQA trigger):
+  grpo       = (none,   off)       plain GRPO, the paper's baseline
+  asc        = (staged, off)       Anatomical Similarity Curriculum only
+  gdqa       = (none,   adaptive)  Group Diversity Question Augmentation only
+  anatomy_r1 = (staged, adaptive)  both (the paper's method)
+"""
+
+import ml_collections
+
+ARMS = {
+    "grpo": ("none", "off"),
+    "asc": ("staged", "off"),
+    "gdqa": ("none", "adaptive"),
+    "anatomy_r1": ("staged", "adaptive"),
+}
+
+
+def parse_arg(arg: str | None, **defaults) -> dict:
+    """'method=asc,model=qwen2_5_vl_3b' -> {'method': 'asc', 'model': 'qwen2_5_vl_3b'} over defaults."""
+    out = dict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, _, value = item.partition("=")
+        if key not in defaults:
+            raise ValueError(f"unknown config argument {key!r}; expected some of {sorted(defaults)}")
+        out[key] = value
+    return out
+
+
+def apply_method(c: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
+    if method not in ARMS:
+        raise ValueError(f"unknown method {method!r}; expected one of {sorted(ARMS)}")
+    c.method = method
+    c.curriculum.schedule, c.gdqa.trigger = ARMS[method]
+    return c
+
+
+# Real models, trained from a local Hugging Face directory (--config.model.path=...).
+# Memory (bytes per parameter, bf16 params and Adam moments, fp32 softmax/logits): params 2 +
+# grads 2 + Adam 4 + frozen reference 2 = 10 B/param, plus activations (remat on).
+#   qwen2_vl_2b   2.2 B params -> 22 GB  : one 80 GB GPU; mesh fsdp over all devices by default
+#   qwen2_5_vl_3b 3.8 B params -> 38 GB  : one 80 GB GPU (tight with G=8 x 512 tokens) or fsdp 2+
+#   qwen2_5_vl_7b 8.3 B params -> 83 GB  : fsdp over 8 x 80 GB GPUs (~10.4 GB/device + activations),
+#                                          or a TPU v5e-8 (16 GB/chip) with fsdp 8 and remat
+REAL_MODELS = {
+    "qwen2_vl_2b": dict(family="qwen2_vl", mesh=[("data", 1), ("fsdp", -1)]),
+    "qwen2_5_vl_3b": dict(family="qwen2_5_vl", mesh=[("data", 1), ("fsdp", -1)]),
+    "qwen2_5_vl_7b": dict(family="qwen2_5_vl", mesh=[("data", 1), ("fsdp", -1), ("tensor", 1)]),
+}
+
+
+def real_model(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+    """METHOD.md's defaults for a real checkpoint: bf16, remat, frozen vision tower (ms-swift's
+    default for GRPO), G = 8, temperature 0.9, top-p 0.9, top-k 50, 512 new tokens, lr 1e-5."""
+    if name not in REAL_MODELS:
+        raise ValueError(f"unknown model {name!r}; expected one of {sorted(REAL_MODELS)}")
+    spec = REAL_MODELS[name]
+    c.model.preset = name
+    c.model.family = spec["family"]
+    c.model.path = ""  # required: --config.model.path=/local/checkpoint
+    c.model.dtype = c.model.param_dtype = "bfloat16"
+    c.model.remat = True
+    c.model.freeze_vision = True
+    c.tokenizer.path = ""
+    c.rl.update(group_size=8, temperature=0.9, top_p=0.9, top_k=50, max_completion_length=512, beta=0.04,
+                eps_low=0.2, eps_high=0.2)
+    c.optim.update(lr=1e-5, warmup_steps=10, weight_decay=0.0, grad_clip=1.0, b1=0.9, b2=0.999)
+    c.sft.steps = 0
+    c.data.prompt_length = 1024
+    c.data.patches_per_query = 1296  # up to 504x504 px per image (e.g. 480x854 CholecT45 frames resized)
+    c.train.update(batch_size=8, micro_batches=4, steps=1000, eval_every=100, checkpoint_every=50, logp_chunk=128)
+    c.mesh = spec["mesh"]
+    return c

@@ -1,0 +1,24 @@
+"""OmniMedVQA "Anatomy Identification" QA files (or Med-R1 splits) with a real checkpoint:
+
+    python train.py --config configs/omnimedvqa.py:model=qwen2_5_vl_3b,method=anatomy_r1 --workdir runs/omni \
+        --config.model.path=/models/Qwen2.5-VL-3B-Instruct \
+        --config.data.train=/data/OmniMedVQA/QA_information/Open-access/train.json \
+        --config.data.eval=/data/OmniMedVQA/QA_information/Open-access/test.json \
+        --config.data.image_root=/data/OmniMedVQA
+
+Categories (metrics per class) are the modality types. Memory: see configs/methods.py.
+"""
+
+from configs import default, methods
+
+
+def get_config(arg=None):
+    args = methods.parse_arg(arg, model="qwen2_5_vl_3b", method="anatomy_r1")
+    c = methods.real_model(default.get_config(), args["model"])
+    c.data.train = c.data.eval = ""
+    c.data.format = "auto"
+    c.data.prompt_variant = "grpo"
+    c.data.eval_size = 0
+    c.curriculum.backend = "embedding"
+    c.gdqa.kinds = ("rephrase", "permute")
+    return methods.apply_method(c, args["method"])

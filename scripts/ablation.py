@@ -1,0 +1,138 @@
+"""The ASC / GDQA ablation on the synthetic benchmark: grpo, asc, gdqa, anatomy_r1 x seeds.
+
+    python scripts/ablation.py --out runs/ablation --seeds 0,1,2 [--set train.steps=60 ...]
+
+Each arm runs `train.py --config configs/synthetic.py:method=ARM` in its own workdir (a stopped
+sweep resumes: finished runs are skipped, interrupted ones resume from their checkpoints). Writes
+docs/results/ablation.md (final held-out accuracy mean +- std, area under the reward curve,
+invalid-gradient ratio) and plots in the style of the paper's figures: reward and S(q) against
+steps, and the invalid-gradient ratio per anatomy class at the start and end, GRPO against GDQA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from anatomy_r1_jax.train.metrics import read_metrics  # noqa: E402
+
+ARMS = ("grpo", "asc", "gdqa", "anatomy_r1")
+
+
+def run_arm(arm: str, seed: int, out: str, overrides: list[str]) -> str:
+    workdir = os.path.join(out, f"{arm}_seed{seed}")
+    done = os.path.join(workdir, "DONE")
+    if not os.path.exists(done):
+        cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--config={ROOT}/configs/synthetic.py:method={arm}",
+               f"--workdir={workdir}", f"--config.seed={seed}", *[f"--config.{o}" for o in overrides]]
+        print("+", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True, cwd=ROOT)
+        open(done, "w").close()
+    return workdir
+
+
+def grpo_rows(workdir: str) -> list[dict]:
+    return [r for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if r.get("phase") == 1.0]
+
+
+def summarize(runs: dict[str, list[str]]) -> tuple[str, dict]:
+    stats = {}
+    for arm, dirs in runs.items():
+        final, auc, invalid = [], [], []
+        for d in dirs:
+            rows = grpo_rows(d)
+            evals = [r["eval/accuracy"] for r in rows if "eval/accuracy" in r]
+            final.append(evals[-1])
+            auc.append(float(np.mean([r["reward/total"] for r in rows])))
+            invalid.append(float(np.mean([r["invalid_gradient_ratio"] for r in rows])))
+        stats[arm] = {"final_accuracy": final, "reward_auc": auc, "invalid_gradient_ratio": invalid}
+    lines = ["| arm | seeds | final held-out accuracy | reward AUC (mean reward/step) | invalid-gradient ratio |",
+             "|---|---|---|---|---|"]
+    for arm, s in stats.items():
+        f = lambda xs: f"{np.mean(xs):.3f} ± {np.std(xs):.3f}"  # noqa: E731
+        lines.append(f"| {arm} | {len(s['final_accuracy'])} | {f(s['final_accuracy'])} | {f(s['reward_auc'])} | "
+                     f"{f(s['invalid_gradient_ratio'])} |")
+    return "\n".join(lines), stats
+
+
+def _mean_curve(dirs: list[str], key: str) -> tuple[np.ndarray, np.ndarray]:
+    curves = [[(r["step"], r[key]) for r in grpo_rows(d) if key in r] for d in dirs]
+    n = min(len(c) for c in curves)
+    steps = np.array([p[0] for p in curves[0][:n]])
+    return steps - steps[0] + 1, np.mean([[p[1] for p in c[:n]] for c in curves], axis=0)
+
+
+def plot(runs: dict[str, list[str]], out_dir: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for arm, dirs in runs.items():
+        for ax, key in zip(axes, ("reward/total", "sq_mean")):
+            steps, curve = _mean_curve(dirs, key)
+            ax.plot(steps, curve, label=arm)
+            ax.set_title(key)
+            ax.set_xlabel("GRPO step")
+    axes[0].legend()
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "ablation_reward_sq.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    classes = sorted({k.split("/", 1)[1] for d in runs["grpo"] for r in grpo_rows(d) for k in r
+                      if k.startswith("invalid_gradient_ratio/")})
+    width = 0.2
+    for i, arm in enumerate(("grpo", "gdqa")):
+        for j, (phase, sl) in enumerate((("start", slice(0, 10)), ("end", slice(-10, None)))):
+            vals = []
+            for cls in classes:
+                key = f"invalid_gradient_ratio/{cls}"
+                vals.append(np.nanmean([np.mean([r[key] for r in grpo_rows(d)[sl] if key in r] or [np.nan])
+                                        for d in runs[arm]]))
+            ax.bar(np.arange(len(classes)) + (2 * i + j - 1.5) * width, vals, width, label=f"{arm} {phase}")
+    ax.set_xticks(np.arange(len(classes)), classes, rotation=15, fontsize=8)
+    ax.set_ylabel("invalid-gradient ratio")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "ablation_invalid_by_class.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/ablation")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--arms", default=",".join(ARMS))
+    p.add_argument("--set", nargs="*", default=[], help="config overrides, e.g. train.steps=60")
+    p.add_argument("--report", default=os.path.join(ROOT, "docs", "results"))
+    a = p.parse_args()
+    seeds = [int(s) for s in a.seeds.split(",")]
+    runs = {arm: [run_arm(arm, s, a.out, a.set) for s in seeds] for arm in a.arms.split(",")}
+    table, stats = summarize(runs)
+    os.makedirs(a.report, exist_ok=True)
+    plots = plot(runs, a.report) if "grpo" in runs and "gdqa" in runs else []
+    with open(os.path.join(a.report, "ablation.json"), "w") as f:
+        json.dump(stats, f, indent=1)
+    cmd = "python scripts/ablation.py " + " ".join(sys.argv[1:])
+    with open(os.path.join(a.report, "ablation.md"), "w") as f:
+        f.write(f"# ASC / GDQA ablation on the synthetic benchmark\n\nCommand: `{cmd}`\n\n{table}\n\n")
+        f.writelines(f"![{os.path.basename(pth)}]({os.path.basename(pth)})\n" for pth in plots)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
