@@ -1,0 +1,164 @@
+"""Finding trained checkpoints and rebuilding the model they hold, for evaluation and export.
+
+A checkpoint is what train/checkpoint.py writes: `{workdir}/checkpoints/<step>/` with the Orbax
+items `state` (TrainState: step, params, frozen, ref_params, opt_state) and `meta`. Only `params`
+and `frozen` are read (a partial restore: the optimizer moments and the reference copy are never
+loaded), directly onto the shardings the config's rules give on the mesh. The model is then
+`nnx.merge(graphdef, params, frozen)` with the graphdef the run's config builds.
+
+Checkpoint specs (command lines): "base" (the model as the config builds it: model.path, or the
+tiny model made from config.seed), a run workdir (its latest step), its `checkpoints` folder, or
+one step folder; "NAME=SPEC" names it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from anatomy_r1_jax import sharding
+from anatomy_r1_jax.models import QwenVLConfig
+from anatomy_r1_jax.models.weights import abstract_model
+from anatomy_r1_jax.train import experiment
+from anatomy_r1_jax.train.partitioning import place_state, split_model
+
+log = logging.getLogger(__name__)
+
+BASE = "base"
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointRef:
+    """name: how results call it; path: the step folder (None for the base model); step;
+    workdir: the run's workdir when the layout shows it."""
+
+    name: str
+    path: str | None = None
+    step: int | None = None
+    workdir: str | None = None
+
+
+def _steps(directory: str) -> list[int]:
+    """Finished steps of an Orbax CheckpointManager folder (unfinished saves are temporary folders)."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(n) for n in os.listdir(directory)
+                  if n.isdigit() and os.path.isdir(os.path.join(directory, n, "state")))
+
+
+def resolve_checkpoint(spec: str) -> CheckpointRef:
+    """A CheckpointRef from "base", "NAME=PATH" or PATH (run workdir / checkpoints folder / step folder)."""
+    name, _, path = spec.partition("=") if "=" in spec else ("", "", spec)
+    if path == BASE:
+        return CheckpointRef(name or BASE)
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.isdir(os.path.join(path, "state")) and os.path.basename(path).isdigit():
+        step_dir, step = path, int(os.path.basename(path))
+    else:
+        folder = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+        steps = _steps(folder)
+        if not steps:
+            raise FileNotFoundError(f"{spec!r}: no finished checkpoint in {folder} (expected <step>/state folders)")
+        step, step_dir = steps[-1], os.path.join(folder, str(steps[-1]))
+    parent = os.path.dirname(step_dir)
+    workdir = os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else None
+    run = os.path.basename(workdir) if workdir else os.path.basename(parent)
+    return CheckpointRef(name or f"{run}-step{step}", step_dir, step, workdir)
+
+
+def safe_name(name: str) -> str:
+    """A file-name-safe form of a checkpoint or dataset name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "unnamed"
+
+
+@dataclasses.dataclass
+class ModelSetup:
+    """Everything to run one model family on a mesh. params / frozen: abstract nnx States
+    (ShapeDtypeStructs carrying the shardings the rules give)."""
+
+    config: object
+    tokenizer: object
+    image_processor: object
+    model_cfg: QwenVLConfig
+    mesh: jax.sharding.Mesh
+    rules: list
+    graphdef: object
+    params: object
+    frozen: object
+    freeze_vision: bool
+
+
+def _abstract(state, mesh, rules):
+    """ShapeDtypeStructs (with the rules' NamedShardings) in place of a State's arrays."""
+    shardings = sharding.state_shardings(state, mesh, rules)
+    return jax.tree.map(lambda s, var: jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), var), shardings, state)
+
+
+def build_setup(config, workdir: str, *, mesh=None) -> ModelSetup:
+    """Tokenizer, image processor, mesh and the model of `config`, built abstractly (no memory,
+    nothing loaded); `base_state` or `restore_model_state` then give it values."""
+    c = config
+    mesh = mesh if mesh is not None else sharding.make_mesh([tuple(a) for a in c.mesh])
+    rules = [tuple(r) for r in c.sharding_rules]
+    tokenizer = experiment.build_tokenizer(c, workdir)
+    image_processor = experiment.build_image_processor(c, tokenizer)
+    if c.model.path:
+        dtypes = experiment.DTYPES
+        model = abstract_model(QwenVLConfig.from_dir(c.model.path), dtype=dtypes[c.model.dtype],
+                               param_dtype=dtypes[c.model.param_dtype], remat=c.model.remat)
+    else:
+        model = nnx.eval_shape(lambda: experiment.build_model(c, tokenizer))
+    graphdef, params, frozen = split_model(model, c.model.freeze_vision)
+    return ModelSetup(c, tokenizer, image_processor, model.config, mesh, rules, graphdef,
+                      _abstract(params, mesh, rules), _abstract(frozen, mesh, rules), bool(c.model.freeze_vision))
+
+
+def base_state(setup: ModelSetup):
+    """(params, frozen) of the base model (model.path, or the tiny model made from config.seed:
+    what training starts from), placed on the setup's mesh."""
+    with sharding.use_rules(setup.mesh, setup.rules):
+        model = experiment.build_model(setup.config, setup.tokenizer, setup.mesh, setup.rules)
+    _, params, frozen = split_model(model, setup.freeze_vision)
+    return place_state(params, setup.mesh, setup.rules), place_state(frozen, setup.mesh, setup.rules)
+
+
+def load_model_state(setup: ModelSetup, ref: CheckpointRef):
+    """(params, frozen) of a CheckpointRef: the base model or a restored checkpoint."""
+    return base_state(setup) if ref.path is None else restore_model_state(setup, ref.path)
+
+
+def restore_model_state(setup: ModelSetup, step_dir: str):
+    """(params, frozen) of the checkpoint in `step_dir`, split and placed like the setup's model
+    (so they fit `setup.graphdef` and every program compiled for it).
+
+    The run may have split trainable and frozen parameters differently from this config (e.g.
+    model.freeze_vision changed): the other split is tried before giving up.
+    """
+    model = nnx.merge(setup.graphdef, setup.params, setup.frozen)
+    path = os.path.join(os.path.abspath(step_dir), "state")
+    errors = []
+    for freeze in (setup.freeze_vision, not setup.freeze_vision):
+        graphdef, params, frozen = split_model(model, freeze)
+        target = {"params": _abstract(params, setup.mesh, setup.rules),
+                  "frozen": _abstract(frozen, setup.mesh, setup.rules)}
+        restore_args = jax.tree.map(
+            lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype), target)
+        try:
+            with ocp.PyTreeCheckpointer() as checkpointer:
+                out = checkpointer.restore(path, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
+                                                                              partial_restore=True))
+        except (ValueError, KeyError, TypeError) as error:  # orbax: structure or shape mismatch
+            errors.append(f"freeze_vision={freeze}: {type(error).__name__}: {error}")
+            continue
+        if freeze != setup.freeze_vision:
+            _, params, frozen = split_model(nnx.merge(graphdef, out["params"], out["frozen"]), setup.freeze_vision)
+            return params, frozen
+        return out["params"], out["frozen"]
+    raise ValueError(f"{step_dir}: the checkpoint does not hold this config's model:\n" + "\n".join(errors))

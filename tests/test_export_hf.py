@@ -1,0 +1,129 @@
+"""Export of a trained checkpoint to a Hugging Face directory: transformers loads it unchanged and
+gives our restored model's logits (fp32, <= 1e-4) on a real collated prompt; the exported tokenizer
+and image processor reproduce the run's."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from anatomy_r1_jax.data import chat_messages, read_records
+from anatomy_r1_jax.data.collate import IMAGE_PAD, BatchShape, Collator, preprocess_images
+from anatomy_r1_jax.data.synthetic import make_synthetic_dataset
+from anatomy_r1_jax.evaluation.checkpoints import build_setup, restore_model_state
+from anatomy_r1_jax.evaluation.export import export_checkpoint
+from anatomy_r1_jax.train.checkpoint import Checkpointer
+from anatomy_r1_jax.train.step import TrainState, make_optimizer
+
+REPO = Path(__file__).resolve().parents[1]
+TOL = 1e-4
+
+
+def default_config():
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))  # configs/ is a folder of the repository, not of the package
+    module = importlib.import_module("configs.default")
+    return module.get_config()
+
+
+def random_state(abstract, seed: int, std: float = 0.15):
+    """Values for an abstract nnx State, wide enough that no layer is close to the identity
+    (norm scales 1 + N(0, std^2), everything else N(0, std^2)), on the abstract leaves' shardings."""
+    leaves = jax.tree_util.tree_leaves_with_path(abstract)
+    keys = iter(jax.random.split(jax.random.key(seed), len(leaves)))
+
+    def value(path, x):
+        name = jax.tree_util.keystr(path)
+        noise = std * jax.random.normal(next(keys), x.shape, x.dtype)
+        is_scale = ("norm" in name or "ln_q" in name) and "weight" in name
+        return jax.device_put(1.0 + noise if is_scale else noise, x.sharding)
+
+    return jax.tree_util.tree_map_with_path(value, abstract)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    config = default_config()
+    config.model.freeze_vision = True  # the checkpoint splits params / frozen: both must be exported
+    run = root / "run"
+    setup = build_setup(config, str(run))
+    params, frozen = random_state(setup.params, 1), random_state(setup.frozen, 2)
+    tx = make_optimizer(1e-3)
+    state = TrainState(step=jnp.asarray(12, jnp.int32), params=params, frozen=frozen, ref_params=None,
+                       opt_state=tx.init(params))
+    ckpt = Checkpointer(str(run / "checkpoints"))
+    ckpt.save(12, state, {"note": "test"})
+    ckpt.close()
+    out = root / "hf"
+    export_checkpoint(config, str(run), str(out))
+    paths = make_synthetic_dataset(root / "synthetic", n=20, seed=1, image_size=56)
+    record = dataclasses.replace(read_records(paths["val"])[0], prompt_variant="grpo")
+    return {"config": config, "setup": setup, "params": params, "frozen": frozen, "out": out, "run": run,
+            "record": record}
+
+
+def test_restored_checkpoint_is_what_was_saved(exported):
+    setup = exported["setup"]
+    params, frozen = restore_model_state(setup, str(exported["run"] / "checkpoints" / "12"))
+    for ours, saved in ((params, exported["params"]), (frozen, exported["frozen"])):
+        assert jax.tree.structure(ours) == jax.tree.structure(saved)
+        for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(saved)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+            assert a.sharding.is_equivalent_to(b.sharding, a.ndim)
+    # A config that splits trainable / frozen otherwise still restores the same model.
+    other = exported["config"].copy_and_resolve_references()
+    other.model.freeze_vision = False
+    setup2 = build_setup(other, str(exported["run"]))
+    params2, frozen2 = restore_model_state(setup2, str(exported["run"] / "checkpoints" / "12"))
+    assert not jax.tree.leaves(frozen2)
+    flat = lambda g, p, f: {k: np.asarray(v.get_value()) for k, v in nnx.to_flat_state(  # noqa: E731
+        nnx.state(nnx.merge(g, p, f)))}
+    saved, again = flat(setup.graphdef, params, frozen), flat(setup2.graphdef, params2, frozen2)
+    assert saved.keys() == again.keys() and all(np.array_equal(saved[k], again[k]) for k in saved)
+    meta = json.loads((exported["out"] / "anatomy_r1_export.json").read_text())
+    assert meta["step"] == 12 and meta["checkpoint"].endswith("checkpoints/12")
+
+
+def test_transformers_loads_the_export_with_the_same_logits(exported):
+    from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    setup, out, record = exported["setup"], str(exported["out"]), exported["record"]
+    hf = Qwen2VLForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
+    hf_tokenizer = AutoTokenizer.from_pretrained(out)
+    hf_images = Qwen2VLImageProcessorPil.from_pretrained(out)
+
+    # The exported tokenizer and image processor are the run's.
+    text = setup.tokenizer.apply_chat_template(chat_messages(record), tokenize=False, add_generation_prompt=True)
+    assert hf_tokenizer.apply_chat_template(chat_messages(record), tokenize=False, add_generation_prompt=True) == text
+    assert hf_tokenizer(text)["input_ids"] == setup.tokenizer(text)["input_ids"]
+    feats = preprocess_images(record, setup.image_processor)
+    hf_feats = preprocess_images(record, hf_images)
+    np.testing.assert_array_equal(hf_feats.pixel_values, feats.pixel_values)
+    np.testing.assert_array_equal(hf_feats.grid_thw, feats.grid_thw)
+
+    # Our model restored from the checkpoint vs transformers on the export: one real prompt.
+    collator = Collator(setup.tokenizer, setup.model_cfg, BatchShape(256, 16, 16))
+    ids = np.asarray([collator.prompt_ids(record, feats.grid_thw)])
+    assert ids.shape[1] > 100 and (ids == setup.tokenizer.convert_tokens_to_ids(IMAGE_PAD)).sum() == 4
+    params, frozen = restore_model_state(setup, str(exported["run"] / "checkpoints" / "12"))
+    model = nnx.merge(setup.graphdef, params, frozen)
+    ours = np.asarray(model(ids, np.ones_like(ids), feats.pixel_values, feats.grid_thw))
+    mm = (ids == hf.config.image_token_id).astype(np.int64)
+    with torch.no_grad():
+        ref = hf(input_ids=torch.from_numpy(ids), attention_mask=torch.ones_like(torch.from_numpy(ids)),
+                 pixel_values=torch.from_numpy(feats.pixel_values), image_grid_thw=torch.from_numpy(feats.grid_thw),
+                 mm_token_type_ids=torch.from_numpy(mm)).logits.numpy()
+    assert np.abs(ref).max() > 1.0, "weights too small to exercise the layers"
+    diff = float(np.abs(ours - ref).max())
+    assert diff <= TOL, f"max |logits diff| {diff:.3g}"
