@@ -35,9 +35,9 @@ def get_config(arg=None):
         eval="synthetic",
         format="auto",
         image_root="",
-        synthetic=dict(n=2000, seed=0, image_size=56),
+        synthetic=dict(n=8000, seed=0, image_size=56),
         prompt_variant="compact",  # the paper's "grpo" header is 100 tokens: too costly for a CPU demo
-        prompt_length=96,
+        prompt_length=88,
         patches_per_query=16,  # 56x56 px -> 4x4 patches
         eval_size=200,
         workers=0,
@@ -48,7 +48,7 @@ def get_config(arg=None):
         temperature=0.9,
         top_p=0.9,
         top_k=50,
-        max_completion_length=32,
+        max_completion_length=24,
         beta=0.04,
         eps_low=0.2,
         eps_high=0.2,
@@ -56,13 +56,14 @@ def get_config(arg=None):
         aggregation="token-mean",
         advantage="grpo",
         num_iterations=1,
-        rewards=dict(format=1.0, accuracy=1.0),
-        accuracy_mode="strict",
+        # The paper scores the exact letter ("accuracy"); a tiny model made from scratch is scored on
+        # naming the structure ("accuracy_lenient" accepts the option text), see sft.answer.
+        rewards=dict(format=1.0, accuracy_lenient=1.0),
     )
 
     c.optim = dict(lr=2e-4, warmup_steps=5, schedule="cosine", weight_decay=0.0, grad_clip=1.0, b1=0.9, b2=0.99)
 
-    c.sft = dict(steps=150, lr=2e-3, batch_size=32, target="think", warmup_steps=10)
+    c.sft = dict(steps=700, lr=2e-3, batch_size=32, target="think", answer="text", warmup_steps=20)
 
     c.train = dict(
         batch_size=8,  # queries per GRPO step (rows = batch_size * group_size)

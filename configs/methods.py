@@ -67,6 +67,8 @@ def real_model(c: ml_collections.ConfigDict, name: str) -> ml_collections.Config
                 eps_low=0.2, eps_high=0.2)
     c.optim.update(lr=1e-5, warmup_steps=10, weight_decay=0.0, grad_clip=1.0, b1=0.9, b2=0.999)
     c.sft.steps = 0
+    c.sft.answer = "letter"
+    c.rl.rewards = dict(format=1.0, accuracy=1.0)  # the authors' exact-letter accuracy
     c.data.prompt_length = 1024
     c.data.patches_per_query = 1296  # up to 504x504 px per image (e.g. 480x854 CholecT45 frames resized)
     c.train.update(batch_size=8, micro_batches=4, steps=1000, eval_every=100, checkpoint_every=50, logp_chunk=128)

@@ -2,8 +2,10 @@
 
     python scripts/ablation.py --out runs/ablation --seeds 0,1,2 [--set train.steps=60 ...]
 
-Each arm runs `train.py --config configs/synthetic.py:method=ARM` in its own workdir (a stopped
-sweep resumes: finished runs are skipped, interrupted ones resume from their checkpoints). Writes
+The arms differ only after the supervised warm-up, so each seed's warm-up runs once
+(`train.py --config.train.steps=0`) and every arm continues from a copy of it with
+`train.py --config configs/synthetic.py:method=ARM` (a stopped sweep resumes: finished runs are
+skipped, interrupted ones resume from their checkpoints). Writes
 docs/results/ablation.md (final held-out accuracy mean +- std, area under the reward curve,
 invalid-gradient ratio) and plots in the style of the paper's figures: reward and S(q) against
 steps, and the invalid-gradient ratio per anatomy class at the start and end, GRPO against GDQA.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -27,15 +30,24 @@ from anatomy_r1_jax.train.metrics import read_metrics  # noqa: E402
 ARMS = ("grpo", "asc", "gdqa", "anatomy_r1")
 
 
-def run_arm(arm: str, seed: int, out: str, overrides: list[str]) -> str:
-    workdir = os.path.join(out, f"{arm}_seed{seed}")
+def _train(workdir: str, arm: str, seed: int, overrides: list[str]) -> None:
     done = os.path.join(workdir, "DONE")
-    if not os.path.exists(done):
-        cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--config={ROOT}/configs/synthetic.py:method={arm}",
-               f"--workdir={workdir}", f"--config.seed={seed}", *[f"--config.{o}" for o in overrides]]
-        print("+", " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True, cwd=ROOT)
-        open(done, "w").close()
+    if os.path.exists(done):
+        return
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--config={ROOT}/configs/synthetic.py:method={arm}",
+           f"--workdir={workdir}", f"--config.seed={seed}", *[f"--config.{o}" for o in overrides]]
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    open(done, "w").close()
+
+
+def run_arm(arm: str, seed: int, out: str, overrides: list[str]) -> str:
+    warmup = os.path.join(out, f"warmup_seed{seed}")
+    _train(warmup, "grpo", seed, [*overrides, "train.steps=0"])
+    workdir = os.path.join(out, f"{arm}_seed{seed}")
+    if not os.path.exists(workdir):
+        shutil.copytree(warmup, workdir, ignore=shutil.ignore_patterns("DONE", "tensorboard"))
+    _train(workdir, arm, seed, overrides)
     return workdir
 
 

@@ -165,10 +165,11 @@ def default_reasoning(record: Record) -> str:
     )
 
 
-def think_target(record: Record, reasoning: str | None = None) -> str:
-    """Think-format supervised target "<think>...</think><answer>B</answer>".
+def think_target(record: Record, reasoning: str | None = None, answer: str | None = None) -> str:
+    """Think-format supervised target "<think>...</think><answer>B</answer>" (answer defaults to the
+    letter; pass the option text for runs scored with the lenient accuracy reward).
 
     It scores 1 under the authors' format reward (no trailing newline after </answer>).
     """
     thought = (reasoning if reasoning is not None else default_reasoning(record)).strip()
-    return f"<think>{thought}</think><answer>{record.answer}</answer>"
+    return f"<think>{thought}</think><answer>{record.answer if answer is None else answer}</answer>"

@@ -29,8 +29,8 @@ from anatomy_r1_jax import sharding
 from anatomy_r1_jax.data.collate import BatchShape, Collator, preprocess_images
 from anatomy_r1_jax.data.records import Record
 from anatomy_r1_jax.evaluation.scoring import score, summarize
-from anatomy_r1_jax.rl.rollout import generate
-from anatomy_r1_jax.rl.sampling import SamplingConfig
+from anatomy_r1_jax.rl.rollout import decode_completions, generate
+from anatomy_r1_jax.rl.sampling import SamplingConfig, sampling_config
 from anatomy_r1_jax.train.partitioning import put_batch
 
 log = logging.getLogger(__name__)
@@ -61,28 +61,6 @@ class EvalSettings:
         d = dataclasses.asdict(self)
         d["ks"] = list(self.ks)
         return d
-
-
-def sampling_config(config, model_cfg, tokenizer, pad_id: int) -> SamplingConfig:
-    """The rollout sampler of a run's config (what the trainer samples GRPO groups with)."""
-    c = config
-    eos = tuple(model_cfg.eos_token_ids) or (tokenizer.convert_tokens_to_ids("<|im_end|>"),)
-    forbidden = tuple(sorted({model_cfg.image_token_id, model_cfg.video_token_id, model_cfg.vision_start_token_id,
-                              model_cfg.vision_end_token_id}))
-    return SamplingConfig(max_new_tokens=c.rl.max_completion_length, temperature=c.rl.temperature, top_k=c.rl.top_k,
-                          top_p=c.rl.top_p, eos_ids=eos, pad_id=pad_id, forbidden_ids=forbidden)
-
-
-def decode_completions(tokenizer, ids: np.ndarray, mask: np.ndarray, eos_ids: Sequence[int]) -> list[str]:
-    """Completion texts [N] from ids / mask [N, T], without the closing EOS (the format reward
-    needs the exact tail) and with special tokens kept (so a stray <|im_start|> is seen)."""
-    out = []
-    for row, m in zip(np.asarray(ids), np.asarray(mask)):
-        toks = [int(t) for t in row[: int(m.sum())]]
-        if toks and toks[-1] in eos_ids:
-            toks = toks[:-1]
-        out.append(tokenizer.decode(toks, skip_special_tokens=False))
-    return out
 
 
 def data_parallel_size(mesh, rules) -> int:

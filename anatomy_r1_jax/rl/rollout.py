@@ -7,7 +7,10 @@ encoded once per prompt and shared by a group's rows through `PromptBatch.image_
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import jax
+import numpy as np
 import jax.numpy as jnp
 
 from anatomy_r1_jax.models.rope_index import decode_position_ids
@@ -70,3 +73,15 @@ def completion_mask(ids: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
     is_eos = jnp.isin(ids, jnp.asarray(eos_ids or (-1,), jnp.int32))
     after_eos = jnp.cumsum(is_eos, axis=-1) - is_eos  # EOS seen strictly before t
     return (after_eos == 0).astype(jnp.int32)
+
+
+def decode_completions(tokenizer, ids: np.ndarray, mask: np.ndarray, eos_ids: Sequence[int]) -> list[str]:
+    """Completion texts [N] from ids / mask [N, T], without the closing EOS (the format reward
+    needs the exact tail) and with special tokens kept (so a stray <|im_start|> is seen)."""
+    out = []
+    for row, m in zip(np.asarray(ids), np.asarray(mask)):
+        toks = [int(t) for t in row[: int(m.sum())]]
+        if toks and toks[-1] in eos_ids:
+            toks = toks[:-1]
+        out.append(tokenizer.decode(toks, skip_special_tokens=False))
+    return out

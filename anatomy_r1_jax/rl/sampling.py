@@ -75,3 +75,13 @@ def sample_token(rng: jax.Array, logits: jax.Array, cfg: SamplingConfig) -> tupl
         tokens = jnp.take_along_axis(cand_ids, choice[:, None], axis=-1)[:, 0]
     tokens = tokens.astype(jnp.int32)
     return tokens, jnp.take_along_axis(full_logp, tokens[:, None], axis=-1)[:, 0]
+
+
+def sampling_config(config, model_cfg, tokenizer, pad_id: int) -> SamplingConfig:
+    """The rollout sampler of a run's config (what the trainer samples GRPO groups with)."""
+    c = config
+    eos = tuple(model_cfg.eos_token_ids) or (tokenizer.convert_tokens_to_ids("<|im_end|>"),)
+    forbidden = tuple(sorted({model_cfg.image_token_id, model_cfg.video_token_id, model_cfg.vision_start_token_id,
+                              model_cfg.vision_end_token_id}))
+    return SamplingConfig(max_new_tokens=c.rl.max_completion_length, temperature=c.rl.temperature, top_k=c.rl.top_k,
+                          top_p=c.rl.top_p, eos_ids=eos, pad_id=pad_id, forbidden_ids=forbidden)

@@ -135,7 +135,7 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: St
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
 
-    metrics = {"loss": losses.loss_value(parts), "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": losses.loss_value(parts), "grad_norm": optax.tree.norm(grads),
                "entropy": entropy / jnp.maximum(parts.metric_sums["tokens"], 1.0),
                "update_skipped": 1 - opt_state.last_finite.astype(jnp.int32),
                **losses.finalize_metrics(parts.metric_sums)}

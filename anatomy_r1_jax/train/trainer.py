@@ -30,8 +30,8 @@ from anatomy_r1_jax.methods.augmentation import GDQAState, assign_group_variants
 from anatomy_r1_jax.methods.curriculum import curriculum_order
 from anatomy_r1_jax.rl.batch import Completions, TrainBatch
 from anatomy_r1_jax.rl.rewards import compute_rewards
-from anatomy_r1_jax.rl.rollout import generate
-from anatomy_r1_jax.rl.sampling import SamplingConfig
+from anatomy_r1_jax.rl.rollout import decode_completions, generate
+from anatomy_r1_jax.rl.sampling import sampling_config
 from anatomy_r1_jax.train import experiment
 from anatomy_r1_jax.train.checkpoint import Checkpointer
 from anatomy_r1_jax.train.metrics import MetricsWriter, plot_curves, read_metrics
@@ -66,6 +66,8 @@ class Trainer:
     def __init__(self, config, workdir: str):
         self.config, self.workdir = config, workdir
         os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=1))
         c = config
         self.mesh = sharding.make_mesh([tuple(a) for a in c.mesh])
         self.rules = [tuple(r) for r in c.sharding_rules]
@@ -82,14 +84,10 @@ class Trainer:
         self.group_size = c.rl.group_size
         self.shape = BatchShape(c.data.prompt_length, c.rl.max_completion_length, c.data.patches_per_query)
         self.collator = Collator(self.tokenizer, self.model_cfg, self.shape)
-        eos = tuple(self.model_cfg.eos_token_ids) or (self.tokenizer.convert_tokens_to_ids("<|im_end|>"),)
-        self.eos_id = eos[0]
-        forbidden = tuple(sorted({self.model_cfg.image_token_id, self.model_cfg.video_token_id,
-                                  self.model_cfg.vision_start_token_id, self.model_cfg.vision_end_token_id}))
-        self.sampling = SamplingConfig(max_new_tokens=c.rl.max_completion_length, temperature=c.rl.temperature,
-                                       top_k=c.rl.top_k, top_p=c.rl.top_p, eos_ids=eos,
-                                       pad_id=self.collator.pad_id, forbidden_ids=forbidden)
+        self.sampling = sampling_config(c, self.model_cfg, self.tokenizer, self.collator.pad_id)
+        self.eos_id = self.sampling.eos_ids[0]
         self.greedy = dataclasses.replace(self.sampling, greedy=True)
+        self.accuracy_key = next((k for k in c.rl.rewards if k.startswith("accuracy")), "accuracy")
         self.gdqa = GDQAState(trigger=c.gdqa.trigger, num_variants=c.gdqa.num_variants, kinds=tuple(c.gdqa.kinds))
 
         # State: trainable params (+ frozen rest), a frozen reference copy when beta > 0, AdamW.
@@ -139,15 +137,7 @@ class Trainer:
         return put_batch(batch, self.mesh, self.rules, micro_axis)
 
     def decode(self, completions: Completions) -> list[str]:
-        """Completion texts without the closing EOS (the format reward needs the exact tail)."""
-        ids, mask = np.asarray(completions.ids), np.asarray(completions.mask)
-        out = []
-        for row, m in zip(ids, mask):
-            toks = [int(t) for t in row[: int(m.sum())]]
-            if toks and toks[-1] in self.sampling.eos_ids:
-                toks = toks[:-1]
-            out.append(self.tokenizer.decode(toks, skip_special_tokens=False))
-        return out
+        return decode_completions(self.tokenizer, completions.ids, completions.mask, self.sampling.eos_ids)
 
     def _categories(self, records) -> np.ndarray:
         return np.array([self.category_index.get(r.category, -1) for r in records], np.int32)
@@ -155,7 +145,7 @@ class Trainer:
     def evaluate(self, records, rng_seed: int = 0) -> dict:
         """Greedy accuracy and format rate on `records` (batched like a GRPO step's rows)."""
         rows = self.config.train.batch_size * self.group_size
-        correct, formatted, n = 0.0, 0.0, 0
+        correct, strict, formatted, n = 0.0, 0.0, 0.0, 0
         from anatomy_r1_jax.data.collate import preprocess_images
 
         for start in range(0, len(records), rows):
@@ -166,18 +156,24 @@ class Trainer:
             comp = self.rollout(self.state.params, self.state.frozen, self._place(batch), jax.random.key(rng_seed),
                                 self.greedy)
             texts = self.decode(comp)[: len(chunk)]
-            _, per = compute_rewards(texts, chunk, {"format": 1.0, "accuracy": 1.0})
-            correct += per["accuracy"].sum()
+            _, per = compute_rewards(texts, chunk, {"format": 1.0, "accuracy": 1.0, self.accuracy_key: 1.0})
+            correct += per[self.accuracy_key].sum()
+            strict += per["accuracy"].sum()
             formatted += per["format"].sum()
             n += len(chunk)
-        return {"eval/accuracy": correct / max(n, 1), "eval/format": formatted / max(n, 1)}
+        n = max(n, 1)
+        return {"eval/accuracy": correct / n, "eval/accuracy_strict": strict / n, "eval/format": formatted / n}
 
     def _sft_target(self, record) -> str:
         """Warm-up target: "<answer>X</answer>" (target="answer") or the think format with a short
-        rationale naming the structure (target="think"; long rationales do not fit tiny budgets)."""
+        rationale naming the structure (target="think"; long rationales do not fit tiny budgets).
+        sft.answer="text" answers with the option text instead of its letter (tiny models from
+        scratch learn to name a structure long before they learn to copy its letter from the
+        option list; such runs score with the lenient accuracy reward, which accepts the text)."""
         if self.config.sft.target == "answer":
             return prompts.sft_target(record)
-        return prompts.think_target(record, reasoning=f"It is the {record.answer_text}.")
+        answer = record.answer_text if self.config.sft.answer == "text" else None
+        return prompts.think_target(record, reasoning=f"It is the {record.answer_text}.", answer=answer)
 
     def sft_iteration(self, step: int) -> dict:
         queries = next(self.it_sft)
@@ -231,7 +227,7 @@ class Trainer:
         tokens = sum(int(np.asarray(b[1].mask).sum()) for b in micro)
         out = {
             "reward/total": float(rewards.mean()), "reward/format": float(per["format"].mean()),
-            "reward/accuracy": float(per["accuracy"].mean()),
+            "reward/accuracy": float(per[self.accuracy_key].mean()),
             "sq_mean": float(np.mean([self.sq_by_id[q.record.id] for q in queries])),
             "completion_length": tokens / len(rows_all), "tokens_per_second": tokens / max(t_rollout, 1e-9),
             "gdqa_triggered": triggered / len(queries), "step_seconds": time.perf_counter() - t0,
