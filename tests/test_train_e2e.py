@@ -12,7 +12,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.sft.steps=2", "--config.train.steps=4", "--config.train.batch_size=2", "--config.rl.group_size=2",
         "--config.sft.batch_size=4", "--config.train.eval_every=2", "--config.train.checkpoint_every=1",
-        "--config.data.eval_size=4", "--config.data.synthetic.n=60", "--config.rl.max_completion_length=20",
+        "--config.data.eval_size=4", "--config.data.synthetic.n=60", "--config.rl.max_completion_length=32",
         "--config.model.tiny.hidden_size=32", "--config.model.tiny.intermediate_size=64",
         "--config.model.tiny.num_hidden_layers=1", "--config.gdqa.trigger=always"]
 TIMING = ("step_seconds", "tokens_per_second")
