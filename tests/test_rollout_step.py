@@ -31,9 +31,9 @@ def tiny_model_cfg():
     return QwenVLConfig.from_hf(tiny_hf_config("qwen2_vl", vocab_size=256))
 
 
-def make_model(seed=0, scale=5.0):
+def make_model(seed=0, scale=5.0, remat=False):
     """Tiny random model with widened weights (the default 0.02 init makes every layer ~identity)."""
-    model = QwenVL(tiny_model_cfg(), rngs=nnx.Rngs(seed))
+    model = QwenVL(tiny_model_cfg(), remat=remat, rngs=nnx.Rngs(seed))
     graphdef, state = nnx.split(model)
     state = jax.tree.map(lambda x: x * scale if x.ndim == 2 else x, state)
     return nnx.merge(graphdef, state)
@@ -137,8 +137,8 @@ def _stack(items):
     return jax.tree.map(lambda *xs: np.stack(xs), *items)
 
 
-def _run_steps(mesh, batches, steps, cfg, micro=1):
-    model = make_model(seed=3)
+def _run_steps(mesh, batches, steps, cfg, micro=1, remat=False):
+    model = make_model(seed=3, remat=remat)
     graphdef, params, frozen = split_model(model, freeze_vision=False)
     if mesh is not None:
         params, frozen = place_state(params, mesh, RULES), place_state(frozen, mesh, RULES)
@@ -177,11 +177,13 @@ def _slice_batch(b: TrainBatch, lo, hi):
                       similarity=b.similarity[lo:hi])
 
 
-def test_microbatch_accumulation_is_exact():
+def test_microbatch_accumulation_and_remat_are_exact():
+    """Two micro-batches == one batch; remat (with the KL reference forward, as real configs run it)
+    changes nothing."""
     cfg = StepConfig(group_size=4, beta=0.04, temperature=0.9, logp_chunk=3)
     batches = [_train_batch(seed=0)]
     full, _, m_full = _run_steps(None, batches, 2, cfg, micro=1)
-    split, _, m_split = _run_steps(None, batches, 2, cfg, micro=2)
+    split, _, m_split = _run_steps(None, batches, 2, cfg, micro=2, remat=True)
     np.testing.assert_allclose(full, split, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(float(m_full["grad_norm"]), float(m_split["grad_norm"]), rtol=1e-4)
 

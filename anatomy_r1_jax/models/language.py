@@ -24,7 +24,7 @@ from flax import nnx, struct
 
 from anatomy_r1_jax.models.config import QwenVLConfig
 from anatomy_r1_jax.models.conversion import Rule
-from anatomy_r1_jax.models.layers import INIT_STD, Dense, RMSNorm, apply_rotary, attention
+from anatomy_r1_jax.models.layers import INIT_STD, Dense, RMSNorm, apply_rotary, attention, remat_call
 from anatomy_r1_jax.sharding import constrain
 
 _L = r"model\.layers\.(?P<i>\d+)\."
@@ -189,13 +189,6 @@ class DecoderLayer(nnx.Module):
         return constrain(x, ("batch", "length", "embed")), kv
 
 
-def _run_layer(layer, x, cos, sin, mask, kv, index):
-    return layer(x, cos, sin, mask, kv, index)
-
-
-_run_layer_remat = nnx.remat(_run_layer)
-
-
 class LanguageModel(nnx.Module):
     """Token embedding, decoder layers (an `nnx.List`) and the final norm."""
 
@@ -220,7 +213,7 @@ class LanguageModel(nnx.Module):
         cos, sin = mrope_cos_sin(position_ids, self.head_dim, self.rope_theta, self.mrope_section)
         index = None if cache is None else cache.index
         mask, cache_mask = slot_mask(attention_mask, None if cache is None else cache.mask, index)
-        run = _run_layer_remat if self.remat else _run_layer
+        run = remat_call if self.remat else (lambda layer, *args: layer(*args))
         ks, vs = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])

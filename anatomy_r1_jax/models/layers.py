@@ -93,3 +93,14 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     probs = jnp.where(mask.any(axis=-1, keepdims=True), probs, 0.0).astype(v.dtype)
     out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(b, lq, h, d).astype(q.dtype)
+
+
+def remat_call(module: nnx.Module, *args):
+    """`module(*args)` under `jax.checkpoint`: activations inside are recomputed in the backward pass.
+
+    Functional on purpose (split outside, merge inside the checkpointed function) rather than
+    `nnx.remat`: the forward mutates no state, and nnx's graph transform would try to write the
+    Variables back, which fails when they were merged from arrays of an outer trace (the frozen
+    reference policy inside the micro-batch scan)."""
+    graphdef, state = nnx.split(module)
+    return jax.checkpoint(lambda state, *args: nnx.merge(graphdef, state)(*args))(state, *args)

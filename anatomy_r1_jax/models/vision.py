@@ -254,14 +254,10 @@ class VisionTower(nnx.Module):
         full_mask = segment_mask(inputs.segment_ids)
         window_mask = segment_mask(inputs.window_segment_ids) if cfg.uses_windows else full_mask
 
-        def run_block(block, x, mask):
-            return block(x, cos, sin, mask)
-
-        if self.remat:
-            run_block = nnx.remat(run_block)
+        run = layers.remat_call if self.remat else (lambda block, *args: block(*args))
         for i, block in enumerate(self.blocks):
             full = not cfg.uses_windows or i in cfg.fullatt_block_indexes
-            x = run_block(block, x, full_mask if full else window_mask)
+            x = run(block, x, cos, sin, full_mask if full else window_mask)
         out = self.merger(x)  # [U, out], compute order
         if cfg.uses_windows:
             out = out[inputs.reverse_index]

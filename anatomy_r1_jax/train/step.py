@@ -105,15 +105,17 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: St
         grad_acc, parts_acc, entropy_acc = carry
         mb, adv_m, old_m = xs
 
+        ids, mask = mb.completions.ids, mb.completions.mask
+        ref = None
+        if cfg.beta != 0 and cfg.objective != "sft":
+            # Outside jax.grad: no gradient flows to the reference, and nnx.remat inside the grad trace
+            # cannot update Variables merged from outer-trace state.
+            ref_model = nnx.merge(graphdef, state.ref_params, state.frozen)
+            ref = completion_logps(ref_model, mb.prompt, ids, mask, cfg.temperature, cfg.logp_chunk)[0]
+
         def numerator(params):
             model = nnx.merge(graphdef, params, state.frozen)
-            ids, mask = mb.completions.ids, mb.completions.mask
             logps, entropy = completion_logps(model, mb.prompt, ids, mask, cfg.temperature, cfg.logp_chunk)
-            ref = None
-            if cfg.beta != 0 and cfg.objective != "sft":
-                ref_model = nnx.merge(graphdef, state.ref_params, state.frozen)
-                ref = jax.lax.stop_gradient(
-                    completion_logps(ref_model, mb.prompt, ids, mask, cfg.temperature, cfg.logp_chunk)[0])
             old = jax.lax.stop_gradient(logps) if old_m is None else old_m
             parts = _loss_parts(cfg, logps, old, ref, adv_m, mask, valid_fraction)
             ent = jnp.sum(jax.lax.stop_gradient(entropy) * mask)
