@@ -77,7 +77,9 @@ def get_config(arg=None):
     )
 
     c.curriculum = dict(backend="matrix", matrix="", schedule="staged", num_stages=4)
-    c.gdqa = dict(trigger="adaptive", kinds=("rephrase", "permute"), num_variants=4)
+    # calibration: an evaluate.py result of the base model on the training records with --samples G;
+    # queries whose samples all scored alike start out triggered (adaptive), before their first group.
+    c.gdqa = dict(trigger="adaptive", kinds=("rephrase", "permute"), num_variants=4, calibration="")
 
     c.mesh = [("data", -1)]
     c.sharding_rules = [("batch", ("data", "fsdp")), ("embed", "fsdp"), ("vision_embed", "fsdp"),

@@ -5,7 +5,8 @@
 
 Backends: "matrix" (--matrix FILE: {"classes": [...], "matrix": [[...]]}) and "confusion"
 (--rollouts FILE: JSONL of {"id": record id, "prediction": letter or null} from a calibration pass
-of the base model; the derived matrix is also written to --save-matrix when given). The
+of the base model, or the result JSON of `scripts/evaluate.py` for the base model on these records;
+the derived matrix is also written to --save-matrix when given). The
 "embedding" backend needs the policy LM's embedding table and runs inside the trainer
 (anatomy_r1_jax.methods.similarity.token_embedder). The output is score_records' cache file:
 {"fingerprint": ..., "scores": {record id: S(q)}}; existing scores with the same fingerprint are kept.
@@ -27,6 +28,20 @@ from anatomy_r1_jax.methods.curriculum import stage_slices  # noqa: E402
 from anatomy_r1_jax.methods.similarity import make_similarity, score_records  # noqa: E402
 
 
+def read_rollouts(path: str) -> list[dict]:
+    """[{"id", "prediction"}] from a JSONL of such rows, or from the JSON result that
+    `scripts/evaluate.py` writes (each record's greedy `predicted` letter)."""
+    with open(path) as f:
+        text = f.read()
+    try:
+        result = json.loads(text)
+    except json.JSONDecodeError:
+        result = None
+    if isinstance(result, dict) and "records" in result:
+        return [{"id": r["id"], "prediction": r["predicted"]} for r in result["records"]]
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
 def _backend(args, records):
     if args.backend == "matrix":
         if not args.matrix:
@@ -36,8 +51,7 @@ def _backend(args, records):
         if not args.rollouts:
             raise SystemExit("--backend confusion needs --rollouts FILE")
         by_id = {r.id: r for r in records}
-        with open(args.rollouts) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+        rows = read_rollouts(args.rollouts)
         unknown = sorted({row["id"] for row in rows} - set(by_id))
         if unknown:
             raise SystemExit(f"{len(unknown)} rollout ids are not in --data, e.g. {unknown[:3]}")
@@ -54,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--format", default="auto")
     parser.add_argument("--backend", default="matrix", choices=("matrix", "confusion"))
     parser.add_argument("--matrix", help="class-similarity JSON (backend matrix)")
-    parser.add_argument("--rollouts", help="calibration predictions JSONL (backend confusion)")
+    parser.add_argument("--rollouts", help="calibration predictions: JSONL or an evaluate.py result (backend confusion)")
     parser.add_argument("--save-matrix", help="where to write the confusion-derived matrix")
     parser.add_argument("--out", required=True, help="scores JSON (also the cache)")
     parser.add_argument("--stages", type=int, default=5, help="stages to summarise S(q) over")

@@ -152,3 +152,25 @@ def test_assign_group_variants_and_pooled_advantages():
     np.testing.assert_allclose(adv, ref, rtol=1e-5, atol=1e-6)
     perm = rng.permutation(G)
     np.testing.assert_allclose(np.asarray(group_advantages(rewards[perm], G)), adv[perm], rtol=1e-6)
+
+
+def test_calibration_from_an_evaluation_result(tmp_path):
+    """Queries whose sampled answers in the base model's evaluation all score alike start triggered."""
+    from anatomy_r1_jax.evaluation.scoring import score
+
+    records = [Record(id=f"q{i}", images=(), question="Which structure is shown?",
+                      options=("Liver", "Gallbladder", "Fat"), answer="A", answer_text="Liver") for i in range(3)]
+    right, wrong = "<think>t</think><answer>A</answer>", "<think>t</think><answer>B</answer>"
+    sampled = [[right] * 3, [wrong] * 3, [right, wrong, wrong]]  # all right, all wrong, mixed
+    outcomes = score(records, [right] * 3, sampled)
+    path = tmp_path / "base_on_train.json"
+    path.write_text(json.dumps({"settings": {"samples": 3}, "records": [o.to_json() for o in outcomes]}))
+    state = aug.GDQAState(trigger="adaptive")
+    assert state.calibrate_from_evaluation(path, [r.id for r in records]) == 2
+    assert state.hard_ids == {"q0", "q1"} and not state.is_triggered("q2")
+
+    with pytest.raises(ValueError, match="q2.*not a training record"):
+        aug.GDQAState().calibrate_from_evaluation(path, ["q0", "q1"])
+    path.write_text(json.dumps({"settings": {"samples": 0}, "records": []}))
+    with pytest.raises(ValueError, match="base_on_train.json.*--samples"):
+        aug.GDQAState().calibrate_from_evaluation(path, ["q0"])

@@ -129,3 +129,24 @@ def test_score_curriculum_script(matrix_file, tmp_path, monkeypatch):
     score_curriculum.main(["--data", GRPO, "--backend", "matrix", "--matrix", str(matrix_file), "--out", str(out)])
     scores = sim_mod.load_scores(out)
     assert len(scores) == 1000 and all(0.0 <= v <= 1.0 for v in scores.values())
+
+
+def test_confusion_backend_from_an_evaluation_result(tmp_path):
+    """score_curriculum.py --backend confusion reads evaluate.py's result JSON as the calibration pass."""
+    from anatomy_r1_jax.evaluation.scoring import score
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    try:
+        import score_curriculum
+    finally:
+        sys.path.pop(0)
+    opts = ("Liver", "Gallbladder", "Gut")
+    records = [Record(f"r{i}", (), "q", opts, "A", "Liver") for i in range(4)]
+    texts = [f"<think>t</think><answer>{x}</answer>" for x in "BBAC"]
+    path = tmp_path / "base_on_train.json"
+    path.write_text(json.dumps({"records": [o.to_json() for o in score(records, texts)]}))
+    rows = score_curriculum.read_rollouts(str(path))
+    assert rows == [{"id": f"r{i}", "prediction": x} for i, x in enumerate("BBAC")]
+    jsonl = tmp_path / "rollouts.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert score_curriculum.read_rollouts(str(jsonl)) == rows

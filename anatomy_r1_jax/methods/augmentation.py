@@ -247,6 +247,27 @@ class GDQAState:
         grouped = np.asarray(rewards, np.float64).reshape(len(record_ids), group_size)
         self.mark_hard(rid for rid, g in zip(record_ids, grouped) if np.all(g == g[0]))
 
+    def calibrate_from_evaluation(self, path: str | os.PathLike, train_ids: Iterable[str]) -> int:
+        """Marks hard the training queries whose sampled answers in an evaluation result all scored
+        the same (all right or all wrong: a group without accuracy signal). `path` is the JSON that
+        `scripts/evaluate.py --samples G` writes for the base model on the training records. Returns
+        how many were marked. Raises ValueError naming the file when it has no samples or holds a
+        record id that is not in the training set."""
+        with open(path) as f:
+            result = json.load(f)
+        samples = int(result.get("settings", {}).get("samples", 0))
+        if samples < 2:
+            raise ValueError(f"{path}: calibration needs sampled answers (evaluate.py --samples G >= 2), got {samples}")
+        known = set(train_ids)
+        hard = []
+        for i, rec in enumerate(result["records"]):
+            if rec["id"] not in known:
+                raise ValueError(f"{path}: record {i} (id {rec['id']!r}) is not a training record")
+            if rec["samples_correct"] in (0, samples):
+                hard.append(rec["id"])
+        self.mark_hard(hard)
+        return len(hard)
+
     def to_json(self) -> dict:
         return {
             "trigger": self.trigger,

@@ -89,6 +89,10 @@ class Trainer:
         self.greedy = dataclasses.replace(self.sampling, greedy=True)
         self.accuracy_key = next((k for k in c.rl.rewards if k.startswith("accuracy")), "accuracy")
         self.gdqa = GDQAState(trigger=c.gdqa.trigger, num_variants=c.gdqa.num_variants, kinds=tuple(c.gdqa.kinds))
+        if c.gdqa.get("calibration"):  # restored runs replace this with the checkpointed state
+            n = self.gdqa.calibrate_from_evaluation(c.gdqa.calibration, (r.id for r in self.data.train))
+            log.info("GDQA calibration %s: %d of %d training queries marked hard", c.gdqa.calibration, n,
+                     len(self.data.train))
 
         # State: trainable params (+ frozen rest), a frozen reference copy when beta > 0, AdamW.
         self.graphdef, params, frozen = split_model(model, c.model.freeze_vision)
