@@ -1,0 +1,221 @@
+"""GRPO update throughput: our `train_step` against the same update written plainly in PyTorch.
+
+    python scripts/bench_step.py [--case tiny,8,8,160,24 --case 100m,2,4,128,32] [--reps 5] [--scaling]
+
+A case is `size,queries,group,prompt_length,completion_length` (see bench_rollout.py). Both sides
+start from identical weights (a saved random transformers model loaded into ours) and run one
+update on the same batch: policy forward with images, per-token log-probs of the completions at
+temperature 0.9, a frozen reference copy's log-probs, GRPO advantages (group mean / unbiased std),
+token-mean clipped surrogate + 0.04 * k3 KL, backward, global-norm clip 1.0, AdamW (b2 0.99).
+The torch side is the model's forward with `logits_to_keep = T + 1` (as TRL), the loss as a dozen
+lines of tensor code, `clip_grad_norm_` and `torch.optim.AdamW`. The first update's losses are
+compared. Timings are interleaved medians; FLOP/s divides XLA's `cost_analysis()` FLOP count of
+our compiled step (the same arithmetic) by each side's time.
+
+`--profile N` lists the N source lines where our update spends most time (perf.profile).
+`--scaling` adds ours alone as the group size G and the completion length T grow: step time and
+the compiled step's `memory_analysis()` (per device: arguments, temporaries, peak).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from anatomy_r1_jax.perf import profile, report, workloads  # noqa: E402
+from anatomy_r1_jax.perf.memory import compiled_memory  # noqa: E402
+from anatomy_r1_jax.perf.timing import time_interleaved  # noqa: E402
+from anatomy_r1_jax.train.partitioning import split_model  # noqa: E402
+from anatomy_r1_jax.train.step import StepConfig, TrainState, make_optimizer, train_step  # noqa: E402
+
+DEFAULT_CASES = ("tiny,8,8,160,24", "100m,2,4,128,32")
+HP = dict(lr=1e-5, b1=0.9, b2=0.99, grad_clip=1.0, beta=0.04, eps=0.2, temperature=0.9, logp_chunk=32)
+
+
+# ---- ours ----------------------------------------------------------------------------------------
+def our_batch(prompts, comp):
+    """The benchmark's TrainBatch [M = 1, N, ...] on the default device."""
+    return jax.device_put(jax.tree.map(jnp.asarray, workloads.train_batch(prompts, comp)))
+
+
+def our_update(model, group: int):
+    """(jitted step, initial TrainState) for the GRPO update of the benchmark."""
+    graphdef, params, frozen = split_model(model, freeze_vision=False)
+    params, frozen = jax.tree.map(jnp.copy, (params, frozen))  # the step donates its state; the model stays usable
+    tx = make_optimizer(HP["lr"], grad_clip=HP["grad_clip"], b1=HP["b1"], b2=HP["b2"])
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
+                       ref_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params))
+    cfg = StepConfig(group_size=group, beta=HP["beta"], temperature=HP["temperature"], eps_low=HP["eps"],
+                     eps_high=HP["eps"], logp_chunk=HP["logp_chunk"])
+    return jax.jit(functools.partial(train_step, graphdef, tx, cfg), donate_argnums=0), state
+
+
+class OurStepper:
+    """Holds the (donated) state between calls; `__call__` runs one update and returns its metrics."""
+
+    def __init__(self, model, group: int, batch):
+        self.step, self.state = our_update(model, group)
+        self.batch = batch
+
+    def compile(self):
+        return self.step.lower(self.state, self.batch).compile()
+
+    def __call__(self):
+        self.state, metrics = self.step(self.state, self.batch)
+        return metrics
+
+
+def flops_of(compiled) -> float:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", 0.0))
+
+
+# ---- the plain PyTorch reference -----------------------------------------------------------------
+def torch_token_logps(model, inputs, ids, mask, temperature):
+    """[N, T] log-probs of the completion ids at `temperature` (logits of the last T + 1 positions)."""
+    t = ids.shape[1]
+    out = model(input_ids=torch.cat([inputs["input_ids"], ids], 1),
+                attention_mask=torch.cat([inputs["attention_mask"], mask], 1),
+                mm_token_type_ids=torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(ids)], 1),
+                pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"], logits_to_keep=t + 1)
+    logits = out.logits[:, :-1].float() / temperature
+    return torch.log_softmax(logits, -1).gather(-1, ids[..., None])[..., 0]
+
+
+class TorchStepper:
+    """GRPO (token-mean, clipped surrogate, k3 KL to a frozen copy) + AdamW on a transformers model."""
+
+    def __init__(self, model, inputs, comp, group: int):
+        self.policy = model.train()
+        self.ref = copy.deepcopy(model).eval().requires_grad_(False)
+        self.opt = torch.optim.AdamW(self.policy.parameters(), lr=HP["lr"], betas=(HP["b1"], HP["b2"]),
+                                     weight_decay=0.0, eps=1e-8)
+        self.inputs, self.group = inputs, group
+        self.ids = torch.from_numpy(comp["ids"]).long()
+        self.mask = torch.from_numpy(comp["mask"]).long()
+        self.rewards = torch.from_numpy(comp["rewards"])
+
+    def __call__(self):
+        r = self.rewards.view(-1, self.group)
+        adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)).view(-1, 1)
+        logp = torch_token_logps(self.policy, self.inputs, self.ids, self.mask, HP["temperature"])
+        with torch.no_grad():
+            ref_logp = torch_token_logps(self.ref, self.inputs, self.ids, self.mask, HP["temperature"])
+        ratio = torch.exp(logp - logp.detach())
+        surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - HP["eps"], 1 + HP["eps"]) * adv)
+        d = ref_logp - logp
+        per_token = -surrogate + HP["beta"] * (torch.exp(d) - d - 1)
+        m = self.mask.float()
+        loss = (per_token * m).sum() / m.sum()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.policy.parameters(), HP["grad_clip"])
+        self.opt.step()
+        return loss.item()
+
+
+# ---- runs ----------------------------------------------------------------------------------------
+def run_case(case: workloads.Case, reps: int, workdir: str, profile_top: int = 0) -> dict:
+    ref, model, config = workloads.reference_pair(case.size, workdir)
+    prompts, hf = workloads.image_prompts(model.config, queries=case.queries, group=case.group,
+                                          prompt_length=case.prompt_length)
+    comp = workloads.random_completions(model.config, case.rows, case.new_tokens)
+    ours = OurStepper(model, case.group, our_batch(prompts, comp))
+    theirs = TorchStepper(ref, workloads.torch_inputs(hf), comp, case.group)
+    start = time.perf_counter()
+    compiled = ours.compile()
+    compile_s = time.perf_counter() - start
+    losses = (float(ours()["loss"]), theirs())  # first update from identical weights
+    timings = time_interleaved({"ours": ours, "torch": theirs}, reps=reps, warmup=0)
+    top = profile.top_ops(ours, compiled.as_text(), top=profile_top) if profile_top else None
+    return dict(case=case, params=workloads.parameter_count(config), flops=flops_of(compiled), compile_s=compile_s,
+                losses=losses, timings=timings, memory=compiled_memory(compiled), profile=top)
+
+
+def scaling(size: str, queries: int, prompt_length: int, grid: list[tuple[int, int]], reps: int, workdir: str):
+    _, model, _ = workloads.reference_pair(size, workdir)
+    rows = []
+    for group, length in grid:
+        case = workloads.Case(size, queries, group, prompt_length, length)
+        prompts, _ = workloads.image_prompts(model.config, queries=queries, group=group, prompt_length=prompt_length)
+        comp = workloads.random_completions(model.config, case.rows, length)
+        ours = OurStepper(model, group, our_batch(prompts, comp))
+        compiled = ours.compile()
+        mem = compiled_memory(compiled)
+        t = time_interleaved({"ours": ours}, reps=reps, warmup=1)["ours"]
+        rows.append([group, length, case.rows, case.rows * (prompt_length + length), f"{t.median:.3f}",
+                     case.rows / t.median, flops_of(compiled) / t.median / 1e9, mem.argument / 2**20,
+                     mem.temp / 2**20, mem.peak / 2**20])
+    return report.markdown_table(["G", "T", "rows", "tokens", "step s", "samples/s", "GFLOP/s", "arguments MiB",
+                                  "temporaries MiB", "peak MiB"], rows)
+
+
+def table(results) -> str:
+    rows = []
+    for r in results:
+        c, ours, theirs = r["case"], r["timings"]["ours"], r["timings"]["torch"]
+        rows.append([c.size, f"{r['params'] / 1e6:.1f}M", f"{c.queries}x{c.group}={c.rows}", c.prompt_length,
+                     c.new_tokens, f"{ours.median:.3f} ({ours.p10:.3f}-{ours.p90:.3f})",
+                     f"{theirs.median:.3f} ({theirs.p10:.3f}-{theirs.p90:.3f})", c.rows / ours.median,
+                     c.rows / theirs.median, f"**{theirs.median / ours.median:.2f}x**", r["flops"] / 1e9,
+                     r["flops"] / ours.median / 1e9, r["flops"] / theirs.median / 1e9, r["memory"].peak / 2**20,
+                     f"{r['compile_s']:.1f}", f"{r['losses'][0]:.5f} / {r['losses'][1]:.5f}"])
+    return report.markdown_table(
+        ["model", "params", "rows (Q x G)", "prompt len", "completion len", "ours s (p10-p90)", "torch s (p10-p90)",
+         "ours samples/s", "torch samples/s", "speed-up", "GFLOP / step (XLA)", "ours GFLOP/s", "torch GFLOP/s",
+         "ours peak MiB", "our compile s", "first loss ours / torch"], rows)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--case", action="append", help="size,queries,group,prompt_length,completion_length")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--scaling", action="store_true", help="also scale G and T (ours alone)")
+    parser.add_argument("--scaling-size", default="tiny")
+    parser.add_argument("--only-scaling", action="store_true")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="also print the N source lines where our update spends most time")
+    parser.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    args = parser.parse_args(argv)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    print(f"Machine: {report.machine_line()}; torch threads {torch.get_num_threads()}\n")
+    with tempfile.TemporaryDirectory() as workdir:
+        results = [] if args.only_scaling else [
+            run_case(workloads.Case.parse(c), args.reps, workdir, args.profile) for c in (args.case or DEFAULT_CASES)]
+        grid = [(g, 24) for g in (4, 8, 16)] + [(8, t) for t in (64, 128, 256)]
+        scaled = scaling(args.scaling_size, 8, 160, grid, args.reps, workdir) if (
+            args.scaling or args.only_scaling) else None
+    print(f"Command: `{report.command_line()}`\n")
+    if results:
+        print(f"fp32, one micro-batch, lr {HP['lr']}, beta {HP['beta']}, eps {HP['eps']}, temperature "
+              f"{HP['temperature']}; medians of {args.reps} interleaved updates; samples = rows per second; "
+              "FLOP/s = XLA's FLOP count of our compiled step / each side's time.\n")
+        print(table(results))
+        for r in results:
+            if r["profile"]:
+                print(f"\nWhere our update spends its time ({r['case'].size}; one traced step):\n")
+                print(profile.markdown(r["profile"]))
+    if scaled:
+        print(f"\nScaling (ours, {args.scaling_size} model, 8 queries, prompt length 160; memory from the compiled "
+              "step's memory_analysis(), per device):\n")
+        print(scaled)
+    print("\nLoad average at the end: {:.1f} / {:.1f} / {:.1f}".format(*os.getloadavg()))
+
+
+if __name__ == "__main__":
+    main()
