@@ -77,9 +77,13 @@ def get_config(arg=None):
     )
 
     c.curriculum = dict(backend="matrix", matrix="", schedule="staged", num_stages=4)
-    # calibration: an evaluate.py result of the base model on the training records with --samples G;
-    # queries whose samples all scored alike start out triggered (adaptive), before their first group.
-    c.gdqa = dict(trigger="adaptive", kinds=("rephrase", "permute"), num_variants=4, calibration="")
+    # calibration (adaptive trigger): "auto" = a pass of G plain rollouts over the GRPO run's queries
+    # before its first step; or an evaluate.py result of the base model on the training records with
+    # --samples G; or "" (none). Queries whose G rewards all agree start out triggered. Without it the
+    # adaptive trigger only fires on a query's second visit, i.e. never within one epoch.
+    # calibration_steps: batches the "auto" pass covers (0: the run's steps, at most one epoch).
+    c.gdqa = dict(trigger="adaptive", kinds=("rephrase", "permute"), num_variants=4, calibration="auto",
+                  calibration_steps=0)
 
     c.mesh = [("data", -1)]
     c.sharding_rules = [("batch", ("data", "fsdp")), ("embed", "fsdp"), ("vision_embed", "fsdp"),

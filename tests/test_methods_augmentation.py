@@ -106,8 +106,9 @@ def test_triggers_and_state_round_trip(tmp_path):
     assert state.is_triggered("a") and not state.is_triggered("b")
     state.observe(["a"], np.array([1, 0, 0, 0]), 4)  # its variants made the group informative
     assert not state.is_triggered("a")
-    state.calibrate(["c", "d"], np.array([0, 0, 0, 1, 0, 1]), 3)
-    assert state.hard_ids == {"c"} and state.is_triggered("c")
+    assert not state.calibrated
+    assert state.calibrate(["c", "d"], np.array([0, 0, 0, 1, 0, 1]), 3) == 1
+    assert state.hard_ids == {"c"} and state.is_triggered("c") and state.calibrated
     state.observe(["c"], np.array([1, 0, 0]), 3)
     assert state.is_triggered("c")  # calibration-hard stays triggered
 
@@ -116,6 +117,13 @@ def test_triggers_and_state_round_trip(tmp_path):
     restored = aug.GDQAState.load(path)
     assert restored == state
     assert json.loads(path.read_text()) == state.to_json()
+
+    # A run resumed under another method (the ablation's arms from one warm-up checkpoint) keeps
+    # its configured trigger and the checkpoint's history.
+    resumed = aug.GDQAState(trigger="off", num_variants=2).resumed(
+        aug.GDQAState(trigger="adaptive", hard_ids={"h"}, last_all_equal={"a": True}, calibrated=True).to_json())
+    assert (resumed.trigger, resumed.num_variants, resumed.hard_ids) == ("off", 2, {"h"})
+    assert resumed.last_all_equal == {"a": True} and resumed.calibrated and not resumed.is_triggered("h")
 
     assert aug.GDQAState(trigger="always").is_triggered("x")
     off = aug.GDQAState(trigger="off", hard_ids={"x"})

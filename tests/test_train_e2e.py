@@ -66,3 +66,21 @@ def test_sigkill_and_resume_reproduces_the_uninterrupted_run(uninterrupted, tmp_
     assert len(_metrics(workdir)) < 6
     _train(workdir)
     assert _metrics(workdir) == _metrics(uninterrupted)
+
+
+def test_gdqa_auto_calibration_marks_the_upcoming_queries(tmp_path):
+    """An untrained model earns no reward, so the calibration pass finds every upcoming group
+    all-equal; GRPO then triggers GDQA on every query of its first steps, which also shows the
+    data iterator was rewound to the queries that were calibrated."""
+    workdir = str(tmp_path / "calibrated")
+    overrides = {"--config.sft.steps": "0", "--config.train.steps": "2", "--config.gdqa.trigger": "adaptive",
+                 "--config.gdqa.calibration": "auto"}
+    base = [a for a in TINY if a.split("=")[0] not in overrides]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--workdir={workdir}", *base,
+           *[f"{k}={v}" for k, v in overrides.items()]]
+    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    rows = _metrics(workdir)
+    assert rows[0]["gdqa/calibration_hard"] == 1.0 and "gdqa/calibration_hard" not in rows[1]
+    assert [r["gdqa_triggered"] for r in rows] == [1.0, 1.0]

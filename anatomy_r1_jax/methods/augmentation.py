@@ -211,7 +211,8 @@ class GDQAState:
 
     trigger: a TRIGGERS name; num_variants: distinct variants a triggered group is spread over
     (capped at G); kinds: the variant kinds used; hard_ids: queries a calibration pass marked
-    hard; last_all_equal: per query id, whether its last group's rewards were all equal.
+    hard; last_all_equal: per query id, whether its last group's rewards were all equal;
+    calibrated: whether the run's calibration pass has been done.
     """
 
     trigger: str = "adaptive"
@@ -219,6 +220,7 @@ class GDQAState:
     kinds: tuple[str, ...] = KINDS
     hard_ids: set[str] = dataclasses.field(default_factory=set)
     last_all_equal: dict[str, bool] = dataclasses.field(default_factory=dict)
+    calibrated: bool = False
 
     def __post_init__(self):
         TRIGGERS.get(self.trigger)  # fail early on a bad name
@@ -242,10 +244,21 @@ class GDQAState:
             self.last_all_equal[rid] = bool(eq)
         return all_equal
 
-    def calibrate(self, record_ids: Sequence[str], rewards: np.ndarray, group_size: int) -> None:
-        """Mark as hard the queries whose calibration group had all-equal rewards."""
+    def calibrate(self, record_ids: Sequence[str], rewards: np.ndarray, group_size: int) -> int:
+        """Mark as hard the queries whose calibration group had all-equal rewards; returns how many."""
         grouped = np.asarray(rewards, np.float64).reshape(len(record_ids), group_size)
-        self.mark_hard(rid for rid, g in zip(record_ids, grouped) if np.all(g == g[0]))
+        hard = [rid for rid, g in zip(record_ids, grouped) if np.all(g == g[0])]
+        self.mark_hard(hard)
+        self.calibrated = True
+        return len(hard)
+
+    def resumed(self, saved: dict) -> "GDQAState":
+        """This state's settings (from the run's config) with the history of a checkpointed state:
+        a run continued under another method (the ablation's arms start from one warm-up checkpoint)
+        uses its own trigger, and keeps what was observed."""
+        old = GDQAState.from_json(saved)
+        return dataclasses.replace(self, hard_ids=old.hard_ids, last_all_equal=old.last_all_equal,
+                                   calibrated=old.calibrated)
 
     def calibrate_from_evaluation(self, path: str | os.PathLike, train_ids: Iterable[str]) -> int:
         """Marks hard the training queries whose sampled answers in an evaluation result all scored
@@ -266,6 +279,7 @@ class GDQAState:
             if rec["samples_correct"] in (0, samples):
                 hard.append(rec["id"])
         self.mark_hard(hard)
+        self.calibrated = True
         return len(hard)
 
     def to_json(self) -> dict:
@@ -275,6 +289,7 @@ class GDQAState:
             "kinds": list(self.kinds),
             "hard_ids": sorted(self.hard_ids),
             "last_all_equal": dict(sorted(self.last_all_equal.items())),
+            "calibrated": self.calibrated,
         }
 
     @classmethod
@@ -285,6 +300,7 @@ class GDQAState:
             kinds=tuple(d["kinds"]),
             hard_ids=set(d["hard_ids"]),
             last_all_equal={k: bool(v) for k, v in d["last_all_equal"].items()},
+            calibrated=bool(d.get("calibrated", False)),
         )
 
     def save(self, path: str | os.PathLike) -> None:

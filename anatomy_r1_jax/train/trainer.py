@@ -89,7 +89,7 @@ class Trainer:
         self.greedy = dataclasses.replace(self.sampling, greedy=True)
         self.accuracy_key = next((k for k in c.rl.rewards if k.startswith("accuracy")), "accuracy")
         self.gdqa = GDQAState(trigger=c.gdqa.trigger, num_variants=c.gdqa.num_variants, kinds=tuple(c.gdqa.kinds))
-        if c.gdqa.get("calibration"):  # restored runs replace this with the checkpointed state
+        if c.gdqa.calibration not in ("", "auto"):  # restored runs keep the checkpointed history instead
             n = self.gdqa.calibrate_from_evaluation(c.gdqa.calibration, (r.id for r in self.data.train))
             log.info("GDQA calibration %s: %d of %d training queries marked hard", c.gdqa.calibration, n,
                      len(self.data.train))
@@ -191,6 +191,40 @@ class Trainer:
         self.state, metrics = self.sft_step(self.state, self._place(_stack([tb]), micro_axis=True))
         return {"sft/loss": metrics["loss"], "grad_norm": metrics["grad_norm"]}
 
+    def _rollout_groups(self, groups, images, key):
+        """G sampled completions per query: groups [q][G] records (a query's variants), images [q].
+        Returns (PromptBatch, Completions on the host, rows [q * G], decoded texts [q * G])."""
+        batch = self.collator.prompts(groups, images)
+        comp = jax.device_get(self.rollout(self.state.params, self.state.frozen, self._place(batch), key,
+                                           self.sampling))
+        return batch, comp, [r for grp in groups for r in grp], self.decode(comp)
+
+    def calibrate_gdqa(self) -> float:
+        """GDQA's calibration pass, before the first GRPO step: the current policy rolls out G plain
+        samples for each query of the GRPO run ahead (train.steps batches, in the curriculum order
+        the run will use, at most one epoch or gdqa.calibration_steps batches; the data iterator is
+        rewound afterwards), and queries whose group rewards are all equal are marked hard, so the
+        adaptive trigger fires on their first visit. Returns the fraction marked hard."""
+        c, g = self.config, self.group_size
+        steps = min(c.train.steps, -(-len(self.data.train) // c.train.batch_size))
+        steps = min(steps, c.gdqa.calibration_steps) if c.gdqa.calibration_steps > 0 else steps
+        resume_at = self.it.get_state()
+        key = jax.random.key(c.seed + 1_000_003)
+        per_micro = c.train.batch_size // c.train.micro_batches
+        ids, rewards = [], []
+        for step in tqdm(range(steps), desc="GDQA calibration", leave=False):
+            queries = next(self.it)
+            for i in range(0, len(queries), per_micro):
+                chunk = queries[i:i + per_micro]
+                _, _, rows, texts = self._rollout_groups([[q.record] * g for q in chunk], [q.images for q in chunk],
+                                                         jax.random.fold_in(key, step * len(queries) + i))
+                rewards.append(compute_rewards(texts, rows, dict(c.rl.rewards))[0])
+                ids += [q.record.id for q in chunk]
+        self.it.set_state(resume_at)
+        hard = self.gdqa.calibrate(ids, np.concatenate(rewards), g)
+        log.info("GDQA calibration: %d of %d upcoming queries marked hard", hard, len(ids))
+        return hard / max(len(ids), 1)
+
     def grpo_iteration(self, step: int) -> dict:
         c, g = self.config, self.group_size
         t0 = time.perf_counter()
@@ -205,12 +239,8 @@ class Trainer:
             chunk = queries[i * per_micro:(i + 1) * per_micro]
             groups = [assign_group_variants(q.record, g, self.gdqa, rng) for q in chunk]
             triggered += sum(self.gdqa.is_triggered(q.record.id) for q in chunk)
-            batch = self.collator.prompts(groups, [q.images for q in chunk])
-            comp = self.rollout(self.state.params, self.state.frozen, self._place(batch), jax.random.fold_in(key, i),
-                                self.sampling)
-            comp = jax.device_get(comp)
-            rows = [r for grp in groups for r in grp]
-            texts = self.decode(comp)
+            batch, comp, rows, texts = self._rollout_groups(groups, [q.images for q in chunk],
+                                                            jax.random.fold_in(key, i))
             micro.append((batch, comp, rows))
             rows_all += rows
             texts_all += texts
@@ -258,7 +288,7 @@ class Trainer:
         self.state, meta = self.ckpt.restore(step, self.state)
         self.it.set_state(meta["pipeline"])
         self.it_sft.set_state(meta["pipeline_sft"])
-        self.gdqa = GDQAState.from_json(meta["gdqa"])
+        self.gdqa = self.gdqa.resumed(meta["gdqa"])
         log.info("resumed from step %d", step)
         return step
 
@@ -273,7 +303,12 @@ class Trainer:
             if step == c.sft.steps and step > 0 and self.state.ref_params is not None:
                 # GRPO's reference policy is the policy it starts from: the warmed-up one.
                 self.state = self.state.replace(ref_params=jax.tree.map(jnp.copy, self.state.params))
+            calibration = {}
+            if (step == c.sft.steps and c.gdqa.calibration == "auto" and self.gdqa.trigger == "adaptive"
+                    and not self.gdqa.calibrated):
+                calibration = {"gdqa/calibration_hard": self.calibrate_gdqa()}
             out = self.sft_iteration(step) if sft else self.grpo_iteration(step)
+            out.update(calibration)
             done = step + 1
             last = done == total
             if not sft and (done - c.sft.steps) % c.train.eval_every == 0 or last or (
