@@ -58,20 +58,25 @@ def grpo_rows(workdir: str) -> list[dict]:
 def summarize(runs: dict[str, list[str]]) -> tuple[str, dict]:
     stats = {}
     for arm, dirs in runs.items():
-        final, auc, invalid = [], [], []
+        start, final, auc, invalid, triggered = [], [], [], [], []
         for d in dirs:
             rows = grpo_rows(d)
-            evals = [r["eval/accuracy"] for r in rows if "eval/accuracy" in r]
+            evals = [r["eval/accuracy"] for r in read_metrics(os.path.join(d, "metrics.jsonl")) if "eval/accuracy" in r]
+            start.append(evals[0])  # the shared warm-up's last evaluation
             final.append(evals[-1])
             auc.append(float(np.mean([r["reward/total"] for r in rows])))
             invalid.append(float(np.mean([r["invalid_gradient_ratio"] for r in rows])))
-        stats[arm] = {"final_accuracy": final, "reward_auc": auc, "invalid_gradient_ratio": invalid}
-    lines = ["| arm | seeds | final held-out accuracy | reward AUC (mean reward/step) | invalid-gradient ratio |",
-             "|---|---|---|---|---|"]
+            triggered.append(float(np.mean([r.get("gdqa_triggered", 0.0) for r in rows])))
+        stats[arm] = {"warmup_accuracy": start, "final_accuracy": final, "reward_auc": auc,
+                      "invalid_gradient_ratio": invalid, "gdqa_triggered": triggered}
+    lines = ["| arm | seeds | held-out accuracy after warm-up | final held-out accuracy | change | reward AUC "
+             "(mean reward/step) | invalid-gradient ratio | GDQA-triggered queries |", "|---|---|---|---|---|---|---|---|"]
     for arm, s in stats.items():
         f = lambda xs: f"{np.mean(xs):.3f} ± {np.std(xs):.3f}"  # noqa: E731
-        lines.append(f"| {arm} | {len(s['final_accuracy'])} | {f(s['final_accuracy'])} | {f(s['reward_auc'])} | "
-                     f"{f(s['invalid_gradient_ratio'])} |")
+        change = np.array(s["final_accuracy"]) - np.array(s["warmup_accuracy"])
+        lines.append(f"| {arm} | {len(s['final_accuracy'])} | {f(s['warmup_accuracy'])} | {f(s['final_accuracy'])} | "
+                     f"{f(change)} | {f(s['reward_auc'])} | {f(s['invalid_gradient_ratio'])} | "
+                     f"{f(s['gdqa_triggered'])} |")
     return "\n".join(lines), stats
 
 
