@@ -76,7 +76,9 @@ def get_config(arg=None):
         logp_chunk=32,
     )
 
-    c.curriculum = dict(backend="matrix", matrix="", schedule="staged", num_stages=4)
+    # span: how many leading queries of each epoch the schedule orders: "run" (train.steps x
+    # batch_size, so a run shorter than an epoch still climbs every stage), 0 (the whole epoch), or N.
+    c.curriculum = dict(backend="matrix", matrix="", schedule="staged", num_stages=4, span="run")
     # calibration (adaptive trigger): "auto" = a pass of G plain rollouts over the GRPO run's queries
     # before its first step; or an evaluate.py result of the base model on the training records with
     # --samples G; or "" (none). Queries whose G rewards all agree start out triggered. Without it the

@@ -52,3 +52,21 @@ def test_none_ignores_scores_and_edge_cases():
         curriculum_order(np.zeros(3), schedule="reverse", num_stages=2, seed=0, epoch=0)
     with pytest.raises(ValueError):
         stage_slices(3, 0)
+
+
+def test_span_orders_the_queries_a_short_run_sees():
+    """With span m, "staged" and "none" share the same first m records (a short run's queries) and
+    the rest; "staged" climbs every stage within those m."""
+    rng = np.random.default_rng(0)
+    scores = rng.random(1000)
+    kw = dict(num_stages=4, seed=3, epoch=0, span=100)
+    staged = curriculum_order(scores, schedule="staged", **kw)
+    plain = curriculum_order(scores, schedule="none", **kw)
+    np.testing.assert_array_equal(np.sort(staged), np.arange(1000))
+    assert set(staged[:100]) == set(plain[:100]) and list(staged[100:]) == list(plain[100:])
+    head = scores[staged[:100]]
+    bounds = [(head[s].min(), head[s].max()) for s in stage_slices(100, 4)]
+    assert all(hi <= lo for (_, hi), (lo, _) in zip(bounds, bounds[1:]))
+    assert list(plain) == list(curriculum_order(scores, schedule="none", num_stages=4, seed=3, epoch=0))
+    assert list(curriculum_order(scores, schedule="staged", num_stages=4, seed=3, epoch=0, span=0)) == list(
+        curriculum_order(scores, schedule="staged", num_stages=4, seed=3, epoch=0))

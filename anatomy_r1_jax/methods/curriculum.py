@@ -9,6 +9,11 @@ registered by name (our reconstruction, METHOD.md section 6):
   first; over one epoch the batch mean S(q) rises stage by stage. Every epoch repeats the
   curriculum with its own shuffle.
 - "none": a seeded shuffle per epoch (the plain-GRPO baseline).
+
+`span` (the curriculum's horizon): with span = m > 0, the epoch first visits the m records that the
+"none" shuffle of the same (seed, epoch) puts first, ordered by the schedule, then the rest in that
+shuffle. A run that sees only m queries (train.steps x batch_size) then goes through every stage, and
+the "staged" and "none" arms train on the same queries in a different order.
 """
 
 from __future__ import annotations
@@ -56,14 +61,22 @@ def shuffled_order(scores: np.ndarray, *, num_stages: int, seed: int, epoch: int
     return _rng(seed, epoch).permutation(len(scores)).astype(np.int64)
 
 
-def curriculum_order(scores: np.ndarray, *, schedule: str, num_stages: int, seed: int, epoch: int) -> np.ndarray:
+def curriculum_order(scores: np.ndarray, *, schedule: str, num_stages: int, seed: int, epoch: int,
+                     span: int = 0) -> np.ndarray:
     """One epoch's record order: [n] int64, a permutation of range(n).
 
     Args:
       scores: [n] S(q) per record, in dataset order (similarity.scores_array).
       schedule: a SCHEDULES name ("staged", "none").
+      span: 0 for the whole epoch, else the number of leading records the schedule orders (see above).
     """
     scores = np.asarray(scores)
     if scores.ndim != 1:
         raise ValueError(f"scores must be [n], got shape {scores.shape}")
-    return SCHEDULES.get(schedule)(scores, num_stages=num_stages, seed=seed, epoch=epoch)
+    order_fn = SCHEDULES.get(schedule)
+    if span <= 0 or span >= len(scores) or order_fn is shuffled_order:  # "none" is the same with any span
+        return order_fn(scores, num_stages=num_stages, seed=seed, epoch=epoch)
+    shuffled = shuffled_order(scores, num_stages=num_stages, seed=seed, epoch=epoch)
+    head = shuffled[:span]
+    head = head[order_fn(scores[head], num_stages=num_stages, seed=seed, epoch=epoch)]
+    return np.concatenate([head, shuffled[span:]]).astype(np.int64)

@@ -110,8 +110,9 @@ class Trainer:
         self.pipeline_sft = QueryPipeline(self.data.train, batch_size=c.sft.batch_size,
                                           image_processor=self.image_processor, order_fn=None, seed=c.seed + 1,
                                           workers=c.data.workers)
+        span = c.train.steps * c.train.batch_size if c.curriculum.span == "run" else int(c.curriculum.span)
         order = functools.partial(curriculum_order, self.sq, schedule=c.curriculum.schedule,
-                                  num_stages=c.curriculum.num_stages, seed=c.seed)
+                                  num_stages=c.curriculum.num_stages, seed=c.seed, span=span)
         self.pipeline = QueryPipeline(self.data.train, batch_size=c.train.batch_size,
                                       image_processor=self.image_processor,
                                       order_fn=lambda epoch: order(epoch=epoch), seed=c.seed, workers=c.data.workers)
