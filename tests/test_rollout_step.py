@@ -107,12 +107,8 @@ def test_greedy_rollout_equals_argmax_of_full_forward():
     sc = SamplingConfig(max_new_tokens=8, greedy=True, eos_ids=(), pad_id=0)
     comp = generate(model, batch, jax.random.key(0), sc)
     ids = np.asarray(comp.ids)
-    # Re-derive each greedy token from a full (cache-free) forward over prompt + previous tokens.
-    for t in range(ids.shape[1]):
-        hidden_ids = jnp.asarray(ids[:, :t + 1])
-        logps, _ = completion_logps(model, batch, hidden_ids, jnp.ones_like(hidden_ids), temperature=1.0)
-        lp_all = np.asarray(logps)
-        assert np.all(lp_all[:, t] > np.log(0.0 + 1e-30))
+    # Every greedy token is the argmax of one cache-free forward over prompt + the tokens before it
+    # (causal attention: position t sees only what the decoder saw when it chose token t + 1).
     from anatomy_r1_jax.train.logprobs import sequence_hidden
 
     hidden = sequence_hidden(model, batch, jnp.asarray(ids), jnp.ones_like(jnp.asarray(ids)))
