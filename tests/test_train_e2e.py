@@ -73,14 +73,34 @@ def test_gdqa_auto_calibration_marks_the_upcoming_queries(tmp_path):
     all-equal; GRPO then triggers GDQA on every query of its first steps, which also shows the
     data iterator was rewound to the queries that were calibrated."""
     workdir = str(tmp_path / "calibrated")
-    overrides = {"--config.sft.steps": "0", "--config.train.steps": "2", "--config.gdqa.trigger": "adaptive",
-                 "--config.gdqa.calibration": "auto"}
+    _train_with(workdir, sft_steps=0, train_steps=2, calibration="auto")
+    rows = _metrics(workdir)
+    assert rows[0]["gdqa/calibration_hard"] == 1.0 and "gdqa/calibration_hard" not in rows[1]
+    assert [r["gdqa_triggered"] for r in rows] == [1.0, 1.0]
+
+
+def test_gdqa_calibration_file_applies_when_grpo_resumes_from_a_warm_up(tmp_path):
+    """The ablation's path: GRPO continues from a warm-up checkpoint and takes its calibration from
+    an evaluate.py result (here: every sample of every training query wrong, so all are hard) and
+    triggers GDQA on them; the restored checkpoint's empty history must not erase the calibration."""
+    workdir = str(tmp_path / "from_warmup")
+    _train_with(workdir, sft_steps=1, train_steps=0, calibration="")
+    result = {"settings": {"samples": 4},
+              "records": [{"id": f"synthetic-train-{i:06d}", "samples_correct": 0} for i in range(48)]}
+    path = tmp_path / "base_on_train.json"
+    path.write_text(json.dumps(result))
+    _train_with(workdir, sft_steps=1, train_steps=2, calibration=str(path))
+    rows = _metrics(workdir)
+    assert rows[1]["gdqa/calibration_hard"] == 1.0
+    assert [r["gdqa_triggered"] for r in rows[1:]] == [1.0, 1.0]
+
+
+def _train_with(workdir, *, sft_steps, train_steps, calibration):
+    overrides = {"--config.sft.steps": str(sft_steps), "--config.train.steps": str(train_steps),
+                 "--config.gdqa.trigger": "adaptive", "--config.gdqa.calibration": calibration}
     base = [a for a in TINY if a.split("=")[0] not in overrides]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--workdir={workdir}", *base,
            *[f"{k}={v}" for k, v in overrides.items()]]
     out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
-    rows = _metrics(workdir)
-    assert rows[0]["gdqa/calibration_hard"] == 1.0 and "gdqa/calibration_hard" not in rows[1]
-    assert [r["gdqa_triggered"] for r in rows] == [1.0, 1.0]

@@ -89,10 +89,6 @@ class Trainer:
         self.greedy = dataclasses.replace(self.sampling, greedy=True)
         self.accuracy_key = next((k for k in c.rl.rewards if k.startswith("accuracy")), "accuracy")
         self.gdqa = GDQAState(trigger=c.gdqa.trigger, num_variants=c.gdqa.num_variants, kinds=tuple(c.gdqa.kinds))
-        if c.gdqa.calibration not in ("", "auto"):  # restored runs keep the checkpointed history instead
-            n = self.gdqa.calibrate_from_evaluation(c.gdqa.calibration, (r.id for r in self.data.train))
-            log.info("GDQA calibration %s: %d of %d training queries marked hard", c.gdqa.calibration, n,
-                     len(self.data.train))
 
         # State: trainable params (+ frozen rest), a frozen reference copy when beta > 0, AdamW.
         self.graphdef, params, frozen = split_model(model, c.model.freeze_vision)
@@ -201,12 +197,20 @@ class Trainer:
         return batch, comp, [r for grp in groups for r in grp], self.decode(comp)
 
     def calibrate_gdqa(self) -> float:
-        """GDQA's calibration pass, before the first GRPO step: the current policy rolls out G plain
-        samples for each query of the GRPO run ahead (train.steps batches, in the curriculum order
-        the run will use, at most one epoch or gdqa.calibration_steps batches; the data iterator is
-        rewound afterwards), and queries whose group rewards are all equal are marked hard, so the
-        adaptive trigger fires on their first visit. Returns the fraction marked hard."""
+        """GDQA's calibration, once, before the first GRPO step (also when the run resumes from a
+        warm-up checkpoint). gdqa.calibration = FILE: an evaluate.py result of the base model on
+        the training records. "auto": the current policy rolls out G plain samples for each query of
+        the GRPO run ahead (train.steps batches, in the curriculum order the run will use, at most
+        one epoch or gdqa.calibration_steps batches; the data iterator is rewound afterwards).
+        Queries whose G rewards are all equal are marked hard, so the adaptive trigger fires on
+        their first visit. Returns the fraction marked hard (of the queries rolled out for "auto", of
+        the training records for a FILE)."""
         c, g = self.config, self.group_size
+        if c.gdqa.calibration != "auto":
+            hard = self.gdqa.calibrate_from_evaluation(c.gdqa.calibration, [r.id for r in self.data.train])
+            log.info("GDQA calibration %s: %d of %d training queries marked hard", c.gdqa.calibration, hard,
+                     len(self.data.train))
+            return hard / max(len(self.data.train), 1)
         steps = min(c.train.steps, -(-len(self.data.train) // c.train.batch_size))
         steps = min(steps, c.gdqa.calibration_steps) if c.gdqa.calibration_steps > 0 else steps
         resume_at = self.it.get_state()
@@ -305,7 +309,7 @@ class Trainer:
                 # GRPO's reference policy is the policy it starts from: the warmed-up one.
                 self.state = self.state.replace(ref_params=jax.tree.map(jnp.copy, self.state.params))
             calibration = {}
-            if (step == c.sft.steps and c.gdqa.calibration == "auto" and self.gdqa.trigger == "adaptive"
+            if (step == c.sft.steps and c.gdqa.calibration and self.gdqa.trigger == "adaptive"
                     and not self.gdqa.calibrated):
                 calibration = {"gdqa/calibration_hard": self.calibrate_gdqa()}
             out = self.sft_iteration(step) if sft else self.grpo_iteration(step)
