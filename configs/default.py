@@ -74,6 +74,9 @@ def get_config(arg=None):
         checkpoint_every=20,
         keep_checkpoints=2,
         logp_chunk=32,
+        # Prefix sharing: a step whose groups all repeat one prompt (no GDQA variants in it) runs
+        # each prompt through the model once (rollout prefill and update), not G times.
+        share_prompts=True,
     )
 
     # span: how many leading queries of each epoch the schedule orders: "run" (train.steps x

@@ -9,8 +9,11 @@ temperature 0.9, a frozen reference copy's log-probs, GRPO advantages (group mea
 token-mean clipped surrogate + 0.04 * k3 KL, backward, global-norm clip 1.0, AdamW (b2 0.99).
 The torch side is the model's forward with `logits_to_keep = T + 1` (as TRL), the loss as a dozen
 lines of tensor code, `clip_grad_norm_` and `torch.optim.AdamW`. The first update's losses are
-compared. Timings are interleaved medians; FLOP/s divides XLA's `cost_analysis()` FLOP count of
-our compiled step (the same arithmetic) by each side's time.
+compared. Ours runs two ways: "shared" (one prompt row per group: each prompt goes through the
+model once and its KV cache serves the group's G completions, as the trainer runs steps without
+GDQA variants) and "per row" (G prompt rows per group, the same arithmetic as the torch side).
+Timings are interleaved medians; FLOP/s divides XLA's `cost_analysis()` FLOP count of each compiled
+step by its time (torch's time by the per-row count).
 
 `--profile N` lists the N source lines where our update spends most time (perf.profile).
 `--scaling` adds ours alone as the group size G and the completion length T grow: step time and
@@ -129,35 +132,49 @@ class TorchStepper:
 
 
 # ---- runs ----------------------------------------------------------------------------------------
+OURS = ("ours shared", "ours per row")  # one prompt row per group (as the trainer runs it) / G rows per group
+
+
+def our_steppers(model, case: workloads.Case, comp) -> dict[str, OurStepper]:
+    """Our update on the same rows two ways: prompts shared by each group's rows (prefix sharing,
+    what the trainer does when a step has no GDQA variants) and one prompt row per completion."""
+    kw = dict(queries=case.queries, prompt_length=case.prompt_length)
+    shared, _ = workloads.image_prompts(model.config, group=1, **kw)
+    per_row, _ = workloads.image_prompts(model.config, group=case.group, **kw)
+    return {name: OurStepper(model, case.group, our_batch(p, comp)) for name, p in zip(OURS, (shared, per_row))}
+
+
 def run_case(case: workloads.Case, reps: int, workdir: str, profile_top: int = 0) -> dict:
     ref, model, config = workloads.reference_pair(case.size, workdir)
-    prompts, hf = workloads.image_prompts(model.config, queries=case.queries, group=case.group,
-                                          prompt_length=case.prompt_length)
+    _, hf = workloads.image_prompts(model.config, queries=case.queries, group=case.group,
+                                    prompt_length=case.prompt_length)
     comp = workloads.random_completions(model.config, case.rows, case.new_tokens)
-    ours = OurStepper(model, case.group, our_batch(prompts, comp))
-    theirs = TorchStepper(ref, workloads.torch_inputs(hf), comp, case.group)
-    start = time.perf_counter()
-    compiled = ours.compile()
-    compile_s = time.perf_counter() - start
-    losses = (float(ours()["loss"]), theirs())  # first update from identical weights
-    timings = time_interleaved({"ours": ours, "torch": theirs}, reps=reps, warmup=0)
-    top = profile.top_ops(ours, compiled.as_text(), top=profile_top) if profile_top else None
-    return dict(case=case, params=workloads.parameter_count(config), flops=flops_of(compiled), compile_s=compile_s,
-                losses=losses, timings=timings, memory=compiled_memory(compiled), profile=top)
+    sides = {**our_steppers(model, case, comp), "torch": TorchStepper(ref, workloads.torch_inputs(hf), comp, case.group)}
+    compiled, compile_s = {}, {}
+    for name in OURS:
+        start = time.perf_counter()
+        compiled[name] = sides[name].compile()
+        compile_s[name] = time.perf_counter() - start
+    losses = {name: float(sides[name]()["loss"]) if name in OURS else sides[name]() for name in sides}  # first update
+    timings = time_interleaved(sides, reps=reps, warmup=0)
+    top = profile.top_ops(sides[OURS[0]], compiled[OURS[0]].as_text(), top=profile_top) if profile_top else None
+    return dict(case=case, params=workloads.parameter_count(config), losses=losses, timings=timings,
+                flops={k: flops_of(c) for k, c in compiled.items()}, compile_s=compile_s,
+                memory={k: compiled_memory(c) for k, c in compiled.items()}, profile=top)
 
 
 def scaling(size: str, queries: int, prompt_length: int, grid: list[tuple[int, int]], reps: int, workdir: str):
+    """Ours alone (shared prompts, as the trainer runs it) as G and T grow."""
     _, model, _ = workloads.reference_pair(size, workdir)
     rows = []
     for group, length in grid:
         case = workloads.Case(size, queries, group, prompt_length, length)
-        prompts, _ = workloads.image_prompts(model.config, queries=queries, group=group, prompt_length=prompt_length)
         comp = workloads.random_completions(model.config, case.rows, length)
-        ours = OurStepper(model, group, our_batch(prompts, comp))
+        ours = our_steppers(model, case, comp)[OURS[0]]
         compiled = ours.compile()
         mem = compiled_memory(compiled)
         t = time_interleaved({"ours": ours}, reps=reps, warmup=1)["ours"]
-        rows.append([group, length, case.rows, case.rows * (prompt_length + length), f"{t.median:.3f}",
+        rows.append([group, length, case.rows, queries * prompt_length + case.rows * length, f"{t.median:.3f}",
                      case.rows / t.median, flops_of(compiled) / t.median / 1e9, mem.argument / 2**20,
                      mem.temp / 2**20, mem.peak / 2**20])
     return report.markdown_table(["G", "T", "rows", "tokens", "step s", "samples/s", "GFLOP/s", "arguments MiB",
@@ -167,17 +184,24 @@ def scaling(size: str, queries: int, prompt_length: int, grid: list[tuple[int, i
 def table(results) -> str:
     rows = []
     for r in results:
-        c, ours, theirs = r["case"], r["timings"]["ours"], r["timings"]["torch"]
+        c, t = r["case"], r["timings"]
+        spread = lambda x: f"{x.median:.3f} ({x.p10:.3f}-{x.p90:.3f})"  # noqa: E731
+        torch_s = t["torch"].median
         rows.append([c.size, f"{r['params'] / 1e6:.1f}M", f"{c.queries}x{c.group}={c.rows}", c.prompt_length,
-                     c.new_tokens, f"{ours.median:.3f} ({ours.p10:.3f}-{ours.p90:.3f})",
-                     f"{theirs.median:.3f} ({theirs.p10:.3f}-{theirs.p90:.3f})", c.rows / ours.median,
-                     c.rows / theirs.median, f"**{theirs.median / ours.median:.2f}x**", r["flops"] / 1e9,
-                     r["flops"] / ours.median / 1e9, r["flops"] / theirs.median / 1e9, r["memory"].peak / 2**20,
-                     f"{r['compile_s']:.1f}", f"{r['losses'][0]:.5f} / {r['losses'][1]:.5f}"])
+                     c.new_tokens, *(spread(t[k]) for k in (*OURS, "torch")),
+                     *(c.rows / t[k].median for k in (*OURS, "torch")),
+                     *(f"**{torch_s / t[k].median:.2f}x**" for k in OURS),
+                     *(r["flops"][k] / 1e9 for k in OURS),
+                     *(r["flops"][k] / t[k].median / 1e9 for k in OURS), r["flops"][OURS[1]] / torch_s / 1e9,
+                     *(r["memory"][k].peak / 2**20 for k in OURS),
+                     " / ".join(f"{r['compile_s'][k]:.1f}" for k in OURS),
+                     " / ".join(f"{r['losses'][k]:.5f}" for k in (*OURS, "torch"))])
     return report.markdown_table(
-        ["model", "params", "rows (Q x G)", "prompt len", "completion len", "ours s (p10-p90)", "torch s (p10-p90)",
-         "ours samples/s", "torch samples/s", "speed-up", "GFLOP / step (XLA)", "ours GFLOP/s", "torch GFLOP/s",
-         "ours peak MiB", "our compile s", "first loss ours / torch"], rows)
+        ["model", "params", "rows (Q x G)", "prompt len", "completion len", "ours shared s (p10-p90)",
+         "ours per-row s", "torch s", "ours shared samples/s", "ours per-row samples/s", "torch samples/s",
+         "speed-up shared", "speed-up per-row", "GFLOP / step shared (XLA)", "GFLOP / step per-row",
+         "ours shared GFLOP/s", "ours per-row GFLOP/s", "torch GFLOP/s (per-row count)", "peak MiB shared",
+         "peak MiB per-row", "compile s shared / per-row", "first loss shared / per-row / torch"], rows)
 
 
 def main(argv=None):
@@ -204,15 +228,17 @@ def main(argv=None):
     if results:
         print(f"fp32, one micro-batch, lr {HP['lr']}, beta {HP['beta']}, eps {HP['eps']}, temperature "
               f"{HP['temperature']}; medians of {args.reps} interleaved updates; samples = rows per second; "
-              "FLOP/s = XLA's FLOP count of our compiled step / each side's time.\n")
+              "FLOP/s = XLA's FLOP count of the compiled step / its time (torch's: the per-row count, the "
+              "same arithmetic); 'shared': one prompt row per group (prefix sharing), 'per row': G.\n")
         print(table(results))
         for r in results:
             if r["profile"]:
                 print(f"\nWhere our update spends its time ({r['case'].size}; one traced step):\n")
                 print(profile.markdown(r["profile"]))
     if scaled:
-        print(f"\nScaling (ours, {args.scaling_size} model, 8 queries, prompt length 160; memory from the compiled "
-              "step's memory_analysis(), per device):\n")
+        print(f"\nScaling (ours with shared prompts, {args.scaling_size} model, 8 queries, prompt length 160; "
+              "tokens = prompt + completion tokens processed; memory from the compiled step's memory_analysis(), "
+              "per device):\n")
         print(scaled)
     print("\nLoad average at the end: {:.1f} / {:.1f} / {:.1f}".format(*os.getloadavg()))
 

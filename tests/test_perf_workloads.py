@@ -44,11 +44,12 @@ def test_identical_weights_and_prompts(pair):
 
 def test_torch_grpo_update_matches_ours(pair):
     ref, model, _ = pair
-    prompts, hf = workloads.image_prompts(model.config, queries=2, group=4, prompt_length=48)
+    case = workloads.Case("tiny", 2, 4, 48, 8)
+    _, hf = workloads.image_prompts(model.config, queries=2, group=4, prompt_length=48)
     comp = workloads.random_completions(model.config, 8, 8)
-    ours = bench_step.OurStepper(model, 4, bench_step.our_batch(prompts, comp))
+    shared, per_row = bench_step.our_steppers(model, case, comp).values()
+    assert shared.batch.prompt.input_ids.shape[1] == 2 and per_row.batch.prompt.input_ids.shape[1] == 8
     theirs = bench_step.TorchStepper(ref, workloads.torch_inputs(hf), comp, 4)
-    first = (float(ours()["loss"]), theirs())
-    second = (float(ours()["loss"]), theirs())  # after one AdamW update on each side
-    np.testing.assert_allclose(first[0], first[1], rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(second[0], second[1], rtol=1e-3, atol=1e-5)
+    for _ in range(2):  # the first update, then the second after one AdamW step on each side
+        ours_shared, ours_rows, torch_loss = float(shared()["loss"]), float(per_row()["loss"]), theirs()
+        np.testing.assert_allclose([ours_shared, ours_rows], torch_loss, rtol=1e-4, atol=1e-6)

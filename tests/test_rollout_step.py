@@ -213,3 +213,54 @@ def test_sft_objective_learns_and_nonfinite_updates_are_skipped():
     st, metrics = jax.jit(functools.partial(train_step, graphdef, tx, grpo))(st, _stack([bad]))
     assert int(metrics["update_skipped"]) == 1
     jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, st.params))
+
+
+def _shared(b: TrainBatch, queries=2) -> TrainBatch:
+    """The same batch with one prompt row per group (prefix sharing)."""
+    return b.replace(prompt=prompt_batch(queries=queries, group=1, seed=0))
+
+
+def test_shared_prompt_rollout_and_logps_equal_per_row():
+    """A prompt batch of one row per group (group_size=G) is the same function as G copies per
+    group: the same samples, log-probs and gradients."""
+    model = make_model(seed=2)
+    full = jax.tree.map(jnp.asarray, prompt_batch(queries=2, group=3))
+    shared = jax.tree.map(jnp.asarray, prompt_batch(queries=2, group=1))
+    assert shared.input_ids.shape[0] * 3 == full.input_ids.shape[0]
+    sc = SamplingConfig(max_new_tokens=10, temperature=0.9, top_k=20, top_p=0.95, eos_ids=(7,), pad_id=0)
+    a = jax.jit(lambda b, k: generate(model, b, k, sc))(full, jax.random.key(4))
+    b = jax.jit(lambda b, k: generate(model, b, k, sc, group_size=3))(shared, jax.random.key(4))
+    np.testing.assert_array_equal(np.asarray(a.ids), np.asarray(b.ids))
+    np.testing.assert_allclose(np.asarray(a.logps), np.asarray(b.logps), atol=1e-5)
+    assert len({tuple(r) for r in np.asarray(a.ids)}) > 2  # the rows of a group do differ
+
+    graphdef, params = nnx.split(model, nnx.Param)
+    weights = jnp.asarray(np.random.default_rng(0).normal(size=a.ids.shape), jnp.float32)
+
+    def objective(params, prompt):
+        logps, _ = completion_logps(nnx.merge(graphdef, params), prompt, a.ids, a.mask, temperature=0.9, chunk=4)
+        return jnp.sum(logps * a.mask * weights), logps
+
+    (_, lp_full), g_full = jax.value_and_grad(objective, has_aux=True)(params, full)
+    (_, lp_shared), g_shared = jax.value_and_grad(objective, has_aux=True)(params, shared)
+    np.testing.assert_allclose(np.asarray(lp_shared), np.asarray(lp_full), atol=1e-5)
+    m = np.asarray(a.mask) == 1
+    np.testing.assert_allclose(np.asarray(lp_full)[m], np.asarray(a.logps)[m], atol=2e-4)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5),
+                 g_shared, g_full)
+    with pytest.raises(ValueError, match="whole number of groups"):
+        completion_logps(model, prompt_batch(queries=4, group=1), a.ids, a.mask)
+
+
+def test_shared_prompt_update_equals_per_row_update_sharded():
+    """The GRPO update on a one-row-per-group prompt batch equals the per-row one, on one device
+    and on a data x fsdp x tensor mesh."""
+    cfg = StepConfig(group_size=4, beta=0.04, temperature=0.9, logp_chunk=3)
+    batches = [_train_batch(seed=0)]
+    full, _, m_full = _run_steps(None, batches, 3, cfg)
+    shared, _, m_shared = _run_steps(None, [_shared(b) for b in batches], 3, cfg)
+    np.testing.assert_allclose(shared, full, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(m_shared["grad_norm"]), float(m_full["grad_norm"]), rtol=1e-4)
+    mesh = sharding.make_mesh([("data", 2), ("fsdp", 2), ("tensor", 2)])
+    sharded, _, _ = _run_steps(mesh, [_shared(b) for b in batches], 3, cfg)
+    np.testing.assert_allclose(sharded, full, rtol=1e-5, atol=1e-5)

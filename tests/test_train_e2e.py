@@ -14,7 +14,7 @@ TINY = ["--config.sft.steps=2", "--config.train.steps=4", "--config.train.batch_
         "--config.sft.batch_size=4", "--config.train.eval_every=2", "--config.train.checkpoint_every=1",
         "--config.data.eval_size=4", "--config.data.synthetic.n=60", "--config.rl.max_completion_length=32",
         "--config.model.tiny.hidden_size=32", "--config.model.tiny.intermediate_size=64",
-        "--config.model.tiny.num_hidden_layers=1", "--config.gdqa.trigger=always"]
+        "--config.model.tiny.num_hidden_layers=1", "--config.gdqa.trigger=off"]
 TIMING = ("step_seconds", "tokens_per_second")
 
 
@@ -48,6 +48,8 @@ def test_train_writes_metrics_plots_and_checkpoints(uninterrupted):
                 "clip_fraction", "completion_length", "entropy", "loss"):
         assert all(key in r for r in grpo), key
     assert any("eval/accuracy" in r for r in grpo)
+    # No GDQA variants: every step runs one prompt row per group (prefix sharing).
+    assert [r["shared_prompts"] for r in grpo] == [1.0] * 4
     assert os.path.exists(os.path.join(uninterrupted, "curves.png"))
     assert os.listdir(os.path.join(uninterrupted, "tensorboard"))
     assert "6" in os.listdir(os.path.join(uninterrupted, "checkpoints"))
@@ -77,6 +79,7 @@ def test_gdqa_auto_calibration_marks_the_upcoming_queries(tmp_path):
     rows = _metrics(workdir)
     assert rows[0]["gdqa/calibration_hard"] == 1.0 and "gdqa/calibration_hard" not in rows[1]
     assert [r["gdqa_triggered"] for r in rows] == [1.0, 1.0]
+    assert [r["shared_prompts"] for r in rows] == [0.0, 0.0]  # variants differ: a prompt row per rollout
 
 
 def test_gdqa_calibration_file_applies_when_grpo_resumes_from_a_warm_up(tmp_path):

@@ -3,6 +3,11 @@
 Shapes are static (prompt length Lp, completion budget T, image budget); each row stops at EOS
 (its later tokens are pad and masked) and the loop exits early once every row is done. Images are
 encoded once per prompt and shared by a group's rows through `PromptBatch.image_rows`.
+
+Prefix sharing: when a group's G rows have the same prompt, the batch may hold one row per group
+(Q = N / G rows) and `group_size=G`; the prompt is then prefilled once per group and its KV cache
+and last logits repeated to the N rows (row q * G + j is sample j of prompt q), which removes
+(G - 1) / G of the prefill.
 """
 
 from __future__ import annotations
@@ -33,15 +38,40 @@ def completion_positions(batch: PromptBatch, length: int, offset: int | jax.Arra
     return decode_position_ids(lp + offset, batch.rope_deltas, batch.attention_mask, length)
 
 
-def generate(model, batch: PromptBatch, rng: jax.Array, cfg: SamplingConfig,
-             cache_dtype=jnp.float32) -> Completions:
-    """Samples T = cfg.max_new_tokens tokens per row. Pure given (model state, batch, rng)."""
-    n, lp = batch.input_ids.shape
-    t_max = cfg.max_new_tokens
-    cache = model.init_cache(n, lp + t_max, cache_dtype)
+def repeat_rows(tree, g: int):
+    """Every array of `tree` with its leading (row) axis repeated g times: [Q, ...] -> [Q * g, ...],
+    row q * g + j a copy of row q. The backward pass sums the g copies' cotangents."""
+    return tree if g == 1 else jax.tree.map(lambda x: jnp.repeat(x, g, axis=0, total_repeat_length=x.shape[0] * g),
+                                            tree)
+
+
+def shared_prefill(model, batch: PromptBatch, length: int, group_size: int = 1, cache_dtype=None):
+    """Prefills the prompts into a KV cache of Lp + `length` slots, once per prompt row, then
+    repeats it to N = rows * group_size rows.
+
+    Returns (hidden [Q, Lp, E] of the prompts, the cache [N rows, index Lp], and the N rows'
+    (attention_mask [N, Lp], rope_deltas [N, 1]) that `completion_positions` needs).
+    """
+    q, lp = batch.input_ids.shape
+    cache = model.init_cache(q, lp + length, cache_dtype)
     hidden, cache = model.forward(batch.input_ids, batch.position_ids, batch.attention_mask,
                                   image_embeddings(model, batch), cache)
-    logits = model.logits(hidden[:, -1])
+    cache = cache.replace(k=repeat_rows(cache.k, group_size), v=repeat_rows(cache.v, group_size),
+                          mask=repeat_rows(cache.mask, group_size))
+    rows = batch.replace(attention_mask=repeat_rows(batch.attention_mask, group_size),
+                         rope_deltas=repeat_rows(batch.rope_deltas, group_size))
+    return hidden, cache, rows
+
+
+def generate(model, batch: PromptBatch, rng: jax.Array, cfg: SamplingConfig,
+             cache_dtype=jnp.float32, group_size: int = 1) -> Completions:
+    """Samples T = cfg.max_new_tokens tokens for each of N = rows * group_size rows (group_size > 1:
+    the batch holds one prompt per group, see the module docstring). Pure given (model state,
+    batch, rng)."""
+    t_max = cfg.max_new_tokens
+    hidden, cache, batch = shared_prefill(model, batch, t_max, group_size, cache_dtype)
+    logits = repeat_rows(model.logits(hidden[:, -1]), group_size)
+    n = logits.shape[0]
     eos = jnp.asarray(cfg.eos_ids or (-1,), jnp.int32)
 
     def cond(carry):
