@@ -9,6 +9,9 @@ identical; both sample N = queries * group rows from the same image prompts with
 temperature / top-k / top-p, exactly `new_tokens` tokens each (EOS forbidden on our side,
 `min_new_tokens` on theirs; the image placeholders are forbidden on both). Timings are interleaved
 (ours, theirs, ours, ...) after warm-up (our compile); the table gives medians and the p10-p90 spread.
+Ours runs two ways: "shared" (one prompt row per group, prefilled once and its KV cache repeated
+to the group's G rows, as the trainer runs steps without GDQA variants) and "per row" (N prompt
+rows, as transformers' generate gets them).
 `--split` also times prefill alone (one new token) to separate prompt processing from decoding;
 `--profile N` lists the N source lines where our rollout spends most time (anatomy_r1_jax.perf.profile).
 Prints markdown for docs/benchmarks.md.
@@ -16,7 +19,6 @@ Prints markdown for docs/benchmarks.md.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -43,14 +45,16 @@ def placeholder_ids(cfg) -> tuple[int, ...]:
     return (cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id)
 
 
-def ours_rollout(model, batch, new_tokens: int):
+def ours_rollout(model, batch, new_tokens: int, group_size: int = 1):
     """(zero-argument callable: jitted generate with the tokens fetched to the host, as torch returns
-    them; zero-argument callable giving the compiled HLO text)."""
+    them; zero-argument callable giving the compiled HLO text). group_size > 1: batch has one
+    prompt row per group."""
     cfg = model.config
     sc = SamplingConfig(max_new_tokens=new_tokens, eos_ids=(), pad_id=0,
                         forbidden_ids=placeholder_ids(cfg) + tuple(cfg.eos_token_ids), **SAMPLING)
     graphdef, state = nnx.split(model)
-    fn = jax.jit(lambda state, batch, rng: generate(nnx.merge(graphdef, state), batch, rng, sc).ids)
+    fn = jax.jit(lambda state, batch, rng: generate(nnx.merge(graphdef, state), batch, rng, sc,
+                                                    group_size=group_size).ids)
     keys = iter(jax.random.split(jax.random.key(0), 10_000))
     return (lambda: np.asarray(fn(state, batch, next(keys))),
             lambda: fn.lower(state, batch, jax.random.key(0)).compile().as_text())
@@ -73,70 +77,72 @@ def prefill_agreement(model, ref, prompts, hf) -> float:
     return float(np.abs(np.asarray(ours) - theirs.numpy()).max())
 
 
+OURS = {"ours shared": True, "ours per row": False}
+
+
 def run_case(case: workloads.Case, reps: int, split: bool, workdir: str, profile_top: int = 0) -> dict:
     ref, model, config = workloads.reference_pair(case.size, workdir)
-    prompts, hf = workloads.image_prompts(model.config, queries=case.queries, group=case.group,
-                                          prompt_length=case.prompt_length)
+    kw = dict(queries=case.queries, prompt_length=case.prompt_length)
+    prompts, hf = workloads.image_prompts(model.config, group=case.group, **kw)
+    shared, _ = workloads.image_prompts(model.config, group=1, **kw)
     diff = prefill_agreement(model, ref, prompts, hf)
-    batch = jax.device_put(jax.tree.map(jnp.asarray, prompts))
     inputs = workloads.torch_inputs(hf)
-    t = case.new_tokens
-    ours, hlo_text = ours_rollout(model, batch, t)
-    fns = {"ours": ours, "transformers": reference_rollout(ref, inputs, model.config, t)}
-    start = time.perf_counter()
-    out = fns["ours"]()  # compile + first run
-    compile_s = time.perf_counter() - start
-    assert out.shape == (prompts.input_ids.shape[0], t)
+    put = lambda p: jax.device_put(jax.tree.map(jnp.asarray, p))  # noqa: E731
+    fns, hlo, compile_s = {}, {}, {}
+    for name, share in OURS.items():
+        args = (put(shared), case.new_tokens, case.group) if share else (put(prompts), case.new_tokens)
+        fns[name], hlo[name] = ours_rollout(model, *args)
+        start = time.perf_counter()
+        out = fns[name]()  # compile + first run
+        compile_s[name] = time.perf_counter() - start
+        assert out.shape == (case.rows, case.new_tokens)
+        if split:
+            fns[f"{name} prefill"] = ours_rollout(model, *args[:1], 1, *args[2:])[0]
+    fns["transformers"] = reference_rollout(ref, inputs, model.config, case.new_tokens)
     if split:
-        fns["ours prefill"] = ours_rollout(model, batch, 1)[0]
         fns["transformers prefill"] = reference_rollout(ref, inputs, model.config, 1)
     timings = time_interleaved(fns, reps=reps, warmup=1)
-    top = profile.top_ops(ours, hlo_text(), top=profile_top) if profile_top else None
+    top = profile.top_ops(fns["ours shared"], hlo["ours shared"](), top=profile_top) if profile_top else None
     return dict(case=case, params=workloads.parameter_count(config), diff=diff, compile_s=compile_s, timings=timings,
                 profile=top)
 
 
 def tables(results: list[dict], split: bool) -> str:
     rows, split_rows = [], []
+    sides = (*OURS, "transformers")
     for r in results:
         c, tm = r["case"], r["timings"]
-        n = c.rows
-        tokens = n * c.new_tokens
-        ours, theirs = tm["ours"], tm["transformers"]
-        rows.append([c.size, f"{r['params'] / 1e6:.1f}M", f"{c.queries}x{c.group}={n}", c.prompt_length,
-                     c.new_tokens, f"{ours.median:.3f} ({ours.p10:.3f}-{ours.p90:.3f})",
-                     f"{theirs.median:.3f} ({theirs.p10:.3f}-{theirs.p90:.3f})", tokens / ours.median,
-                     tokens / theirs.median, f"**{theirs.median / ours.median:.2f}x**", f"{r['compile_s']:.1f}",
-                     f"{r['diff']:.1e}"])
+        tokens = c.rows * c.new_tokens
+        theirs = tm["transformers"].median
+        rows.append([c.size, f"{r['params'] / 1e6:.1f}M", f"{c.queries}x{c.group}={c.rows}", c.prompt_length,
+                     c.new_tokens, *(f"{tm[k].median:.3f} ({tm[k].p10:.3f}-{tm[k].p90:.3f})" for k in sides),
+                     *(tokens / tm[k].median for k in sides), *(f"**{theirs / tm[k].median:.2f}x**" for k in OURS),
+                     " / ".join(f"{r['compile_s'][k]:.1f}" for k in OURS), f"{r['diff']:.1e}"])
         if split:
-            decode = {k: max(tm[k].median - tm[f"{k} prefill"].median, 1e-9) for k in ("ours", "transformers")}
-            split_rows.append([c.size, f"{tm['ours prefill'].median:.3f}", f"{tm['transformers prefill'].median:.3f}",
-                               f"{tm['transformers prefill'].median / tm['ours prefill'].median:.2f}x",
-                               n * (c.new_tokens - 1) / decode["ours"],
-                               n * (c.new_tokens - 1) / decode["transformers"],
-                               f"{decode['transformers'] / decode['ours']:.2f}x"])
+            prefill = {k: tm[f"{k} prefill"].median for k in sides}
+            decode = {k: max(tm[k].median - prefill[k], 1e-9) for k in sides}
+            split_rows.append([c.size, *(f"{prefill[k]:.3f}" for k in sides),
+                               *(f"{prefill['transformers'] / prefill[k]:.2f}x" for k in OURS),
+                               *(c.rows * (c.new_tokens - 1) / decode[k] for k in sides),
+                               *(f"{decode['transformers'] / decode[k]:.2f}x" for k in OURS)])
     out = report.markdown_table(
-        ["model", "params", "rows (Q x G)", "prompt len", "new tokens", "ours s (p10-p90)",
-         "transformers s (p10-p90)", "ours tok/s", "transformers tok/s", "speed-up", "our compile s",
-         "max abs dlogp (prefill)"], rows)
+        ["model", "params", "rows (Q x G)", "prompt len", "new tokens", "ours shared s (p10-p90)",
+         "ours per-row s", "transformers s", "ours shared tok/s", "ours per-row tok/s", "transformers tok/s",
+         "speed-up shared", "speed-up per-row", "our compile s shared / per-row", "max abs dlogp (prefill)"], rows)
     if split:
         out += "\n\nPrefill (one new token) and decode (the rest) separately:\n\n" + report.markdown_table(
-            ["model", "ours prefill s", "transformers prefill s", "prefill speed-up", "ours decode tok/s",
-             "transformers decode tok/s", "decode speed-up"], split_rows)
+            ["model", "ours shared prefill s", "ours per-row prefill s", "transformers prefill s",
+             "prefill speed-up shared", "prefill speed-up per-row", "ours shared decode tok/s",
+             "ours per-row decode tok/s", "transformers decode tok/s", "decode speed-up shared",
+             "decode speed-up per-row"], split_rows)
     return out
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--case", action="append", help="size,queries,group,prompt_length,new_tokens (repeatable)")
-    parser.add_argument("--reps", type=int, default=5)
+    parser = report.comparison_parser(__doc__, "size,queries,group,prompt_length,new_tokens")
     parser.add_argument("--split", action="store_true", help="also time prefill alone")
-    parser.add_argument("--profile", type=int, default=0, metavar="N",
-                        help="also print the N source lines where our rollout spends most time")
-    parser.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     args = parser.parse_args(argv)
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
+    report.apply_torch_threads(args)
     cases = [workloads.Case.parse(c) for c in (args.case or DEFAULT_CASES)]
     print(f"Machine: {report.machine_line()}; torch threads {torch.get_num_threads()}\n")
     with tempfile.TemporaryDirectory() as workdir:

@@ -22,7 +22,6 @@ the compiled step's `memory_analysis()` (per device: arguments, temporaries, pea
 
 from __future__ import annotations
 
-import argparse
 import copy
 import functools
 import os
@@ -205,18 +204,12 @@ def table(results) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--case", action="append", help="size,queries,group,prompt_length,completion_length")
-    parser.add_argument("--reps", type=int, default=5)
+    parser = report.comparison_parser(__doc__, "size,queries,group,prompt_length,completion_length")
     parser.add_argument("--scaling", action="store_true", help="also scale G and T (ours alone)")
     parser.add_argument("--scaling-size", default="tiny")
     parser.add_argument("--only-scaling", action="store_true")
-    parser.add_argument("--profile", type=int, default=0, metavar="N",
-                        help="also print the N source lines where our update spends most time")
-    parser.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     args = parser.parse_args(argv)
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
+    report.apply_torch_threads(args)
     print(f"Machine: {report.machine_line()}; torch threads {torch.get_num_threads()}\n")
     with tempfile.TemporaryDirectory() as workdir:
         results = [] if args.only_scaling else [

@@ -54,3 +54,24 @@ def command_line() -> str:
     env = " ".join(f"{k}={shlex.quote(os.environ[k])}" for k in ("XLA_FLAGS",) if k in os.environ)
     cmd = " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
     return f"{env + ' ' if env else ''}python {cmd}"
+
+
+def comparison_parser(description: str, case_help: str):
+    """The side-by-side benchmarks' command line: repeatable --case, --reps, --profile N and
+    --torch-threads (parse, then `apply_torch_threads`)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--case", action="append", help=case_help + " (repeatable)")
+    parser.add_argument("--reps", type=int, default=5, help="interleaved timed runs per side")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="also print the N source lines where ours spends most time")
+    parser.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    return parser
+
+
+def apply_torch_threads(args) -> None:
+    import torch
+
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)

@@ -1,0 +1,98 @@
+"""The analytic FLOP and byte model of perf/flops.py against XLA's own count and our parameters."""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from anatomy_r1_jax.models import QwenVL, QwenVLConfig
+from anatomy_r1_jax.perf import flops, workloads
+from anatomy_r1_jax.rl.batch import Completions, PromptBatch, TrainBatch
+from anatomy_r1_jax.train.logprobs import completion_logps
+from anatomy_r1_jax.train.partitioning import split_model
+from anatomy_r1_jax.train.step import StepConfig, TrainState, make_optimizer, train_step
+
+Q, G, LP, T = 2, 4, 48, 16
+
+
+@functools.lru_cache(maxsize=None)
+def small():
+    cfg = QwenVLConfig.from_hf(workloads.size_config("small"))
+    return cfg, QwenVL(cfg, rngs=nnx.Rngs(0))
+
+
+def text_prompts(rows: int) -> PromptBatch:
+    ids = np.random.default_rng(0).integers(0, 1000, (rows, LP)).astype(np.int32)
+    pos = np.broadcast_to(np.arange(LP, dtype=np.int32), (3, rows, LP)).copy()
+    return PromptBatch(input_ids=ids, attention_mask=np.ones_like(ids), position_ids=pos,
+                       rope_deltas=np.zeros((rows, 1), np.int32))
+
+
+def xla_flops(fn, *args) -> float:
+    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_forward_and_update_flops_match_xla(shared):
+    cfg, model = small()
+    prompts = text_prompts(Q if shared else Q * G)
+    ones = np.ones((Q * G, T), np.int32)
+    graphdef, state = nnx.split(model)
+    fwd = xla_flops(lambda s, p: completion_logps(nnx.merge(graphdef, s), p, ones, ones, 1.0, T)[0], state, prompts)
+    ours = flops.sequence_flops(cfg, queries=Q, group=G, prompt_length=LP, completion_length=T, shared=shared)
+    assert 1.0 <= fwd / ours < 1.02  # XLA adds the elementwise work (norms, softmax, rotary)
+
+    graphdef, params, frozen = split_model(model, freeze_vision=False)
+    tx = make_optimizer(1e-3)
+    st = TrainState(step=np.zeros((), np.int32), params=params, frozen=frozen, ref_params=params,
+                    opt_state=tx.init(params))
+    rng = np.random.default_rng(1)
+    batch = TrainBatch(prompt=prompts, completions=Completions(ids=ones, mask=ones, logps=ones * 0.0,
+                                                              lengths=ones.sum(-1)),
+                       rewards=rng.normal(size=Q * G).astype(np.float32), categories=np.zeros(Q * G, np.int32),
+                       similarity=np.zeros(Q * G, np.float32))
+    batch = jax.tree.map(lambda x: np.asarray(x)[None], batch)
+    step = functools.partial(train_step, graphdef, tx, StepConfig(group_size=G, beta=0.04, logp_chunk=T))
+    update = xla_flops(step, st, batch)
+    analytic = flops.update_flops(cfg, queries=Q, group=G, prompt_length=LP, completion_length=T, shared=shared)
+    # + the LM head's recomputation in the chunked log-softmax's backward and the optimizer's elementwise work
+    assert 1.0 <= update / analytic < 1.1
+
+
+def test_decode_weights_are_the_language_model_without_the_input_table():
+    for size in ("small", "100m"):  # untied, tied embeddings
+        cfg = QwenVLConfig.from_hf(workloads.size_config(size))
+        params = nnx.state(QwenVL(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+        language = sum(x.size for path, x in jax.tree_util.tree_leaves_with_path(params)
+                       if "vision" not in jax.tree_util.keystr(path))
+        input_table = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size
+        assert flops.language_weight_count(cfg) == language - input_table
+    bound = flops.decode_bound(cfg, rows=8, prompt_length=100, new_tokens=20, weight_bytes=2, cache_bytes=2)
+    kv = 8 * 110 * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 2
+    assert bound.cache_bytes == kv and bound.tokens_per_second(1e12) == pytest.approx(8e12 / (kv + bound.weight_bytes))
+
+
+def test_device_peaks_by_longest_prefix():
+    assert flops.device_peaks("NVIDIA H100 80GB HBM3") == (989e12, 3.35e12)
+    assert flops.device_peaks("TPU v5 lite") == (197e12, 0.819e12)  # not TPU v5 (p)
+    assert flops.device_peaks("TPU v5p")[0] == 459e12
+    assert flops.device_peaks("cpu") is None
+
+
+def test_bench_device_reports_utilisation_with_the_device_name(capsys):
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    import bench_device
+
+    r = bench_device.main(["--size", "tiny", "--dtype", "float32", "--queries", "2", "--group", "2",
+                           "--prompt-length", "48", "--new-tokens", "6", "--grid", "1", "4", "4", "--reps", "1"])
+    out = capsys.readouterr().out
+    assert r["peak_source"] == "measured probes" and r["device"] in out and "MFU" in out
+    assert r["mfu"] > 0 and 0 < r["decode_tps"] and r["bound_tps"] > 0 and r["rows"] == 4
+    cfg = bench_device.QwenVLConfig.from_hf(bench_device.hf_config_of("tiny"))
+    assert r["model_flops"] == flops.update_flops(cfg, queries=2, group=2, prompt_length=48, completion_length=6)
