@@ -74,8 +74,9 @@ def get_config(arg=None):
         checkpoint_every=20,
         keep_checkpoints=2,
         logp_chunk=32,
-        # Prefix sharing: a step whose groups all repeat one prompt (no GDQA variants in it) runs
-        # each prompt through the model once (rollout prefill and update), not G times.
+        # Prefix sharing: each distinct prompt of a group goes through the model once (rollout
+        # prefill and update), not once per rollout: 1 prompt row per group without GDQA variants,
+        # num_variants with them (rl/rollout.py).
         share_prompts=True,
     )
 

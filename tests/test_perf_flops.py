@@ -41,7 +41,8 @@ def test_forward_and_update_flops_match_xla(shared):
     prompts = text_prompts(Q if shared else Q * G)
     ones = np.ones((Q * G, T), np.int32)
     graphdef, state = nnx.split(model)
-    fwd = xla_flops(lambda s, p: completion_logps(nnx.merge(graphdef, s), p, ones, ones, 1.0, T)[0], state, prompts)
+    logps = lambda s, p: completion_logps(nnx.merge(graphdef, s), p, ones, ones, 1.0, T, G)[0]  # noqa: E731
+    fwd = xla_flops(logps, state, prompts)
     ours = flops.sequence_flops(cfg, queries=Q, group=G, prompt_length=LP, completion_length=T, shared=shared)
     assert 1.0 <= fwd / ours < 1.02  # XLA adds the elementwise work (norms, softmax, rotary)
 

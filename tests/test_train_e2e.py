@@ -49,7 +49,7 @@ def test_train_writes_metrics_plots_and_checkpoints(uninterrupted):
         assert all(key in r for r in grpo), key
     assert any("eval/accuracy" in r for r in grpo)
     # No GDQA variants: every step runs one prompt row per group (prefix sharing).
-    assert [r["shared_prompts"] for r in grpo] == [1.0] * 4
+    assert [r["prompts_per_group"] for r in grpo] == [1.0] * 4
     assert os.path.exists(os.path.join(uninterrupted, "curves.png"))
     assert os.listdir(os.path.join(uninterrupted, "tensorboard"))
     assert "6" in os.listdir(os.path.join(uninterrupted, "checkpoints"))
@@ -79,7 +79,7 @@ def test_gdqa_auto_calibration_marks_the_upcoming_queries(tmp_path):
     rows = _metrics(workdir)
     assert rows[0]["gdqa/calibration_hard"] == 1.0 and "gdqa/calibration_hard" not in rows[1]
     assert [r["gdqa_triggered"] for r in rows] == [1.0, 1.0]
-    assert [r["shared_prompts"] for r in rows] == [0.0, 0.0]  # variants differ: a prompt row per rollout
+    assert [r["prompts_per_group"] for r in rows] == [2.0, 2.0]  # G = 2 different variants per group
 
 
 def test_gdqa_calibration_file_applies_when_grpo_resumes_from_a_warm_up(tmp_path):
@@ -92,15 +92,18 @@ def test_gdqa_calibration_file_applies_when_grpo_resumes_from_a_warm_up(tmp_path
               "records": [{"id": f"synthetic-train-{i:06d}", "samples_correct": 0} for i in range(48)]}
     path = tmp_path / "base_on_train.json"
     path.write_text(json.dumps(result))
-    _train_with(workdir, sft_steps=1, train_steps=2, calibration=str(path))
+    _train_with(workdir, sft_steps=1, train_steps=2, calibration=str(path), group_size=4, num_variants=2)
     rows = _metrics(workdir)
     assert rows[1]["gdqa/calibration_hard"] == 1.0
     assert [r["gdqa_triggered"] for r in rows[1:]] == [1.0, 1.0]
+    # Rollout j of a group gets variant j % 2: two prompt rows per group of four (prefix sharing).
+    assert [r["prompts_per_group"] for r in rows[1:]] == [2.0, 2.0]
 
 
-def _train_with(workdir, *, sft_steps, train_steps, calibration):
+def _train_with(workdir, *, sft_steps, train_steps, calibration, group_size=2, num_variants=4):
     overrides = {"--config.sft.steps": str(sft_steps), "--config.train.steps": str(train_steps),
-                 "--config.gdqa.trigger": "adaptive", "--config.gdqa.calibration": calibration}
+                 "--config.gdqa.trigger": "adaptive", "--config.gdqa.calibration": calibration,
+                 "--config.rl.group_size": str(group_size), "--config.gdqa.num_variants": str(num_variants)}
     base = [a for a in TINY if a.split("=")[0] not in overrides]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--workdir={workdir}", *base,

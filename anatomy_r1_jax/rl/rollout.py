@@ -4,10 +4,11 @@ Shapes are static (prompt length Lp, completion budget T, image budget); each ro
 (its later tokens are pad and masked) and the loop exits early once every row is done. Images are
 encoded once per prompt and shared by a group's rows through `PromptBatch.image_rows`.
 
-Prefix sharing: when a group's G rows have the same prompt, the batch may hold one row per group
-(Q = N / G rows) and `group_size=G`; the prompt is then prefilled once per group and its KV cache
-and last logits repeated to the N rows (row q * G + j is sample j of prompt q), which removes
-(G - 1) / G of the prefill.
+Prefix sharing: a group's G rows often repeat few prompts (all the same without GDQA; with GDQA,
+variant j mod S for S variants). The batch may then hold S prompt rows per group (Q * S rows,
+`prompts_per_group=S`, `group_size=G`): each prompt is prefilled once and its KV cache and last
+logits are expanded to the N = Q * G rows, row q * G + j taking prompt row q * S + j % S. That
+removes (G - S) / G of the prefill; S = G is the plain one-prompt-per-row batch.
 """
 
 from __future__ import annotations
@@ -38,39 +39,52 @@ def completion_positions(batch: PromptBatch, length: int, offset: int | jax.Arra
     return decode_position_ids(lp + offset, batch.rope_deltas, batch.attention_mask, length)
 
 
-def repeat_rows(tree, g: int):
-    """Every array of `tree` with its leading (row) axis repeated g times: [Q, ...] -> [Q * g, ...],
-    row q * g + j a copy of row q. The backward pass sums the g copies' cotangents."""
-    return tree if g == 1 else jax.tree.map(lambda x: jnp.repeat(x, g, axis=0, total_repeat_length=x.shape[0] * g),
-                                            tree)
+def expand_groups(tree, prompts_per_group: int, group_size: int):
+    """Every array of `tree` from prompt rows to completion rows along its leading axis:
+    [Q * S, ...] -> [Q * G, ...], row q * G + j a copy of row q * S + j % S (S = prompts_per_group,
+    G = group_size). A tile within each group: the batch axis stays where it is sharded, and the
+    backward pass sums the copies' cotangents."""
+    s, g = prompts_per_group, group_size
+    if s == g:
+        return tree
+
+    def expand(x):
+        q = x.shape[0] // s
+        y = x.reshape((q, s) + x.shape[1:])
+        y = jnp.tile(y, (1, -(-g // s)) + (1,) * (x.ndim - 1))[:, :g]
+        return y.reshape((q * g,) + x.shape[1:])
+
+    return jax.tree.map(expand, tree)
 
 
-def shared_prefill(model, batch: PromptBatch, length: int, group_size: int = 1, cache_dtype=None):
-    """Prefills the prompts into a KV cache of Lp + `length` slots, once per prompt row, then
-    repeats it to N = rows * group_size rows.
+def shared_prefill(model, batch: PromptBatch, length: int, group_size: int = 1, prompts_per_group: int = 1,
+                   cache_dtype=None):
+    """Prefills the prompt rows into a KV cache of Lp + `length` slots, each once, then expands it to
+    the completion rows (`expand_groups`).
 
-    Returns (hidden [Q, Lp, E] of the prompts, the cache [N rows, index Lp], and the N rows'
+    Returns (hidden [Q * S, Lp, E] of the prompts, the cache [N rows, index Lp], and the N rows'
     (attention_mask [N, Lp], rope_deltas [N, 1]) that `completion_positions` needs).
     """
-    q, lp = batch.input_ids.shape
-    cache = model.init_cache(q, lp + length, cache_dtype)
+    p, lp = batch.input_ids.shape
+    if p % prompts_per_group:
+        raise ValueError(f"{p} prompt rows are not groups of prompts_per_group={prompts_per_group}")
+    expand = lambda tree: expand_groups(tree, prompts_per_group, group_size)  # noqa: E731
+    cache = model.init_cache(p, lp + length, cache_dtype)
     hidden, cache = model.forward(batch.input_ids, batch.position_ids, batch.attention_mask,
                                   image_embeddings(model, batch), cache)
-    cache = cache.replace(k=repeat_rows(cache.k, group_size), v=repeat_rows(cache.v, group_size),
-                          mask=repeat_rows(cache.mask, group_size))
-    rows = batch.replace(attention_mask=repeat_rows(batch.attention_mask, group_size),
-                         rope_deltas=repeat_rows(batch.rope_deltas, group_size))
+    cache = cache.replace(k=expand(cache.k), v=expand(cache.v), mask=expand(cache.mask))
+    rows = batch.replace(attention_mask=expand(batch.attention_mask), rope_deltas=expand(batch.rope_deltas))
     return hidden, cache, rows
 
 
 def generate(model, batch: PromptBatch, rng: jax.Array, cfg: SamplingConfig,
-             cache_dtype=jnp.float32, group_size: int = 1) -> Completions:
-    """Samples T = cfg.max_new_tokens tokens for each of N = rows * group_size rows (group_size > 1:
-    the batch holds one prompt per group, see the module docstring). Pure given (model state,
+             cache_dtype=jnp.float32, group_size: int = 1, prompts_per_group: int = 1) -> Completions:
+    """Samples T = cfg.max_new_tokens tokens for each of N = (rows / prompts_per_group) * group_size
+    rows (see the module docstring; the defaults: one row per prompt). Pure given (model state,
     batch, rng)."""
     t_max = cfg.max_new_tokens
-    hidden, cache, batch = shared_prefill(model, batch, t_max, group_size, cache_dtype)
-    logits = repeat_rows(model.logits(hidden[:, -1]), group_size)
+    hidden, cache, batch = shared_prefill(model, batch, t_max, group_size, prompts_per_group, cache_dtype)
+    logits = expand_groups(model.logits(hidden[:, -1]), prompts_per_group, group_size)
     n = logits.shape[0]
     eos = jnp.asarray(cfg.eos_ids or (-1,), jnp.int32)
 

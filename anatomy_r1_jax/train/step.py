@@ -111,11 +111,11 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: St
             # Outside jax.grad: no gradient flows to the reference, and nnx.remat inside the grad trace
             # cannot update Variables merged from outer-trace state.
             ref_model = nnx.merge(graphdef, state.ref_params, state.frozen)
-            ref = completion_logps(ref_model, mb.prompt, ids, mask, cfg.temperature, cfg.logp_chunk)[0]
+            ref = completion_logps(ref_model, mb.prompt, ids, mask, cfg.temperature, cfg.logp_chunk, g)[0]
 
         def numerator(params):
             model = nnx.merge(graphdef, params, state.frozen)
-            logps, entropy = completion_logps(model, mb.prompt, ids, mask, cfg.temperature, cfg.logp_chunk)
+            logps, entropy = completion_logps(model, mb.prompt, ids, mask, cfg.temperature, cfg.logp_chunk, g)
             old = jax.lax.stop_gradient(logps) if old_m is None else old_m
             parts = _loss_parts(cfg, logps, old, ref, adv_m, mask, valid_fraction)
             ent = jnp.sum(jax.lax.stop_gradient(entropy) * mask)
@@ -150,12 +150,13 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: St
 
 
 def policy_logps(graphdef: nnx.GraphDef, state: TrainState, batch: TrainBatch, temperature: float,
-                 chunk: int = 128) -> jax.Array:
+                 chunk: int = 128, group_size: int = 1) -> jax.Array:
     """[M, n, T] log-probs of the batch's completions under the current policy (old_logps for
     num_iterations > 1)."""
 
     def one(mb):
         model = nnx.merge(graphdef, state.params, state.frozen)
-        return completion_logps(model, mb.prompt, mb.completions.ids, mb.completions.mask, temperature, chunk)[0]
+        return completion_logps(model, mb.prompt, mb.completions.ids, mb.completions.mask, temperature, chunk,
+                                group_size)[0]
 
     return jax.lax.map(one, batch)

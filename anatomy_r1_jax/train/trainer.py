@@ -128,10 +128,11 @@ class Trainer:
                                    out_shardings=(state_sharding, None), donate_argnums=0)
         self.grpo_step, self.sft_step = step(grpo), step(sft)
 
-        def rollout(params, frozen, batch, rng, cfg, group_size):
-            return generate(nnx.merge(g, params, frozen), batch, rng, cfg, group_size=group_size)
+        def rollout(params, frozen, batch, rng, cfg, group_size, prompts_per_group):
+            return generate(nnx.merge(g, params, frozen), batch, rng, cfg, group_size=group_size,
+                            prompts_per_group=prompts_per_group)
 
-        self.rollout = jax.jit(rollout, static_argnums=(4, 5))
+        self.rollout = jax.jit(rollout, static_argnums=(4, 5, 6))
 
     # ---- host-side pieces -------------------------------------------------------------------
     def _place(self, batch, micro_axis=False):
@@ -155,7 +156,7 @@ class Trainer:
             batch = self.collator.prompts([[r] for r in padded],
                                           [preprocess_images(r, self.image_processor) for r in padded])
             comp = self.rollout(self.state.params, self.state.frozen, self._place(batch), jax.random.key(rng_seed),
-                                self.greedy, 1)
+                                self.greedy, 1, 1)
             texts = self.decode(comp)[: len(chunk)]
             _, per = compute_rewards(texts, chunk, {"format": 1.0, "accuracy": 1.0, self.accuracy_key: 1.0})
             correct += per[self.accuracy_key].sum()
@@ -188,20 +189,23 @@ class Trainer:
         self.state, metrics = self.sft_step(self.state, self._place(_stack([tb]), micro_axis=True))
         return {"sft/loss": metrics["loss"], "grad_norm": metrics["grad_norm"]}
 
-    def _share(self, groups) -> bool:
-        """Whether a step's groups may carry one prompt row each: train.share_prompts is on and no
-        group holds GDQA variants (all its rows are the same record)."""
-        return bool(self.config.train.share_prompts) and all(r == grp[0] for grp in groups for r in grp)
-
-    def _rollout_groups(self, groups, images, key, share: bool = False):
-        """G sampled completions per query: groups [q][G] records (a query's variants), images [q].
-        share: the prompt batch has one row per group (prefix sharing, see rl/rollout.py).
-        Returns (PromptBatch of q * G rows, or q when shared; Completions on the host, rows [q * G],
-        decoded texts [q * G])."""
+    def _prompts_per_group(self, groups) -> int:
+        """S for a step's groups: the fewest prompt rows per group such that row j of every group
+        repeats row j % S (1 without GDQA variants; the number of variants with them; G when
+        train.share_prompts is off). See rl/rollout.py."""
         g = len(groups[0])
-        batch = self.collator.prompts([grp[:1] for grp in groups] if share else groups, images)
+        if not self.config.train.share_prompts:
+            return g
+        return next(s for s in range(1, g + 1) if all(grp[j] == grp[j % s] for grp in groups for j in range(g)))
+
+    def _rollout_groups(self, groups, images, key, prompts_per_group: int):
+        """G sampled completions per query: groups [q][G] records (a query's variants), images [q];
+        the prompt batch holds the first `prompts_per_group` rows of each group (prefix sharing).
+        Returns (PromptBatch of q * S rows; Completions on the host, rows [q * G], decoded texts [q * G])."""
+        g, s = len(groups[0]), prompts_per_group
+        batch = self.collator.prompts([grp[:s] for grp in groups], images)
         comp = jax.device_get(self.rollout(self.state.params, self.state.frozen, self._place(batch), key,
-                                           self.sampling, g if share else 1))
+                                           self.sampling, g, s))
         return batch, comp, [r for grp in groups for r in grp], self.decode(comp)
 
     def calibrate_gdqa(self) -> float:
@@ -232,7 +236,7 @@ class Trainer:
                 groups = [[q.record] * g for q in chunk]
                 _, _, rows, texts = self._rollout_groups(groups, [q.images for q in chunk],
                                                          jax.random.fold_in(key, step * len(queries) + i),
-                                                         self._share(groups))
+                                                         self._prompts_per_group(groups))
                 rewards.append(compute_rewards(texts, rows, dict(c.rl.rewards))[0])
                 ids += [q.record.id for q in chunk]
         self.it.set_state(resume_at)
@@ -252,10 +256,10 @@ class Trainer:
         chunks = [queries[i * per_micro:(i + 1) * per_micro] for i in range(m)]
         groups_all = [[assign_group_variants(q.record, g, self.gdqa, rng) for q in chunk] for chunk in chunks]
         triggered = sum(self.gdqa.is_triggered(q.record.id) for q in queries)
-        share = self._share([grp for groups in groups_all for grp in groups])  # one shape for all micro-batches
+        s = self._prompts_per_group([grp for groups in groups_all for grp in groups])  # one S for all micro-batches
         for i, (chunk, groups) in enumerate(zip(chunks, groups_all)):
             batch, comp, rows, texts = self._rollout_groups(groups, [q.images for q in chunk],
-                                                            jax.random.fold_in(key, i), share)
+                                                            jax.random.fold_in(key, i), s)
             micro.append((batch, comp, rows))
             rows_all += rows
             texts_all += texts
@@ -279,7 +283,7 @@ class Trainer:
             "reward/accuracy": float(per[self.accuracy_key].mean()),
             "sq_mean": float(np.mean([self.sq_by_id[q.record.id] for q in queries])),
             "completion_length": tokens / len(rows_all), "tokens_per_second": tokens / max(t_rollout, 1e-9),
-            "gdqa_triggered": triggered / len(queries), "shared_prompts": float(share),
+            "gdqa_triggered": triggered / len(queries), "prompts_per_group": float(s),
             "step_seconds": time.perf_counter() - t0,
         }
         for k in ("loss", "kl", "clip_fraction", "entropy", "grad_norm", "invalid_gradient_ratio", "update_skipped"):
