@@ -45,6 +45,8 @@ def test_forward_and_update_flops_match_xla(shared):
     fwd = xla_flops(logps, state, prompts)
     ours = flops.sequence_flops(cfg, queries=Q, group=G, prompt_length=LP, completion_length=T, shared=shared)
     assert 1.0 <= fwd / ours < 1.02  # XLA adds the elementwise work (norms, softmax, rotary)
+    if not shared:
+        return  # the update is 4 forwards of either layout; one compile of it suffices
 
     graphdef, params, frozen = split_model(model, freeze_vision=False)
     tx = make_optimizer(1e-3)
@@ -58,7 +60,7 @@ def test_forward_and_update_flops_match_xla(shared):
     batch = jax.tree.map(lambda x: np.asarray(x)[None], batch)
     step = functools.partial(train_step, graphdef, tx, StepConfig(group_size=G, beta=0.04, logp_chunk=T))
     update = xla_flops(step, st, batch)
-    analytic = flops.update_flops(cfg, queries=Q, group=G, prompt_length=LP, completion_length=T, shared=shared)
+    analytic = flops.update_flops(cfg, queries=Q, group=G, prompt_length=LP, completion_length=T, shared=True)
     # + the LM head's recomputation in the chunked log-softmax's backward and the optimizer's elementwise work
     assert 1.0 <= update / analytic < 1.1
 
