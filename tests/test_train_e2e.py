@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.sft.steps=2", "--config.train.steps=4", "--config.train.batch_size=2", "--config.rl.group_size=2",
@@ -33,14 +32,12 @@ def _metrics(workdir):
         return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in f]
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("full"))
-    _train(workdir)
-    return workdir
-
-
-def test_train_writes_metrics_plots_and_checkpoints(uninterrupted):
+def test_train_writes_metrics_plots_checkpoints_and_resumes_after_sigkill(tmp_path):
+    """One uninterrupted run (metrics, plots, checkpoints), then the same run killed with SIGKILL
+    after its 4th checkpoint and restarted: the metrics equal the uninterrupted run's. (One test, so
+    that pytest-xdist workers do not each make the uninterrupted run.)"""
+    uninterrupted = str(tmp_path / "full")
+    _train(uninterrupted)
     rows = _metrics(uninterrupted)
     assert [r["step"] for r in rows] == list(range(1, 7))
     grpo = [r for r in rows if r["phase"] == 1.0]
@@ -54,8 +51,6 @@ def test_train_writes_metrics_plots_and_checkpoints(uninterrupted):
     assert os.listdir(os.path.join(uninterrupted, "tensorboard"))
     assert "6" in os.listdir(os.path.join(uninterrupted, "checkpoints"))
 
-
-def test_sigkill_and_resume_reproduces_the_uninterrupted_run(uninterrupted, tmp_path):
     workdir = str(tmp_path / "killed")
     proc = _train(workdir, wait=False)
     ckpt = os.path.join(workdir, "checkpoints", "4")
