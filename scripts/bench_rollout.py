@@ -82,9 +82,7 @@ OURS = {"ours shared": True, "ours per row": False}
 
 def run_case(case: workloads.Case, reps: int, split: bool, workdir: str, profile_top: int = 0) -> dict:
     ref, model, config = workloads.reference_pair(case.size, workdir)
-    kw = dict(queries=case.queries, prompt_length=case.prompt_length)
-    prompts, hf = workloads.image_prompts(model.config, group=case.group, **kw)
-    shared, _ = workloads.image_prompts(model.config, group=1, **kw)
+    shared, prompts, hf = workloads.case_prompts(model.config, case)
     diff = prefill_agreement(model, ref, prompts, hf)
     inputs = workloads.torch_inputs(hf)
     put = lambda p: jax.device_put(jax.tree.map(jnp.asarray, p))  # noqa: E731

@@ -137,16 +137,13 @@ OURS = ("ours shared", "ours per row")  # one prompt row per group (as the train
 def our_steppers(model, case: workloads.Case, comp) -> dict[str, OurStepper]:
     """Our update on the same rows two ways: prompts shared by each group's rows (prefix sharing,
     what the trainer does when a step has no GDQA variants) and one prompt row per completion."""
-    kw = dict(queries=case.queries, prompt_length=case.prompt_length)
-    shared, _ = workloads.image_prompts(model.config, group=1, **kw)
-    per_row, _ = workloads.image_prompts(model.config, group=case.group, **kw)
+    shared, per_row, _ = workloads.case_prompts(model.config, case)
     return {name: OurStepper(model, case.group, our_batch(p, comp)) for name, p in zip(OURS, (shared, per_row))}
 
 
 def run_case(case: workloads.Case, reps: int, workdir: str, profile_top: int = 0) -> dict:
     ref, model, config = workloads.reference_pair(case.size, workdir)
-    _, hf = workloads.image_prompts(model.config, queries=case.queries, group=case.group,
-                                    prompt_length=case.prompt_length)
+    _, _, hf = workloads.case_prompts(model.config, case)
     comp = workloads.random_completions(model.config, case.rows, case.new_tokens)
     sides = {**our_steppers(model, case, comp), "torch": TorchStepper(ref, workloads.torch_inputs(hf), comp, case.group)}
     compiled, compile_s = {}, {}

@@ -155,6 +155,15 @@ def image_prompts(cfg: QwenVLConfig, *, queries: int, group: int, prompt_length:
     return ours, hf
 
 
+def case_prompts(cfg: QwenVLConfig, case: "Case") -> tuple[PromptBatch, PromptBatch, dict[str, np.ndarray]]:
+    """A case's prompts three ways: (ours with one prompt row per group (prefix sharing), ours with
+    one per row, the transformers inputs of the rows). The same prompts and images in all three."""
+    kw = dict(queries=case.queries, prompt_length=case.prompt_length)
+    shared, _ = image_prompts(cfg, group=1, **kw)
+    per_row, hf = image_prompts(cfg, group=case.group, **kw)
+    return shared, per_row, hf
+
+
 def torch_inputs(batch: dict[str, np.ndarray]) -> dict:
     import torch
 
