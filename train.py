@@ -10,9 +10,13 @@ Running the same command again resumes from the last checkpoint in DIR.
 import logging
 import os
 
-from absl import app, flags
+from anatomy_r1_jax.requirements import check_installed
+
+check_installed()  # one line naming a missing package, before any library needs it
+
+from absl import app, flags  # noqa: E402
 from absl import logging as absl_logging
-from ml_collections import config_flags
+from ml_collections import config_flags  # noqa: E402
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _CONFIG = config_flags.DEFINE_config_file("config", os.path.join(_HERE, "configs", "default.py"),

@@ -20,10 +20,15 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from anatomy_r1_jax.requirements import check_installed  # noqa: E402
+
+check_installed()  # one line naming a missing package
+
+import numpy as np  # noqa: E402
 
 from anatomy_r1_jax.train.metrics import read_metrics  # noqa: E402
 

@@ -14,11 +14,16 @@ import logging
 import os
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _ROOT)
+
+from anatomy_r1_jax.requirements import check_installed  # noqa: E402
+
+check_installed()  # one line naming a missing package
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", os.path.join(_ROOT, "configs", "default.py"),
                                           "the run's ml_collections config file", lock_config=True)

@@ -19,9 +19,14 @@ import json
 import os
 import sys
 
-import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
+
+from anatomy_r1_jax.requirements import check_installed  # noqa: E402
+
+check_installed()  # one line naming a missing package
+
+import numpy as np  # noqa: E402
 
 from anatomy_r1_jax.data import read_records  # noqa: E402
 from anatomy_r1_jax.methods.curriculum import stage_slices  # noqa: E402

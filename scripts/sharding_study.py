@@ -28,6 +28,10 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
 
+from anatomy_r1_jax.requirements import check_installed  # noqa: E402
+
+check_installed()  # one line naming a missing package
+
 DEFAULT_RULES = [("batch", ("data", "fsdp")), ("embed", "fsdp"), ("vision_embed", "fsdp"), ("mlp", "tensor"),
                  ("vision_mlp", "tensor"), ("heads", "tensor"), ("vision_heads", "tensor"), ("kv_heads", "tensor"),
                  ("vocab", "tensor")]
