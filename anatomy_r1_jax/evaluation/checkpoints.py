@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import os
 import re
+import tempfile
 
 import jax
 import orbax.checkpoint as ocp
@@ -101,14 +102,28 @@ def _abstract(state, mesh, rules):
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), var), shardings, state)
 
 
-def build_setup(config, workdir: str, *, mesh=None) -> ModelSetup:
+def _tokenizer_and_image_processor(config, workdir: str | None):
+    """The run's tokenizer and image processor. The tiny tokenizer (no tokenizer.path / model.path)
+    is read from `workdir/tokenizer`, where training saved it; when that folder is missing it is
+    built in a scratch folder: evaluation and export never write into a run."""
+    if config.tokenizer.path or config.model.path or (
+            workdir and os.path.exists(os.path.join(workdir, "tokenizer", "tokenizer.json"))):
+        tokenizer = experiment.build_tokenizer(config, workdir)
+        return tokenizer, experiment.build_image_processor(config, tokenizer)
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer = experiment.build_tokenizer(config, scratch)
+        return tokenizer, experiment.build_image_processor(config, tokenizer)
+
+
+def build_setup(config, workdir: str | None, *, mesh=None) -> ModelSetup:
     """Tokenizer, image processor, mesh and the model of `config`, built abstractly (no memory,
-    nothing loaded); `base_state` or `restore_model_state` then give it values."""
+    nothing loaded); `base_state` or `restore_model_state` then give it values.
+
+    workdir: the run whose tiny tokenizer to use (None: none; nothing is written there)."""
     c = config
     mesh = mesh if mesh is not None else sharding.make_mesh([tuple(a) for a in c.mesh])
     rules = [tuple(r) for r in c.sharding_rules]
-    tokenizer = experiment.build_tokenizer(c, workdir)
-    image_processor = experiment.build_image_processor(c, tokenizer)
+    tokenizer, image_processor = _tokenizer_and_image_processor(c, workdir)
     if c.model.path:
         dtypes = experiment.DTYPES
         model = abstract_model(QwenVLConfig.from_dir(c.model.path), dtype=dtypes[c.model.dtype],
