@@ -21,6 +21,7 @@ import tempfile
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
 from anatomy_r1_jax import sharding
@@ -149,6 +150,32 @@ def load_model_state(setup: ModelSetup, ref: CheckpointRef):
     return base_state(setup) if ref.path is None else restore_model_state(setup, ref.path)
 
 
+def _parameter_names(params, frozen) -> set[str]:
+    """'language.layers.0.mlp.up.kernel'-style names of the leaves of params and frozen together
+    (nnx States and Orbax tree metadata alike: a Variable's trailing 'value' key is dropped)."""
+    def name(path):
+        parts = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+        return ".".join(parts[:-1] if parts[-1] == "value" else parts)
+
+    return {name(path) for tree in (params, frozen) for path, _ in jax.tree_util.tree_leaves_with_path(tree or {})}
+
+
+def _check_parameter_names(setup: ModelSetup, path: str, step_dir: str) -> None:
+    """Raises when the checkpoint's parameters are not the model's: Orbax's partial restore would
+    leave missing ones unrestored and skip extra ones (e.g. a 1-layer run read with a 2-layer config)."""
+    stored = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path))
+    stored = getattr(stored, "tree", stored) or {}
+    found = _parameter_names(stored.get("params"), stored.get("frozen"))
+    expected = _parameter_names(setup.params, setup.frozen)
+    if found != expected:
+        missing, extra = sorted(expected - found), sorted(found - expected)
+        raise ValueError(
+            f"{step_dir}: the checkpoint does not hold this config's model: {len(missing)} of its parameters are "
+            f"not in the checkpoint{' (' + ', '.join(missing[:3]) + ', ...)' if missing else ''} and {len(extra)} "
+            f"checkpoint parameters are not in the model{' (' + ', '.join(extra[:3]) + ', ...)' if extra else ''}; "
+            "use the run's config (scripts read the run's config.json unless --config is given)")
+
+
 def restore_model_state(setup: ModelSetup, step_dir: str):
     """(params, frozen) of the checkpoint in `step_dir`, split and placed like the setup's model
     (so they fit `setup.graphdef` and every program compiled for it).
@@ -158,6 +185,7 @@ def restore_model_state(setup: ModelSetup, step_dir: str):
     """
     model = nnx.merge(setup.graphdef, setup.params, setup.frozen)
     path = os.path.join(os.path.abspath(step_dir), "state")
+    _check_parameter_names(setup, path, step_dir)
     errors = []
     for freeze in (setup.freeze_vision, not setup.freeze_vision):
         graphdef, params, frozen = split_model(model, freeze)
