@@ -52,7 +52,8 @@ def read_run_config(workdir: str, template: ml_collections.ConfigDict | None = N
         raise FileNotFoundError(f"{path}: no saved config (train.py writes it at the start of a run); "
                                 "pass --config FILE with the run's config instead") from None
     except ValueError as error:
-        raise ValueError(f"{path}: not valid JSON ({error}); pass --config FILE with the run's config instead") from None
+        raise ValueError(f"{path}: not valid JSON ({error}); pass --config FILE with the run's config "
+                         "instead") from None
     if not isinstance(stored, dict):
         raise ValueError(f"{path}: expected a JSON object of config fields, found {type(stored).__name__}")
     return ml_collections.ConfigDict(_typed(stored, template if template is not None else {}))
