@@ -209,6 +209,11 @@ def test_scripts_without_config_evaluate_and_export_the_run(tmp_path, monkeypatc
     missing = r"not hold this config.s model: \d+ of its parameters are not in the checkpoint \(language\.layers\.1\."
     with pytest.raises(ValueError, match=missing):
         export_checkpoint(default_config(), str(run), str(tmp_path / "wrong"))
+    wrong = config.copy_and_resolve_references()
+    wrong.model.tiny.intermediate_size = 128  # the same parameters, other shapes
+    with pytest.raises(ValueError, match=r"not hold this config.s model \(use the run.s config: .*\n.*shape"):
+        export_checkpoint(wrong, str(run), str(tmp_path / "wrong"))
+    assert not (tmp_path / "wrong").exists()
 
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
     evaluate = [f"--checkpoints={run}", "--datasets=synthetic:val", f"--out={tmp_path / 'eval'}", "--limit=2",

@@ -33,6 +33,7 @@ from anatomy_r1_jax.train.partitioning import place_state, split_model
 log = logging.getLogger(__name__)
 
 BASE = "base"
+_USE_THE_RUN_CONFIG = "use the run's config: the scripts read the run's config.json unless --config is given"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,7 +174,7 @@ def _check_parameter_names(setup: ModelSetup, path: str, step_dir: str) -> None:
             f"{step_dir}: the checkpoint does not hold this config's model: {len(missing)} of its parameters are "
             f"not in the checkpoint{' (' + ', '.join(missing[:3]) + ', ...)' if missing else ''} and {len(extra)} "
             f"checkpoint parameters are not in the model{' (' + ', '.join(extra[:3]) + ', ...)' if extra else ''}; "
-            "use the run's config (scripts read the run's config.json unless --config is given)")
+            f"{_USE_THE_RUN_CONFIG}")
 
 
 def restore_model_state(setup: ModelSetup, step_dir: str):
@@ -204,4 +205,5 @@ def restore_model_state(setup: ModelSetup, step_dir: str):
             _, params, frozen = split_model(nnx.merge(graphdef, out["params"], out["frozen"]), setup.freeze_vision)
             return params, frozen
         return out["params"], out["frozen"]
-    raise ValueError(f"{step_dir}: the checkpoint does not hold this config's model:\n" + "\n".join(errors))
+    raise ValueError(f"{step_dir}: the checkpoint does not hold this config's model ({_USE_THE_RUN_CONFIG}):\n"
+                     + "\n".join(errors))
