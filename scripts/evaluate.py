@@ -1,13 +1,17 @@
 #!/usr/bin/env python
 """Evaluation sweep: the base model and trained checkpoints on benchmark datasets.
 
-    python scripts/evaluate.py [--config configs/default.py] --checkpoints base,runs/default \
+    python scripts/evaluate.py --checkpoints base,runs/default \
         --datasets synthetic:val,synthetic:test --out eval/default [--samples 8 --ks 1,4,8] \
         [--config.data.prompt_length=256 ...]
 
 --checkpoints: "base" (the model the config builds: model.path, or the tiny model of config.seed),
   a run workdir (its latest step), its checkpoints/ folder or one checkpoints/<step> folder;
-  NAME=PATH names one. The config must be the run's (it rebuilds the model's structure).
+  NAME=PATH names one.
+--config: by default the run's own (its workdir's config.json, saved by train.py; with several runs
+  they must agree on model, tokenizer, prompts and sampler), --config.FIELD=VALUE overrides applied on
+  top; configs/default.py when no checkpoint belongs to a run. An explicit --config FILE is used
+  instead (it must build the run's model).
 --datasets: a records file in any supported format (released Anatomy-R1, OmniMedVQA, Med-R1, the
   project's JSONL), or synthetic:val / synthetic:test (generated from the config); NAME=SPEC names one.
 Writes DIR/results/<model>__<dataset>.json (one per pair; pairs already done are skipped when the
@@ -30,7 +34,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", os.path.join(_ROOT, "configs", "default.py"),
-                                          "the run's ml_collections config file", lock_config=True)
+                                          "config file (default: the run's saved config.json)", lock_config=True)
 _CHECKPOINTS = flags.DEFINE_list("checkpoints", ["base"], "models: base, run workdirs or step folders")
 _DATASETS = flags.DEFINE_list("datasets", ["synthetic:val"], "records files or synthetic:val / synthetic:test")
 _OUT = flags.DEFINE_string("out", None, "output folder", required=True)
@@ -66,12 +70,13 @@ def main(argv):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from anatomy_r1_jax.data.pipeline import ensure_flags_parsed
     from anatomy_r1_jax.evaluation.evaluator import EvalSettings
+    from anatomy_r1_jax.evaluation.run_config import config_from_flags
     from anatomy_r1_jax.evaluation.sweep import run_sweep
     from anatomy_r1_jax.train.distributed import maybe_initialize
 
     ensure_flags_parsed()
     maybe_initialize()
-    config = _CONFIG.value
+    config = config_from_flags(_CONFIG, _CHECKPOINTS.value)
     accuracy = _ACCURACY.value or (
         "accuracy_lenient" if config.rl.get("accuracy_mode", "strict") == "lenient" else "accuracy")
     settings = EvalSettings(batch_size=_BATCH.value, samples=_SAMPLES.value, ks=tuple(int(k) for k in _KS.value),

@@ -17,9 +17,11 @@ import dataclasses
 import logging
 import os
 import re
+import tempfile
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
 from anatomy_r1_jax import sharding
@@ -31,6 +33,7 @@ from anatomy_r1_jax.train.partitioning import place_state, split_model
 log = logging.getLogger(__name__)
 
 BASE = "base"
+_USE_THE_RUN_CONFIG = "use the run's config: the scripts read the run's config.json unless --config is given"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,14 +104,28 @@ def _abstract(state, mesh, rules):
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), var), shardings, state)
 
 
-def build_setup(config, workdir: str, *, mesh=None) -> ModelSetup:
+def _tokenizer_and_image_processor(config, workdir: str | None):
+    """The run's tokenizer and image processor. The tiny tokenizer (no tokenizer.path / model.path)
+    is read from `workdir/tokenizer`, where training saved it; when that folder is missing it is
+    built in a scratch folder: evaluation and export never write into a run."""
+    if config.tokenizer.path or config.model.path or (
+            workdir and os.path.exists(os.path.join(workdir, "tokenizer", "tokenizer.json"))):
+        tokenizer = experiment.build_tokenizer(config, workdir)
+        return tokenizer, experiment.build_image_processor(config, tokenizer)
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer = experiment.build_tokenizer(config, scratch)
+        return tokenizer, experiment.build_image_processor(config, tokenizer)
+
+
+def build_setup(config, workdir: str | None, *, mesh=None) -> ModelSetup:
     """Tokenizer, image processor, mesh and the model of `config`, built abstractly (no memory,
-    nothing loaded); `base_state` or `restore_model_state` then give it values."""
+    nothing loaded); `base_state` or `restore_model_state` then give it values.
+
+    workdir: the run whose tiny tokenizer to use (None: none; nothing is written there)."""
     c = config
     mesh = mesh if mesh is not None else sharding.make_mesh([tuple(a) for a in c.mesh])
     rules = [tuple(r) for r in c.sharding_rules]
-    tokenizer = experiment.build_tokenizer(c, workdir)
-    image_processor = experiment.build_image_processor(c, tokenizer)
+    tokenizer, image_processor = _tokenizer_and_image_processor(c, workdir)
     if c.model.path:
         dtypes = experiment.DTYPES
         model = abstract_model(QwenVLConfig.from_dir(c.model.path), dtype=dtypes[c.model.dtype],
@@ -134,6 +151,32 @@ def load_model_state(setup: ModelSetup, ref: CheckpointRef):
     return base_state(setup) if ref.path is None else restore_model_state(setup, ref.path)
 
 
+def _parameter_names(params, frozen) -> set[str]:
+    """'language.layers.0.mlp.up.kernel'-style names of the leaves of params and frozen together
+    (nnx States and Orbax tree metadata alike: a Variable's trailing 'value' key is dropped)."""
+    def name(path):
+        parts = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+        return ".".join(parts[:-1] if parts[-1] == "value" else parts)
+
+    return {name(path) for tree in (params, frozen) for path, _ in jax.tree_util.tree_leaves_with_path(tree or {})}
+
+
+def _check_parameter_names(setup: ModelSetup, path: str, step_dir: str) -> None:
+    """Raises when the checkpoint's parameters are not the model's: Orbax's partial restore would
+    leave missing ones unrestored and skip extra ones (e.g. a 1-layer run read with a 2-layer config)."""
+    stored = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path))
+    stored = getattr(stored, "tree", stored) or {}
+    found = _parameter_names(stored.get("params"), stored.get("frozen"))
+    expected = _parameter_names(setup.params, setup.frozen)
+    if found != expected:
+        missing, extra = sorted(expected - found), sorted(found - expected)
+        raise ValueError(
+            f"{step_dir}: the checkpoint does not hold this config's model: {len(missing)} of its parameters are "
+            f"not in the checkpoint{' (' + ', '.join(missing[:3]) + ', ...)' if missing else ''} and {len(extra)} "
+            f"checkpoint parameters are not in the model{' (' + ', '.join(extra[:3]) + ', ...)' if extra else ''}; "
+            f"{_USE_THE_RUN_CONFIG}")
+
+
 def restore_model_state(setup: ModelSetup, step_dir: str):
     """(params, frozen) of the checkpoint in `step_dir`, split and placed like the setup's model
     (so they fit `setup.graphdef` and every program compiled for it).
@@ -143,6 +186,7 @@ def restore_model_state(setup: ModelSetup, step_dir: str):
     """
     model = nnx.merge(setup.graphdef, setup.params, setup.frozen)
     path = os.path.join(os.path.abspath(step_dir), "state")
+    _check_parameter_names(setup, path, step_dir)
     errors = []
     for freeze in (setup.freeze_vision, not setup.freeze_vision):
         graphdef, params, frozen = split_model(model, freeze)
@@ -161,4 +205,5 @@ def restore_model_state(setup: ModelSetup, step_dir: str):
             _, params, frozen = split_model(nnx.merge(graphdef, out["params"], out["frozen"]), setup.freeze_vision)
             return params, frozen
         return out["params"], out["frozen"]
-    raise ValueError(f"{step_dir}: the checkpoint does not hold this config's model:\n" + "\n".join(errors))
+    raise ValueError(f"{step_dir}: the checkpoint does not hold this config's model ({_USE_THE_RUN_CONFIG}):\n"
+                     + "\n".join(errors))

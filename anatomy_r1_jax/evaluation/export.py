@@ -3,7 +3,11 @@
     out/config.json, generation_config.json, model.safetensors   models.save_pretrained (hub layout)
     out/tokenizer.json, tokenizer_config.json, chat template     the run's tokenizer
     out/preprocessor_config.json                                 the run's image processor
+    out/processor_config.json, processing_image_only_qwen2_vl.py the processor without torchvision:
+        AutoProcessor.from_pretrained(out, trust_remote_code=True) (see processing_image_only_qwen2_vl.py)
     out/anatomy_r1_export.json                                   which checkpoint / step it came from
+
+The weights keep the run's dtype (config.model.param_dtype) unless another is asked for.
 """
 
 from __future__ import annotations
@@ -11,17 +15,31 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
+import shutil
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from anatomy_r1_jax.evaluation import processing_image_only_qwen2_vl
 from anatomy_r1_jax.evaluation.checkpoints import build_setup, load_model_state, resolve_checkpoint
 from anatomy_r1_jax.models import save_pretrained
 from anatomy_r1_jax.train.experiment import DTYPES
 
 log = logging.getLogger(__name__)
+
+PROCESSOR_CLASS = processing_image_only_qwen2_vl.ImageOnlyQwen2VLProcessor.__name__
+PROCESSOR_MODULE = os.path.basename(processing_image_only_qwen2_vl.__file__)
+
+
+def write_processor_files(out_dir: str) -> None:
+    """processor_config.json naming transformers' Qwen2VLProcessor (what AutoProcessor loads by
+    default) and, under auto_map, the image-only processor shipped beside it (what it loads with
+    trust_remote_code=True, no torchvision needed)."""
+    shutil.copyfile(processing_image_only_qwen2_vl.__file__, os.path.join(out_dir, PROCESSOR_MODULE))
+    auto_map = {"AutoProcessor": f"{os.path.splitext(PROCESSOR_MODULE)[0]}.{PROCESSOR_CLASS}"}
+    with open(os.path.join(out_dir, "processor_config.json"), "w") as f:
+        json.dump({"processor_class": "Qwen2VLProcessor", "auto_map": auto_map}, f, indent=1)
 
 
 def export_checkpoint(config, checkpoint: str, out_dir: str, *, dtype: str | None = None,
@@ -29,25 +47,27 @@ def export_checkpoint(config, checkpoint: str, out_dir: str, *, dtype: str | Non
     """Writes the model of `checkpoint` (a spec of checkpoints.resolve_checkpoint, "base" included)
     with the tokenizer and image processor of `config` to out_dir; returns out_dir.
 
-    workdir: where the run keeps its tokenizer folder (default: the checkpoint's run workdir).
-    dtype: "float32" / "bfloat16" to cast the stored weights (default: as trained).
+    config: the run's (scripts/export_hf.py reads it from the run's config.json).
+    workdir: where the run keeps its tokenizer folder (default: the checkpoint's run workdir); read only.
+    dtype: "float32" / "bfloat16" to cast the stored weights (default: as trained, model.param_dtype).
     """
     ref = resolve_checkpoint(checkpoint)
-    with tempfile.TemporaryDirectory() as scratch:
-        setup = build_setup(config, workdir or ref.workdir or scratch)
-        params, frozen = load_model_state(setup, ref)
-        if dtype is not None:
-            cast = lambda x: x.astype(DTYPES[dtype]) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
-            params, frozen = jax.tree.map(cast, params), jax.tree.map(cast, frozen)
-        model = nnx.merge(setup.graphdef, params, frozen)
-        if jax.process_index() == 0:
-            os.makedirs(out_dir, exist_ok=True)
-        save_pretrained(model, out_dir, max_shard_bytes=max_shard_bytes)
-        if jax.process_index() == 0:
-            setup.tokenizer.save_pretrained(out_dir)
-            setup.image_processor.save_pretrained(out_dir)
-            with open(os.path.join(out_dir, "anatomy_r1_export.json"), "w") as f:
-                json.dump({"checkpoint": ref.path or "base", "step": ref.step, "name": ref.name,
-                           "model_path": config.model.path, "family": model.config.family}, f, indent=1)
+    setup = build_setup(config, workdir or ref.workdir)
+    params, frozen = load_model_state(setup, ref)
+    if dtype is not None:
+        cast = lambda x: x.astype(DTYPES[dtype]) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
+        params, frozen = jax.tree.map(cast, params), jax.tree.map(cast, frozen)
+    model = nnx.merge(setup.graphdef, params, frozen)
+    if jax.process_index() == 0:
+        os.makedirs(out_dir, exist_ok=True)
+    save_pretrained(model, out_dir, max_shard_bytes=max_shard_bytes)
+    if jax.process_index() == 0:
+        setup.tokenizer.save_pretrained(out_dir)
+        setup.image_processor.save_pretrained(out_dir)
+        write_processor_files(out_dir)
+        with open(os.path.join(out_dir, "anatomy_r1_export.json"), "w") as f:
+            json.dump({"checkpoint": ref.path or "base", "step": ref.step, "name": ref.name,
+                       "model_path": config.model.path, "family": model.config.family,
+                       "dtype": dtype or config.model.param_dtype}, f, indent=1)
     log.info("exported %s to %s", ref.name, out_dir)
     return out_dir
