@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -41,13 +42,15 @@ FRAME = (480, 854)  # CholecT45 frames: height, width
 
 
 def write_frames(folder: Path, count: int) -> list[str]:
-    rng = np.random.default_rng(0)
-    pixels = rng.integers(0, 256, (*FRAME, 3), dtype=np.uint8)
-    paths = []
-    for i in range(count):
-        path = folder / f"{i:06d}.png"
-        Image.fromarray(pixels).save(path, compress_level=1)
-        paths.append(str(path))
+    """count distinct files holding one 854x480 PNG (a smooth frame: small files, same header reads)."""
+    rows, cols = np.mgrid[0:FRAME[0], 0:FRAME[1]]
+    pixels = np.stack([rows % 256, cols % 256, (rows + cols) % 256], axis=-1).astype(np.uint8)
+    first = folder / "000000.png"
+    Image.fromarray(pixels).save(first)
+    paths = [str(first)]
+    for i in range(1, count):
+        paths.append(str(folder / f"{i:06d}.png"))
+        shutil.copyfile(first, paths[-1])
     return paths
 
 
