@@ -152,6 +152,8 @@ def test_skip_keeps_the_good_records_and_says_how_many_were_left_out(tmp_path, i
     report = [json.loads(line) for line in (tmp_path / "invalid.jsonl").read_text().splitlines()]
     assert [(r["file"], r["id"], r["reason"]) for r in report] == [("a.json", "t1", "x"), ("a.json", "t1", "y"),
                                                                   ("b.json", "e2", "z")]
+    assert validation.drop_or_raise({"train": (train, [])}, "skip", tmp_path / "invalid.jsonl") == {"train": train}
+    assert not (tmp_path / "invalid.jsonl").exists()  # no stale list from an earlier run
     with pytest.raises(DataError, match="every train record"):
         validation.drop_or_raise({"train": (train[:1], [validation.Problem("a", "t0", "x")])}, "skip",
                                  tmp_path / "r.jsonl")

@@ -10,6 +10,8 @@ Per record:
   resized image's tokens) must fit `prompt_length`. With GDQA variants (gdqa_kinds), so must the
   longest prompt a variant can have: every rephrasing x every instruction template x every option
   order of the kinds (methods/augmentation.py draws from exactly these), worst case taken.
+Not checked here: a file whose header reads but whose pixels are corrupt (the pipeline's load names
+it when it comes up), and the supervised warm-up targets' completion_length (the collator does).
 
 Speed (100k records): image headers are read once per distinct path, and prompts are counted by
 pieces. Qwen2's pre-tokenizer cuts the text after every newline that a letter follows and at special
@@ -271,15 +273,16 @@ def drop_or_raise(
 ) -> dict[str, list[Record]]:
     """Applies data.on_error to each split's (records, problems).
 
-    Any problem: all of them go to report_path (JSONL), then "raise" raises one DataError listing
-    them, one line each (the first SHOWN, then a count); "skip" returns each split without the
-    records that have problems and logs how many were left out. A split left empty by skipping
-    raises.
+    Any problem: all of them go to report_path (JSONL; removed when there are none), then "raise"
+    raises one DataError listing them, one line each (the first SHOWN, then a count); "skip" returns
+    each split without the records that have problems and logs how many were left out. A split left
+    empty by skipping raises.
     """
     if on_error not in ON_ERROR:
         raise ValueError(f"data.on_error must be one of {ON_ERROR}, got {on_error!r}")
     problems = [p for _, split_problems in splits.values() for p in split_problems]
     if not problems:
+        Path(report_path).unlink(missing_ok=True)  # a previous run's list would mislead
         return {name: records for name, (records, _) in splits.items()}
     report = write_report(problems, report_path)
     bad_ids = {name: {p.record_id for p in ps} for name, (_, ps) in splits.items()}
