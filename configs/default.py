@@ -41,6 +41,10 @@ def get_config(arg=None):
         patches_per_query=16,  # 56x56 px -> 4x4 patches
         eval_size=200,
         workers=0,
+        # records with problems (unreadable or missing image, prompt or GDQA variant over prompt_length,
+        # images over patches_per_query), found by a pass over all data before training:
+        # "raise" lists them all and stops; "skip" leaves them out (listed in workdir/invalid_records.jsonl)
+        on_error="raise",
     )
 
     c.rl = dict(

@@ -48,6 +48,24 @@ def preprocess_images(record: Record, image_processor) -> ImageFeatures:
     return ImageFeatures(np.asarray(out["pixel_values"], np.float32), np.asarray(out["image_grid_thw"], np.int64))
 
 
+def prompt_text(tokenizer, record: Record, variant: str | None = None, think: bool = True) -> str:
+    """The chat prompt's text (chat template, generation prompt added), one IMAGE_PAD per image."""
+    messages = prompts.chat_messages(record, variant, think=think)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def prompt_ids(tokenizer, record: Record, image_tokens: Sequence[int], *, variant: str | None = None,
+               think: bool = True) -> list[int]:
+    """Token ids of the chat prompt, the k-th image placeholder expanded to image_tokens[k] tokens
+    (an image of grid (t, h, w) has t*h*w / merge**2 of them)."""
+    parts = prompt_text(tokenizer, record, variant, think).split(IMAGE_PAD)
+    if len(parts) - 1 != len(image_tokens):
+        raise DataError(f"record {record.id!r}: prompt has {len(parts) - 1} image placeholders for "
+                        f"{len(image_tokens)} images")
+    text = parts[0] + "".join(IMAGE_PAD * c + p for c, p in zip(image_tokens, parts[1:]))
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 class Collator:
     """Tokenizes prompts through the chat template and packs groups into a `PromptBatch`."""
 
@@ -64,15 +82,8 @@ class Collator:
 
     def prompt_ids(self, record: Record, grid_thw: np.ndarray) -> list[int]:
         """Token ids of the chat prompt with each image placeholder expanded to its merged tokens."""
-        messages = prompts.chat_messages(record, self.variant, think=self.think)
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        parts = text.split(IMAGE_PAD)
-        if len(parts) - 1 != len(grid_thw):
-            raise DataError(f"record {record.id!r}: prompt has {len(parts) - 1} image placeholders for "
-                            f"{len(grid_thw)} images")
         counts = [int(np.prod(g)) // self.merge ** 2 for g in grid_thw]
-        text = parts[0] + "".join(IMAGE_PAD * c + p for c, p in zip(counts, parts[1:]))
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return prompt_ids(self.tokenizer, record, counts, variant=self.variant, think=self.think)
 
     def prompts(self, groups: Sequence[Sequence[Record]], images: Sequence[ImageFeatures]) -> PromptBatch:
         """groups: B lists of G records (rows); images: B ImageFeatures. Returns NumPy arrays:

@@ -90,10 +90,14 @@ def _variant_of(record: Record, variant: str | None) -> str:
     return name
 
 
+def option_lines(options: tuple[str, ...] | list[str]) -> list[str]:
+    """The option lines, without newlines: ["A. ..", "B. ..", ...]."""
+    return [f"{LETTERS[i]}. {text}" for i, text in enumerate(options)]
+
+
 def question_block(question: str, options: tuple[str, ...] | list[str]) -> str:
     """The part after the header: "\\nQuestion:\\n{q}\\nAnatomy Options:\\nA. ..\\nB. .."."""
-    lines = "\n".join(f"{LETTERS[i]}. {text}" for i, text in enumerate(options))
-    return f"{_QUESTION_MARK}{question}{_OPTIONS_MARK}{lines}"
+    return f"{_QUESTION_MARK}{question}{_OPTIONS_MARK}" + "\n".join(option_lines(options))
 
 
 def format_question(record: Record, variant: str | None = None) -> str:
@@ -102,6 +106,17 @@ def format_question(record: Record, variant: str | None = None) -> str:
     variant: one of VARIANTS; None takes record.prompt_variant, else DEFAULT_VARIANT ("grpo").
     """
     return HEADERS[_variant_of(record, variant)][0] + question_block(record.question, record.options)
+
+
+def question_pieces(record: Record, variant: str | None = None) -> tuple[str, str, tuple[str, ...]]:
+    """format_question's text cut after each newline that a letter follows (where Qwen2's
+    pre-tokenizer always cuts, so token counts add up over the pieces): the header, the question
+    with the options heading, and the option lines. "".join((header, question, *lines)) equals
+    format_question(record, variant)."""
+    header = HEADERS[_variant_of(record, variant)][0] + _QUESTION_MARK[0]
+    lines = option_lines(record.options)
+    return (header, f"{_QUESTION_MARK[1:]}{record.question}{_OPTIONS_MARK}",
+            tuple(line + "\n" for line in lines[:-1]) + tuple(lines[-1:]))
 
 
 def format_sft_prompt(record: Record, variant: str | None = None, image_tag: bool = False) -> str:

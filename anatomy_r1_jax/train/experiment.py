@@ -7,14 +7,17 @@ comes from a local Hugging Face directory (`model.path`) or is made from scratch
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
+import time
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from anatomy_r1_jax.data import read_records
+from anatomy_r1_jax.data import validation
 from anatomy_r1_jax.data.records import Record
 from anatomy_r1_jax.methods import similarity as sim_lib
 from anatomy_r1_jax.models import QwenVL, QwenVLConfig, load_pretrained
@@ -31,6 +34,8 @@ class Data:
     eval: list[Record]
     categories: list[str]  # category names; index = the integer used in metrics
     matrix_path: str  # class-similarity matrix ("" when none)
+    train_file: str = ""  # the files the records came from
+    eval_file: str = ""
 
 
 def build_tokenizer(config, workdir: str):
@@ -72,16 +77,40 @@ def build_data(config, workdir: str) -> Data:
         matrix = matrix or os.path.join(out, "class_similarity.json")
     if not c.train:
         raise ValueError("config data.train is empty: give a records file (--config.data.train=PATH) or 'synthetic'")
-    read = dict(format=c.format, image_root=c.image_root or None)
-    train = read_records(paths["train"] if c.train == "synthetic" else c.train, **read)
-    evals = read_records(paths["val"] if c.eval == "synthetic" else c.eval, **read) if c.eval else []
+    if c.on_error not in validation.ON_ERROR:
+        raise ValueError(f"config data.on_error={c.on_error!r}: use one of {validation.ON_ERROR}")
+    # images are checked by validate_data (headers only: fast), with the prompt and patch checks
+    read = dict(format=c.format, image_root=c.image_root or None, check_images=False,
+                on_bad_record="error" if c.on_error == "raise" else "skip")
+    train_file = paths["train"] if c.train == "synthetic" else c.train
+    eval_file = (paths["val"] if c.eval == "synthetic" else c.eval) if c.eval else ""
+    train = read_records(train_file, **read)
+    evals = read_records(eval_file, **read) if eval_file else []
     if c.prompt_variant:
         train = [r if r.prompt_variant else dataclasses.replace(r, prompt_variant=c.prompt_variant) for r in train]
         evals = [r if r.prompt_variant else dataclasses.replace(r, prompt_variant=c.prompt_variant) for r in evals]
     evals = evals[: c.eval_size] if c.eval_size else evals
     categories = sorted({r.category for r in train + evals})
     log.info("data: %d train, %d eval records, %d categories", len(train), len(evals), len(categories))
-    return Data(train, evals, categories, matrix)
+    return Data(train, evals, categories, matrix, train_file, eval_file)
+
+
+def validate_data(config, data: Data, tokenizer, image_processor, workdir: str) -> Data:
+    """The start-up pass over all records (data/validation.py): images, prompts (GDQA variants of
+    training records included when GDQA is on), patch budget. data.on_error="raise" stops with every
+    problem listed; "skip" leaves those records out. Either way they are listed in
+    workdir/invalid_records.jsonl."""
+    c = config.data
+    gdqa_on = config.gdqa.trigger != "off" and min(config.rl.group_size, config.gdqa.num_variants) > 1
+    check = functools.partial(validation.find_problems, tokenizer=tokenizer, image_processor=image_processor,
+                              prompt_length=c.prompt_length, patches_per_query=c.patches_per_query)
+    t0 = time.perf_counter()
+    splits = {"train": (data.train, check(data.train, file=data.train_file,
+                                          gdqa_kinds=tuple(config.gdqa.kinds) if gdqa_on else ())),
+              "eval": (data.eval, check(data.eval, file=data.eval_file))}
+    kept = validation.drop_or_raise(splits, c.on_error, os.path.join(workdir, "invalid_records.jsonl"))
+    log.info("data: checked %d records in %.1f s", len(data.train) + len(data.eval), time.perf_counter() - t0)
+    return dataclasses.replace(data, train=kept["train"], eval=kept["eval"])
 
 
 def similarity_scores(config, data: Data, model, tokenizer, workdir: str) -> np.ndarray:

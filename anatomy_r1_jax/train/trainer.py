@@ -73,7 +73,8 @@ class Trainer:
         self.rules = [tuple(r) for r in c.sharding_rules]
         self.tokenizer = experiment.build_tokenizer(c, workdir)
         self.image_processor = experiment.build_image_processor(c, self.tokenizer)
-        self.data = experiment.build_data(c, workdir)
+        self.data = experiment.validate_data(c, experiment.build_data(c, workdir), self.tokenizer,
+                                             self.image_processor, workdir)
         with sharding.use_rules(self.mesh, self.rules):
             model = experiment.build_model(c, self.tokenizer, self.mesh, self.rules)
         self.model_cfg = model.config
