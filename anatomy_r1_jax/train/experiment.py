@@ -10,7 +10,6 @@ import dataclasses
 import logging
 import os
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -19,10 +18,9 @@ from anatomy_r1_jax.data.records import Record
 from anatomy_r1_jax.methods import similarity as sim_lib
 from anatomy_r1_jax.models import QwenVL, QwenVLConfig, load_pretrained
 from anatomy_r1_jax.models.presets import tiny_hf_config
+from anatomy_r1_jax.train.precision import DTYPES
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass

@@ -36,6 +36,7 @@ from anatomy_r1_jax.train import experiment
 from anatomy_r1_jax.train.checkpoint import Checkpointer
 from anatomy_r1_jax.train.metrics import MetricsWriter, plot_curves, read_metrics
 from anatomy_r1_jax.train.partitioning import place_state, put_batch, split_model
+from anatomy_r1_jax.train.precision import Precision, init_optimizer
 from anatomy_r1_jax.train.step import StepConfig, TrainState, make_optimizer, train_step
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class Trainer:
 
     def __init__(self, config, workdir: str):
         self.config, self.workdir = config, workdir
+        self.precision = Precision.from_config(config)
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=1))
@@ -90,16 +92,17 @@ class Trainer:
         self.accuracy_key = next((k for k in c.rl.rewards if k.startswith("accuracy")), "accuracy")
         self.gdqa = GDQAState(trigger=c.gdqa.trigger, num_variants=c.gdqa.num_variants, kinds=tuple(c.gdqa.kinds))
 
-        # State: trainable params (+ frozen rest), a frozen reference copy when beta > 0, AdamW.
+        # State: trainable params (+ frozen rest), a frozen reference copy when beta > 0, AdamW (and
+        # a float32 master copy of params when the precision policy keeps one).
         self.graphdef, params, frozen = split_model(model, c.model.freeze_vision)
         params = place_state(params, self.mesh, self.rules)
         frozen = place_state(frozen, self.mesh, self.rules)
         self.tx = make_optimizer(_schedule(c), weight_decay=c.optim.weight_decay, grad_clip=c.optim.grad_clip,
                                  b1=c.optim.b1, b2=c.optim.b2)
-        opt_state = jax.jit(self.tx.init)(params)
+        master, opt_state = jax.jit(functools.partial(init_optimizer, self.tx, self.precision))(params)
         ref = jax.tree.map(jnp.copy, params) if c.rl.beta != 0 else None
         self.state = TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen, ref_params=ref,
-                                opt_state=opt_state)
+                                opt_state=opt_state, master=master)
         state_sharding = jax.tree.map(lambda x: x.sharding, self.state)
         self._compile(state_sharding)
 
@@ -119,7 +122,7 @@ class Trainer:
     def _compile(self, state_sharding):
         c, g = self.config, self.graphdef
         common = dict(temperature=c.rl.temperature, logp_chunk=c.train.logp_chunk,
-                      num_categories=max(1, len(self.data.categories)))
+                      num_categories=max(1, len(self.data.categories)), precision=self.precision)
         grpo = StepConfig(objective=c.rl.loss, group_size=self.group_size, advantage=c.rl.advantage,
                           eps_low=c.rl.eps_low, eps_high=c.rl.eps_high, beta=c.rl.beta, aggregation=c.rl.aggregation,
                           max_completion_length=c.rl.max_completion_length, **common)
