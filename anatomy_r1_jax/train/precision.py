@@ -84,6 +84,10 @@ class Precision:
         return DTYPES[self.moments]
 
 
+# bf16 weights and compute with fp32 gradients and AdamW moments, no master copy (the perf tools' states).
+BF16 = Precision(weights="bfloat16", compute="bfloat16")
+
+
 def cast(tree, dtype):
     """Floating leaves of `tree` as `dtype` (integer leaves unchanged)."""
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
