@@ -10,13 +10,13 @@ Running the same command again resumes from the last checkpoint in DIR.
 import logging
 import os
 
-from absl import app, flags
+from absl import flags
 from absl import logging as absl_logging
-from ml_collections import config_flags
+
+from anatomy_r1_jax import command_line
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_CONFIG = config_flags.DEFINE_config_file("config", os.path.join(_HERE, "configs", "default.py"),
-                                          "ml_collections config file", lock_config=True)
+_CONFIG = command_line.define_config(os.path.join(_HERE, "configs", "default.py"))
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "where checkpoints, metrics and plots go")
 
 
@@ -35,4 +35,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    command_line.run(main)

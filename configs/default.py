@@ -39,6 +39,10 @@ def get_config(arg=None):
         prompt_variant="compact",  # the paper's "grpo" header is 100 tokens: too costly for a CPU demo
         prompt_length=96,  # GDQA rephrasings of the longest synthetic questions need 90
         patches_per_query=16,  # 56x56 px -> 4x4 patches
+        # Images are resized to at most max_pixels (0: patches_per_query * 14^2, so every image fits
+        # the budget) and at least min_pixels (0: the checkpoint's), as Qwen's processors do.
+        max_pixels=0,
+        min_pixels=0,
         eval_size=200,
         workers=0,
     )

@@ -73,7 +73,9 @@ def real_model(c: ml_collections.ConfigDict, name: str) -> ml_collections.Config
     c.sft.answer = "letter"
     c.rl.rewards = dict(format=1.0, accuracy=1.0)  # the authors' exact-letter accuracy
     c.data.prompt_length = 1024
-    c.data.patches_per_query = 1296  # up to 504x504 px per image (e.g. 480x854 CholecT45 frames resized)
+    # Patches per query (14x14 px each): larger images are resized to fit (data.max_pixels = 0), here
+    # to at most 1296 patches (e.g. 504x504 px); ssg_vqa.py and omnimedvqa.py size it to their frames.
+    c.data.patches_per_query = 1296
     c.train.update(batch_size=8, micro_batches=4, steps=1000, eval_every=100, checkpoint_every=50, logp_chunk=128)
     c.mesh = spec["mesh"]
     return c
