@@ -162,14 +162,19 @@ def build_model(config, tokenizer, mesh=None, rules=()) -> QwenVL:
         raise ValueError(f"config model.preset={c.preset!r} needs --config.model.path=<local HF checkpoint directory>")
     if c.path:
         return load_pretrained(c.path, dtype=dtype, mesh=mesh, rules=rules, param_dtype=param_dtype, remat=c.remat)
+    cfg = QwenVLConfig.from_hf(tiny_hf_config_for(tokenizer, c.family, **dict(c.tiny)))
+    model = QwenVL(cfg, dtype=dtype, param_dtype=param_dtype, remat=c.remat, rngs=nnx.Rngs(config.seed))
+    return model
+
+
+def tiny_hf_config_for(tokenizer, family: str, **tiny) -> dict:
+    """A tiny config.json dict sized to `tokenizer` (vocabulary and Qwen special-token ids)."""
     ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
-    hf = tiny_hf_config(c.family, vocab_size=len(tokenizer), **dict(c.tiny))
+    hf = tiny_hf_config(family, vocab_size=len(tokenizer), **tiny)
     hf.update(ids)
     hf["text_config"].update(ids)
     hf["eos_token_id"] = hf["text_config"]["eos_token_id"] = tokenizer.convert_tokens_to_ids("<|im_end|>")
     hf["pad_token_id"] = hf["text_config"]["pad_token_id"] = tokenizer.pad_token_id
-    cfg = QwenVLConfig.from_hf(hf)
-    model = QwenVL(cfg, dtype=dtype, param_dtype=param_dtype, remat=c.remat, rngs=nnx.Rngs(config.seed))
-    return model
+    return hf
