@@ -14,13 +14,13 @@ from anatomy_r1_jax.requirements import check_installed
 
 check_installed()  # one line naming a missing package, before any library needs it
 
-from absl import app, flags  # noqa: E402
-from absl import logging as absl_logging
-from ml_collections import config_flags  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging as absl_logging  # noqa: E402
+
+from anatomy_r1_jax import command_line  # noqa: E402
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_CONFIG = config_flags.DEFINE_config_file("config", os.path.join(_HERE, "configs", "default.py"),
-                                          "ml_collections config file", lock_config=True)
+_CONFIG = command_line.define_config(os.path.join(_HERE, "configs", "default.py"))
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "where checkpoints, metrics and plots go")
 
 
@@ -39,4 +39,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    command_line.run(main)

@@ -23,7 +23,7 @@ def get_config(arg=None):
         tiny=dict(hidden_size=96, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vision_depth=2, vision_hidden_size=64, vision_num_heads=2,
                   vision_intermediate_size=128),
-        dtype="float32",
+        dtype="float32",  # compute; param_dtype: the weights (precision policy: train/precision.py)
         param_dtype="float32",
         remat=False,
         freeze_vision=False,
@@ -39,6 +39,10 @@ def get_config(arg=None):
         prompt_variant="compact",  # the paper's "grpo" header is 100 tokens: too costly for a CPU demo
         prompt_length=96,  # GDQA rephrasings of the longest synthetic questions need 90
         patches_per_query=16,  # 56x56 px -> 4x4 patches
+        # Images are resized to at most max_pixels (0: patches_per_query * 14^2, so every image fits
+        # the budget) and at least min_pixels (0: the checkpoint's), as Qwen's processors do.
+        max_pixels=0,
+        min_pixels=0,
         eval_size=200,
         workers=0,
         # records with problems (unreadable or missing image, prompt or GDQA variant over prompt_length,
@@ -65,7 +69,10 @@ def get_config(arg=None):
         rewards=dict(format=1.0, accuracy_lenient=1.0),
     )
 
-    c.optim = dict(lr=2e-4, warmup_steps=5, schedule="cosine", weight_decay=0.0, grad_clip=1.0, b1=0.9, b2=0.99)
+    # The rest of the precision policy (train/precision.py): the dtype gradients are accumulated in, AdamW's
+    # moments, and whether AdamW updates a float32 master copy of bf16 weights.
+    c.optim = dict(lr=2e-4, warmup_steps=5, schedule="cosine", weight_decay=0.0, grad_clip=1.0, b1=0.9, b2=0.99,
+                   grad_dtype="float32", moment_dtype="float32", master_weights=False)
 
     c.sft = dict(steps=700, lr=2e-3, batch_size=32, target="think", answer="text", warmup_steps=20)
 

@@ -37,12 +37,14 @@ def apply_method(c: ml_collections.ConfigDict, method: str) -> ml_collections.Co
 
 
 # Real models, trained from a local Hugging Face directory (--config.model.path=...).
-# Memory (bytes per parameter, bf16 params and Adam moments, fp32 softmax/logits): params 2 +
-# grads 2 + Adam 4 + frozen reference 2 = 10 B/param, plus activations (remat on).
-#   qwen2_vl_2b   2.2 B params -> 22 GB  : one 80 GB GPU; mesh fsdp over all devices by default
-#   qwen2_5_vl_3b 3.8 B params -> 38 GB  : one 80 GB GPU (tight with G=8 x 512 tokens) or fsdp 2+
-#   qwen2_5_vl_7b 8.3 B params -> 83 GB  : fsdp over 8 x 80 GB GPUs (~10.4 GB/device + activations),
-#                                          or a TPU v5e-8 (16 GB/chip) with fsdp 8 and remat
+# Precision policy (train/precision.py): bf16 weights and compute, fp32 gradients, fp32 Adam moments
+# and an fp32 master copy of the weights (lr 1e-5 steps are below bf16's resolution). Memory per
+# trainable parameter: weights 2 + master 4 + Adam 8 + gradients 4 + frozen reference 2 = 20 B, plus
+# activations (remat on); the frozen vision tower (~0.67 B params) costs 2 B/param.
+#   qwen2_vl_2b   2.2 B params -> ~32 GB : one 80 GB GPU; mesh fsdp over all devices by default
+#   qwen2_5_vl_3b 3.8 B params -> ~64 GB : fsdp over 2+ 80 GB GPUs; on one GPU (tight with G=8 x 512
+#                                          tokens) --config.optim.master_weights=False saves 4 B/param
+#   qwen2_5_vl_7b 8.3 B params -> ~154 GB: fsdp over 8 x 80 GB GPUs (~19 GB/device + activations)
 REAL_MODELS = {
     "qwen2_vl_2b": dict(family="qwen2_vl", mesh=[("data", 1), ("fsdp", -1)]),
     "qwen2_5_vl_3b": dict(family="qwen2_5_vl", mesh=[("data", 1), ("fsdp", -1)]),
@@ -60,6 +62,7 @@ def real_model(c: ml_collections.ConfigDict, name: str) -> ml_collections.Config
     c.model.family = spec["family"]
     c.model.path = ""  # required: --config.model.path=/local/checkpoint
     c.model.dtype = c.model.param_dtype = "bfloat16"
+    c.optim.update(grad_dtype="float32", moment_dtype="float32", master_weights=True)
     c.model.remat = True
     c.model.freeze_vision = True
     c.tokenizer.path = ""
@@ -70,7 +73,9 @@ def real_model(c: ml_collections.ConfigDict, name: str) -> ml_collections.Config
     c.sft.answer = "letter"
     c.rl.rewards = dict(format=1.0, accuracy=1.0)  # the authors' exact-letter accuracy
     c.data.prompt_length = 1024
-    c.data.patches_per_query = 1296  # up to 504x504 px per image (e.g. 480x854 CholecT45 frames resized)
+    # Patches per query (14x14 px each): larger images are resized to fit (data.max_pixels = 0), here
+    # to at most 1296 patches (e.g. 504x504 px); ssg_vqa.py and omnimedvqa.py size it to their frames.
+    c.data.patches_per_query = 1296
     c.train.update(batch_size=8, micro_batches=4, steps=1000, eval_every=100, checkpoint_every=50, logp_chunk=128)
     c.mesh = spec["mesh"]
     return c

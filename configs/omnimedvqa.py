@@ -19,6 +19,9 @@ def get_config(arg=None):
     c.data.format = "auto"
     c.data.prompt_variant = "grpo"
     c.data.eval_size = 0
+    # OmniMedVQA images are mostly 384x384: 392x392 px, 28x28 = 784 patches, 196 image tokens. Larger
+    # images are resized to fit 784 patches (aspect ratio kept).
+    c.data.patches_per_query = 784
     c.curriculum.backend = "embedding"
     c.gdqa.kinds = ("rephrase", "permute")
     return methods.apply_method(c, args["method"])

@@ -49,6 +49,7 @@ from anatomy_r1_jax.rl.batch import TrainBatch  # noqa: E402
 from anatomy_r1_jax.rl.rollout import generate  # noqa: E402
 from anatomy_r1_jax.rl.sampling import SamplingConfig  # noqa: E402
 from anatomy_r1_jax.train.partitioning import split_model  # noqa: E402
+from anatomy_r1_jax.train.precision import Precision, init_optimizer  # noqa: E402
 from anatomy_r1_jax.train.step import StepConfig, TrainState, make_optimizer, train_step  # noqa: E402
 
 PRESET_SIZES = {"3b": "qwen2_5_vl_3b", "7b": "qwen2_5_vl_7b"}
@@ -82,9 +83,13 @@ def measure(args) -> dict:
     n, t = args.queries * args.group, args.new_tokens
     graphdef, params, frozen = split_model(model, freeze_vision=False)
     tx = make_optimizer(1e-6, grad_clip=1.0, b2=0.99)
+    # The real-model configs' policy for bf16 (fp32 gradients, moments and master copy).
+    policy = Precision(weights=args.dtype, compute=args.dtype, master_weights=args.dtype != "float32")
+    master, opt_state = jax.jit(functools.partial(init_optimizer, tx, policy))(params)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
-                       ref_params=jax.tree.map(jnp.copy, params), opt_state=jax.jit(tx.init)(params))
-    step_cfg = StepConfig(group_size=args.group, beta=0.04, temperature=0.9, logp_chunk=args.logp_chunk)
+                       ref_params=jax.tree.map(jnp.copy, params), opt_state=opt_state, master=master)
+    step_cfg = StepConfig(group_size=args.group, beta=0.04, temperature=0.9, logp_chunk=args.logp_chunk,
+                          precision=policy)
     update = jax.jit(functools.partial(train_step, graphdef, tx, step_cfg), donate_argnums=0)
 
     no_eos = tuple(cfg.eos_token_ids) + (cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id,

@@ -85,6 +85,7 @@ from anatomy_r1_jax.perf import abstract, hlo, report, workloads  # noqa: E402
 from anatomy_r1_jax.perf.memory import bytes_per_device, compiled_memory  # noqa: E402
 from anatomy_r1_jax.perf.timing import time_interleaved  # noqa: E402
 from anatomy_r1_jax.train.partitioning import place_state, put_batch, split_model  # noqa: E402
+from anatomy_r1_jax.train.precision import BF16  # noqa: E402
 from anatomy_r1_jax.train.step import StepConfig, TrainState, make_optimizer, train_step  # noqa: E402
 
 MIB = 2**20
@@ -213,7 +214,8 @@ def compile_preset(cfg, mesh, rules, tx, batch_np, micro):
     with sharding.use_rules(mesh, rules):
         graphdef, state = abstract.abstract_train_state(cfg, mesh, rules, tx, moment_dtype=jnp.float32)
         batch = abstract.abstract_batch(stacked(batch_np, micro), mesh, rules)
-        step_cfg = StepConfig(group_size=batch_np.rewards.shape[1], beta=0.04, temperature=0.9, logp_chunk=128)
+        step_cfg = StepConfig(group_size=batch_np.rewards.shape[1], beta=0.04, temperature=0.9, logp_chunk=128,
+                              precision=BF16)
         step = jax.jit(functools.partial(train_step, graphdef, tx, step_cfg), donate_argnums=0)
         return compiled_memory(step.lower(state, batch).compile())
 

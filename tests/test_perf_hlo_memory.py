@@ -13,6 +13,7 @@ from anatomy_r1_jax.models import QwenVL, QwenVLConfig
 from anatomy_r1_jax.perf import abstract, hlo, workloads
 from anatomy_r1_jax.perf.memory import bytes_per_device, compiled_memory
 from anatomy_r1_jax.train.partitioning import place_state, split_model
+from anatomy_r1_jax.train.precision import BF16
 from anatomy_r1_jax.train.step import StepConfig, make_optimizer, train_step
 
 FSDP = [("batch", "fsdp"), ("embed", "fsdp"), ("vision_embed", "fsdp")]
@@ -78,7 +79,8 @@ def test_abstract_update_compiles_with_memory_analysis():
         prompts, _ = workloads.image_prompts(cfg, queries=2, group=4, prompt_length=32)
         comp = workloads.random_completions(cfg, 8, 4)
         batch = abstract.abstract_batch(workloads.train_batch(prompts, comp), mesh, rules)
-        step = jax.jit(functools.partial(train_step, graphdef, tx, StepConfig(group_size=4)), donate_argnums=0)
+        step = jax.jit(functools.partial(train_step, graphdef, tx, StepConfig(group_size=4, precision=BF16)),
+                       donate_argnums=0)
         compiled = step.lower(state, batch).compile()
     mem = compiled_memory(compiled)
     assert mem is not None and mem.peak > mem.argument >= bytes_per_device(state.params)

@@ -95,7 +95,9 @@ class Collator:
             n_patches = int(np.prod(feats.grid_thw, axis=1).sum()) if len(feats.grid_thw) else 0
             if n_patches > self.shape.patches_per_query:
                 raise DataError(f"record {group[0].id!r}: its images have {n_patches} patches, more than the "
-                                f"patch budget patches_per_query={self.shape.patches_per_query}")
+                                f"patch budget patches_per_query={self.shape.patches_per_query}; raise "
+                                f"--config.data.patches_per_query to {n_patches} or lower data.max_pixels "
+                                f"(0: images are resized to fit the budget)")
             n_tokens = n_patches // self.merge ** 2
             for record in group:
                 ids = self.prompt_ids(record, feats.grid_thw)

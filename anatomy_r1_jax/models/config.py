@@ -98,8 +98,14 @@ class QwenVLConfig:
     def from_dir(cls, path: str | os.PathLike) -> "QwenVLConfig":
         """From `path/config.json`; eos ids from `generation_config.json` win when that file exists
         (they are what generation stops on, e.g. both <|im_end|> and <|endoftext|>)."""
-        with open(os.path.join(path, "config.json")) as f:
-            cfg = cls.from_hf(json.load(f))
+        file = os.path.join(path, "config.json")
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face checkpoint folder")
+        with open(file) as f:
+            try:
+                cfg = cls.from_hf(json.load(f))
+            except (ValueError, KeyError, TypeError) as error:
+                raise ValueError(f"{file}: {error}") from None
         gen_path = os.path.join(path, "generation_config.json")
         if os.path.exists(gen_path):
             with open(gen_path) as f:

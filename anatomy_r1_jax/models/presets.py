@@ -168,6 +168,19 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def matching_preset(config: dict) -> str:
+    """The name of the preset whose language and vision shapes a config.json dict has ("" if none):
+    what a checkpoint folder is, whatever a run's config called it."""
+
+    def shape(hf: dict) -> tuple:
+        text, vision = hf.get("text_config") or hf, hf.get("vision_config") or {}
+        return (hf.get("model_type"), *(text.get(k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                              "num_attention_heads", "num_key_value_heads")),
+                vision.get("depth"))
+
+    return next((name for name, hf in PRESETS.items() if shape(hf) == shape(config)), "")
+
+
 def preset_hf_config(name: str) -> dict:
     """A fresh copy of a named real-size config (`qwen2_vl_2b`, `qwen2_5_vl_3b`, `qwen2_5_vl_7b`)."""
     if name not in PRESETS:

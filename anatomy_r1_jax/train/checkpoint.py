@@ -1,21 +1,42 @@
 """Orbax checkpoints of the train state plus JSON metadata (data-iterator and GDQA state).
 
-Orbax writes each step to a temporary directory and renames it when complete, so a crash in the
-middle of a save leaves the previous checkpoints intact; `latest_step` only sees finished ones.
-Saves are asynchronous: the loop continues while arrays are written.
+Orbax writes each step to a temporary directory (`<step>.orbax-checkpoint-tmp...`) and renames it
+when complete, so a crash in the middle of a save leaves the previous checkpoints intact;
+`latest_step` only sees finished ones, and the temporary directories a crash left behind are
+removed when the directory is opened again. Saves are asynchronous: the loop continues while
+arrays are written; `close` (the trainer calls it on every way out) waits for them.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 
 import jax
 import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+TMP_MARK = ".orbax-checkpoint-tmp"
+
+
+def remove_unfinished(directory: str) -> list[str]:
+    """Deletes the temporary step directories of saves that never completed (process 0 only);
+    returns their names."""
+    if jax.process_index() != 0 or not os.path.isdir(directory):
+        return []
+    names = sorted(n for n in os.listdir(directory) if TMP_MARK in n)
+    for name in names:
+        log.warning("removing the unfinished checkpoint %s (a save interrupted by a crash)",
+                    os.path.join(directory, name))
+        shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+    return names
 
 
 class Checkpointer:
     def __init__(self, directory: str, *, keep: int = 2, async_save: bool = True):
         self.directory = os.path.abspath(directory)
+        remove_unfinished(self.directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 

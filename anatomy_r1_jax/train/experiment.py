@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import os
 import time
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -21,11 +21,10 @@ from anatomy_r1_jax.data import validation
 from anatomy_r1_jax.data.records import Record
 from anatomy_r1_jax.methods import similarity as sim_lib
 from anatomy_r1_jax.models import QwenVL, QwenVLConfig, load_pretrained
-from anatomy_r1_jax.models.presets import tiny_hf_config
+from anatomy_r1_jax.models.presets import matching_preset, tiny_hf_config
+from anatomy_r1_jax.train.precision import DTYPES
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass
@@ -38,11 +37,30 @@ class Data:
     eval_file: str = ""
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json")  # fast tokenizer, or the byte-level BPE's vocab (+ merges.txt)
+
+
+def check_local_folder(field: str, path: str, *, need: tuple[str, ...], what: str) -> None:
+    """Raises one line naming the config field when `path` is not a local folder holding one of
+    `need` (a missing folder would otherwise be taken for a model-hub id)."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"config {field}={path!r}: no such folder; give a local Hugging Face checkpoint "
+                                f"directory (nothing is downloaded)")
+    if not any(os.path.isfile(os.path.join(path, name)) for name in need):
+        raise FileNotFoundError(f"config {field}={path!r} has no {what} ({' or '.join(need)})")
+
+
 def build_tokenizer(config, workdir: str):
     """The checkpoint's tokenizer (tokenizer.path, else model.path) or the project's tiny BPE."""
     from transformers import AutoTokenizer
 
     path = config.tokenizer.path or config.model.path
+    if config.model.path:
+        check_local_folder("model.path", config.model.path, need=("config.json",), what="config.json")
+    if path:
+        field = "tokenizer.path" if config.tokenizer.path else "model.path"
+        hint = "" if config.tokenizer.path else "; give its folder with --config.tokenizer.path"
+        check_local_folder(field, path, need=TOKENIZER_FILES, what="tokenizer" + hint)
     if not path:
         from anatomy_r1_jax.data.tokenizer import build_tiny_tokenizer
 
@@ -54,14 +72,31 @@ def build_tokenizer(config, workdir: str):
 
 def build_image_processor(config, tokenizer):
     """Qwen2-VL's PIL image processor (no torchvision) with the checkpoint's (or the tiny tokenizer
-    folder's) settings; synthetic runs pin the pixel budget to the synthetic image size."""
+    folder's) settings, its pixel range following the patch budget.
+
+    Like Qwen's processors with `max_pixels`, every image is resized (aspect ratio kept, sides
+    multiples of patch_size * merge_size) to at most max_pixels = data.max_pixels, or when that is 0
+    data.patches_per_query * patch_size^2: an image then never has more patches than the budget,
+    whatever its size (a checkpoint's max_pixels=12845056 is capped too). min_pixels is the
+    checkpoint's (data.min_pixels when set), at most max_pixels. Runs without a checkpoint pin the
+    pixels to the synthetic image size (then capped alike).
+    """
     from transformers import Qwen2VLImageProcessorPil
 
+    processor = None
     for path in (config.model.path, tokenizer.name_or_path):
         if path and os.path.exists(os.path.join(path, "preprocessor_config.json")):
-            return Qwen2VLImageProcessorPil.from_pretrained(path)
-    size = config.data.synthetic.image_size
-    return Qwen2VLImageProcessorPil(min_pixels=size * size, max_pixels=size * size)
+            processor = Qwen2VLImageProcessorPil.from_pretrained(path)
+            break
+    if processor is None:
+        side = config.data.synthetic.image_size
+        processor = Qwen2VLImageProcessorPil(min_pixels=side * side, max_pixels=side * side)
+    d = config.data
+    budget = d.patches_per_query * processor.patch_size ** 2
+    max_pixels = d.max_pixels or min(processor.size["longest_edge"], budget)
+    min_pixels = min(d.min_pixels or processor.size["shortest_edge"], max_pixels)
+    processor.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    return processor
 
 
 def build_data(config, workdir: str) -> Data:
@@ -132,6 +167,22 @@ def similarity_scores(config, data: Data, model, tokenizer, workdir: str) -> np.
     return sim_lib.scores_array(data.train, scores)
 
 
+def trained_config(config, model_cfg: QwenVLConfig):
+    """A copy of `config` that records what is trained: model.family from the model itself (a
+    checkpoint's config.json) and model.preset the published shape it has ("" for other shapes),
+    whatever the config file assumed."""
+    c = config.copy_and_resolve_references()
+    preset = ""
+    if c.model.path:
+        with open(os.path.join(c.model.path, "config.json")) as f:
+            preset = matching_preset(json.load(f))
+    if (c.model.get("preset") or preset) and c.model.get("preset") != preset:
+        log.warning("model.path %s is a %s checkpoint (preset %r); the run records that, not model.preset=%r",
+                    c.model.path, model_cfg.family, preset, c.model.get("preset"))
+    c.model.family, c.model.preset = model_cfg.family, preset
+    return c
+
+
 def build_model(config, tokenizer, mesh=None, rules=()) -> QwenVL:
     """Loads model.path, or makes a tiny model of model.family sized to the tokenizer."""
     c = config.model
@@ -140,14 +191,19 @@ def build_model(config, tokenizer, mesh=None, rules=()) -> QwenVL:
         raise ValueError(f"config model.preset={c.preset!r} needs --config.model.path=<local HF checkpoint directory>")
     if c.path:
         return load_pretrained(c.path, dtype=dtype, mesh=mesh, rules=rules, param_dtype=param_dtype, remat=c.remat)
+    cfg = QwenVLConfig.from_hf(tiny_hf_config_for(tokenizer, c.family, **dict(c.tiny)))
+    model = QwenVL(cfg, dtype=dtype, param_dtype=param_dtype, remat=c.remat, rngs=nnx.Rngs(config.seed))
+    return model
+
+
+def tiny_hf_config_for(tokenizer, family: str, **tiny) -> dict:
+    """A tiny config.json dict sized to `tokenizer` (vocabulary and Qwen special-token ids)."""
     ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
-    hf = tiny_hf_config(c.family, vocab_size=len(tokenizer), **dict(c.tiny))
+    hf = tiny_hf_config(family, vocab_size=len(tokenizer), **tiny)
     hf.update(ids)
     hf["text_config"].update(ids)
     hf["eos_token_id"] = hf["text_config"]["eos_token_id"] = tokenizer.convert_tokens_to_ids("<|im_end|>")
     hf["pad_token_id"] = hf["text_config"]["pad_token_id"] = tokenizer.pad_token_id
-    cfg = QwenVLConfig.from_hf(hf)
-    model = QwenVL(cfg, dtype=dtype, param_dtype=param_dtype, remat=c.remat, rngs=nnx.Rngs(config.seed))
-    return model
+    return hf

@@ -5,8 +5,11 @@ loss numerators are summed over a `lax.scan` and divided by the summed denominat
 equals the full-batch gradient exactly (losses are (numerator, denominator) pairs).
 
     A      = advantage_fn(rewards [M*n], G)               (groups contiguous)
-    grad   = sum_m grad(num_m(params)) / sum_m den_m
+    grad   = sum_m grad(num_m(params)) / sum_m den_m      (accumulated in the policy's grads dtype)
     params = optax update (clip by global norm, AdamW, schedule), skipped when non-finite
+
+Every dtype follows the run's precision policy (train/precision.py): weights, compute, gradients,
+optimizer moments and an optional float32 master copy.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from flax import nnx
 from anatomy_r1_jax.rl import advantages as adv_lib
 from anatomy_r1_jax.rl import losses
 from anatomy_r1_jax.rl.batch import TrainBatch
+from anatomy_r1_jax.train import precision as precision_lib
 from anatomy_r1_jax.train.logprobs import completion_logps
+from anatomy_r1_jax.train.precision import Precision
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,29 +46,43 @@ class StepConfig:
     max_completion_length: int | None = None
     logp_chunk: int = 128
     num_categories: int = 1
+    precision: Precision = Precision()
 
 
 @flax.struct.dataclass
 class TrainState:
     """step []; params: trainable nnx.State; frozen: the rest of the model (e.g. a frozen vision
     tower); ref_params: the reference policy's trainable part (None when beta == 0);
-    opt_state: optax state."""
+    opt_state: optax state (of `master` when there is one, else of `params`); master: the float32
+    master copy of params (None unless the precision policy keeps one)."""
 
     step: jax.Array
     params: Any
     frozen: Any
     ref_params: Any
     opt_state: Any
+    master: Any = None
 
 
 def make_optimizer(learning_rate: float | optax.Schedule, *, weight_decay: float = 0.0, grad_clip: float = 1.0,
                    b1: float = 0.9, b2: float = 0.999,
                    max_consecutive_errors: int = 1_000_000) -> optax.GradientTransformation:
     """Clip by global norm -> AdamW; an update whose gradients are not finite is skipped
-    (`optax.apply_if_finite`), so a NaN never reaches the parameters or a checkpoint."""
+    (`optax.apply_if_finite`), so a NaN never reaches the parameters or a checkpoint. The updates
+    leave in the gradients' dtype (the cond's branches must agree; a float32 learning rate or
+    weight decay would otherwise promote bf16 updates). Initialise and apply it with
+    precision.init_optimizer / precision.apply_gradients."""
     tx = optax.chain(optax.clip_by_global_norm(grad_clip) if grad_clip > 0 else optax.identity(),
                      optax.adamw(learning_rate, b1=b1, b2=b2, weight_decay=weight_decay))
-    return optax.apply_if_finite(tx, max_consecutive_errors)
+    return optax.apply_if_finite(_keep_update_dtype(tx), max_consecutive_errors)
+
+
+def _keep_update_dtype(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    def update(grads, state, params=None):
+        updates, state = inner.update(grads, state, params)
+        return jax.tree.map(lambda u, g: u.astype(g.dtype), updates, grads), state
+
+    return optax.GradientTransformation(inner.init, update)
 
 
 def _sft_parts(logps, mask):
@@ -122,22 +141,25 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: St
             return parts.numerator, (parts, ent)
 
         grads, (parts, ent) = jax.grad(numerator, has_aux=True)(state.params)
-        grad_acc = jax.tree.map(jnp.add, grad_acc, grads)
+        grad_acc = jax.tree.map(lambda acc, gr: acc + gr.astype(acc.dtype), grad_acc, grads)
         parts_acc = jax.tree.map(jnp.add, parts_acc, parts)
         return (grad_acc, parts_acc, entropy_acc + ent), None
 
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    policy = cfg.precision
+    precision_lib.check_weights(policy, state.params)
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, policy.grad_dtype), state.params)
     zero = jnp.zeros((), jnp.float32)
     parts0 = losses.LossParts(zero, zero, {k: zero for k in ("tokens", "kl", "ratio", "clip_low", "clip_high")})
     xs = (batch, advantages, old_logps)
     (grads, parts, entropy), _ = jax.lax.scan(micro, (zeros, parts0, zero), xs)
     den = jnp.maximum(parts.denominator, 1e-8)
-    grads = jax.tree.map(lambda x: x / den, grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    grads = jax.tree.map(lambda x: (x / den).astype(x.dtype), grads)
+    params, master, opt_state = precision_lib.apply_gradients(tx, policy, state.params, state.master,
+                                                              state.opt_state, grads)
+    new_state = state.replace(step=state.step + 1, params=params, master=master, opt_state=opt_state)
 
-    metrics = {"loss": losses.loss_value(parts), "grad_norm": optax.tree.norm(grads),
+    grad_norm = optax.tree.norm(precision_lib.cast(grads, jnp.float32))
+    metrics = {"loss": losses.loss_value(parts), "grad_norm": grad_norm,
                "entropy": entropy / jnp.maximum(parts.metric_sums["tokens"], 1.0),
                "update_skipped": 1 - opt_state.last_finite.astype(jnp.int32),
                **losses.finalize_metrics(parts.metric_sums)}

@@ -36,6 +36,7 @@ from anatomy_r1_jax.train import experiment
 from anatomy_r1_jax.train.checkpoint import Checkpointer
 from anatomy_r1_jax.train.metrics import MetricsWriter, plot_curves, read_metrics
 from anatomy_r1_jax.train.partitioning import place_state, put_batch, split_model
+from anatomy_r1_jax.train.precision import Precision, init_optimizer
 from anatomy_r1_jax.train.step import StepConfig, TrainState, make_optimizer, train_step
 
 log = logging.getLogger(__name__)
@@ -65,9 +66,8 @@ class Trainer:
 
     def __init__(self, config, workdir: str):
         self.config, self.workdir = config, workdir
+        self.precision = Precision.from_config(config)
         os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=1))
         c = config
         self.mesh = sharding.make_mesh([tuple(a) for a in c.mesh])
         self.rules = [tuple(r) for r in c.sharding_rules]
@@ -78,6 +78,8 @@ class Trainer:
         with sharding.use_rules(self.mesh, self.rules):
             model = experiment.build_model(c, self.tokenizer, self.mesh, self.rules)
         self.model_cfg = model.config
+        with open(os.path.join(workdir, "config.json"), "w") as f:  # what is trained (family, preset)
+            f.write(experiment.trained_config(c, model.config).to_json_best_effort(indent=1))
         self.sq = experiment.similarity_scores(c, self.data, model, self.tokenizer, workdir)
         self.sq_by_id = dict(zip((r.id for r in self.data.train), self.sq))
         self.category_index = {name: i for i, name in enumerate(self.data.categories)}
@@ -91,36 +93,39 @@ class Trainer:
         self.accuracy_key = next((k for k in c.rl.rewards if k.startswith("accuracy")), "accuracy")
         self.gdqa = GDQAState(trigger=c.gdqa.trigger, num_variants=c.gdqa.num_variants, kinds=tuple(c.gdqa.kinds))
 
-        # State: trainable params (+ frozen rest), a frozen reference copy when beta > 0, AdamW.
+        # State: trainable params (+ frozen rest), a frozen reference copy when beta > 0, AdamW (and
+        # a float32 master copy of params when the precision policy keeps one).
         self.graphdef, params, frozen = split_model(model, c.model.freeze_vision)
         params = place_state(params, self.mesh, self.rules)
         frozen = place_state(frozen, self.mesh, self.rules)
         self.tx = make_optimizer(_schedule(c), weight_decay=c.optim.weight_decay, grad_clip=c.optim.grad_clip,
                                  b1=c.optim.b1, b2=c.optim.b2)
-        opt_state = jax.jit(self.tx.init)(params)
+        master, opt_state = jax.jit(functools.partial(init_optimizer, self.tx, self.precision))(params)
         ref = jax.tree.map(jnp.copy, params) if c.rl.beta != 0 else None
         self.state = TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen, ref_params=ref,
-                                opt_state=opt_state)
+                                opt_state=opt_state, master=master)
         state_sharding = jax.tree.map(lambda x: x.sharding, self.state)
         self._compile(state_sharding)
 
+        # The warm-up's own pipeline only when there is a warm-up (its batch may not fit a small set).
         self.pipeline_sft = QueryPipeline(self.data.train, batch_size=c.sft.batch_size,
                                           image_processor=self.image_processor, order_fn=None, seed=c.seed + 1,
-                                          workers=c.data.workers)
+                                          workers=c.data.workers) if c.sft.steps > 0 else None
         span = c.train.steps * c.train.batch_size if c.curriculum.span == "run" else int(c.curriculum.span)
         order = functools.partial(curriculum_order, self.sq, schedule=c.curriculum.schedule,
                                   num_stages=c.curriculum.num_stages, seed=c.seed, span=span)
         self.pipeline = QueryPipeline(self.data.train, batch_size=c.train.batch_size,
                                       image_processor=self.image_processor,
                                       order_fn=lambda epoch: order(epoch=epoch), seed=c.seed, workers=c.data.workers)
-        self.it_sft, self.it = iter(self.pipeline_sft), iter(self.pipeline)
+        self.it = iter(self.pipeline)
+        self.it_sft = iter(self.pipeline_sft) if self.pipeline_sft is not None else None
         self.ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=c.train.keep_checkpoints)
 
     # ---- compiled functions ------------------------------------------------------------------
     def _compile(self, state_sharding):
         c, g = self.config, self.graphdef
         common = dict(temperature=c.rl.temperature, logp_chunk=c.train.logp_chunk,
-                      num_categories=max(1, len(self.data.categories)))
+                      num_categories=max(1, len(self.data.categories)), precision=self.precision)
         grpo = StepConfig(objective=c.rl.loss, group_size=self.group_size, advantage=c.rl.advantage,
                           eps_low=c.rl.eps_low, eps_high=c.rl.eps_high, beta=c.rl.beta, aggregation=c.rl.aggregation,
                           max_completion_length=c.rl.max_completion_length, **common)
@@ -299,7 +304,8 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------------
     def _meta(self) -> dict:
-        return {"pipeline": self.it.get_state(), "pipeline_sft": self.it_sft.get_state(),
+        return {"pipeline": self.it.get_state(),
+                "pipeline_sft": self.it_sft.get_state() if self.it_sft is not None else None,
                 "gdqa": self.gdqa.to_json()}
 
     def restore(self) -> int:
@@ -308,15 +314,33 @@ class Trainer:
             return 0
         self.state, meta = self.ckpt.restore(step, self.state)
         self.it.set_state(meta["pipeline"])
-        self.it_sft.set_state(meta["pipeline_sft"])
+        if self.it_sft is not None and meta.get("pipeline_sft") is not None:
+            self.it_sft.set_state(meta["pipeline_sft"])
         self.gdqa = self.gdqa.resumed(meta["gdqa"])
         log.info("resumed from step %d", step)
         return step
 
     def run(self) -> list[dict]:
-        c = self.config
+        """The loop: resumes from the last complete checkpoint, trains to sft.steps + train.steps.
+        Whatever ends it (also an exception), in-flight checkpoint saves finish before it returns,
+        so no half-written step is left behind."""
         start = self.restore()
         writer = MetricsWriter(self.workdir, resume_step=start if start else None)
+        try:
+            self._loop(start, writer)
+        finally:
+            self.ckpt.close()
+            writer.close()
+            self.it.close()
+            if self.it_sft is not None:
+                self.it_sft.close()
+        rows = read_metrics(writer.path)
+        plot_curves([r for r in rows if r.get("phase") == 1.0] or rows, os.path.join(self.workdir, "curves.png"),
+                    CURVES, title="GRPO")
+        return rows
+
+    def _loop(self, start: int, writer: MetricsWriter) -> None:
+        c = self.config
         total = c.sft.steps + c.train.steps
         bar = tqdm(range(start, total), initial=start, total=total, desc="train", dynamic_ncols=True)
         for step in bar:
@@ -332,19 +356,11 @@ class Trainer:
             out.update(calibration)
             done = step + 1
             last = done == total
-            if not sft and (done - c.sft.steps) % c.train.eval_every == 0 or last or (
-                    sft and done == c.sft.steps):
+            due = (not sft and (done - c.sft.steps) % c.train.eval_every == 0) or last or (sft and done == c.sft.steps)
+            if due and self.data.eval:  # no eval metrics without eval records
                 out.update(self.evaluate(self.data.eval))
             out = {k: float(v) for k, v in out.items()}
             writer.write(done, {"phase": 0.0 if sft else 1.0, **out})
             bar.set_postfix({k: f"{out[k]:.3f}" for k in ("sft/loss", "reward/total", "eval/accuracy") if k in out})
             if done % c.train.checkpoint_every == 0 or last:
                 self.ckpt.save(done, self.state, self._meta())
-        self.ckpt.close()
-        writer.close()
-        self.it.close()
-        self.it_sft.close()
-        rows = read_metrics(writer.path)
-        plot_curves([r for r in rows if r.get("phase") == 1.0] or rows, os.path.join(self.workdir, "curves.png"),
-                    CURVES, title="GRPO")
-        return rows
