@@ -16,7 +16,7 @@ import torch
 from flax import nnx
 from hf_tiny import HF_CLASSES, build_hf_model, multimodal_batch, torch_inputs
 
-from anatomy_r1_jax.models import decode_position_ids, load_pretrained, save_pretrained
+from anatomy_r1_jax.models import decode_position_ids, layers, load_pretrained, save_pretrained
 from anatomy_r1_jax.models.vision import pad_pixel_values, vision_inputs
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl")
@@ -61,6 +61,15 @@ def test_logits_match_transformers(tiny):
     assert np.isfinite(logits).all()  # padding rows attend to nothing and must not produce NaN
     diff = _max_diff(logits, tiny["ref"], b["attention_mask"])
     assert diff <= TOL, f"{tiny['family']}: max |logits diff| {diff:.3g}"
+
+
+@pytest.mark.parametrize("attention", ["reference", "xla", "chunked"])
+def test_each_attention_implementation_matches_transformers(tiny, attention, monkeypatch):
+    monkeypatch.setattr(layers, "QUERY_BLOCK", 128)  # 332 tokens: 3 query blocks, the last padded
+    b = tiny["batch"]
+    model = load_pretrained(tiny["path"], attention=attention)
+    diff = _max_diff(_logits(model, b), tiny["ref"], b["attention_mask"])
+    assert diff <= TOL, f"{tiny['family']} {attention}: max |logits diff| {diff:.3g}"
 
 
 @nnx.jit

@@ -126,8 +126,9 @@ class Embedding(nnx.Module):
 class Attention(nnx.Module):
     """GQA self-attention: q/k/v projections with bias, M-RoPE on q and k, output without bias."""
 
-    def __init__(self, cfg: QwenVLConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: QwenVLConfig, *, dtype, param_dtype, attention: str = "auto", rngs: nnx.Rngs):
         e, d = cfg.hidden_size, cfg.head_dim
+        self.implementation = attention
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q = Dense(e, self.num_heads * d, axes=("embed", "heads"), **kw)
@@ -153,7 +154,7 @@ class Attention(nnx.Module):
             k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
             v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
             kv = (k, v)
-        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.implementation)
         return self.o(out.reshape(b, length, self.num_heads * self.head_dim)), kv
 
 
@@ -175,10 +176,10 @@ class MLP(nnx.Module):
 class DecoderLayer(nnx.Module):
     """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, cfg: QwenVLConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: QwenVLConfig, *, dtype, param_dtype, attention: str = "auto", rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.input_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
-        self.attn = Attention(cfg, **kw)
+        self.attn = Attention(cfg, attention=attention, **kw)
         self.post_attention_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
         self.mlp = MLP(cfg, **kw)
 
@@ -193,10 +194,10 @@ class LanguageModel(nnx.Module):
     """Token embedding, decoder layers (an `nnx.List`) and the final norm."""
 
     def __init__(self, cfg: QwenVLConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False,
-                 rngs: nnx.Rngs):
+                 attention: str = "auto", rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, **kw)
-        self.layers = nnx.List([DecoderLayer(cfg, **kw) for _ in range(cfg.num_hidden_layers)])
+        self.layers = nnx.List([DecoderLayer(cfg, attention=attention, **kw) for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
         self.head_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta
         self.mrope_section = tuple(cfg.mrope_section)

@@ -75,24 +75,85 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (x32 * cos + rotate_half(x32) * sin).astype(dtype)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Scaled dot-product attention with grouped-query heads.
+ATTENTION = ("auto", "reference", "xla", "cudnn", "chunked")
+QUERY_BLOCK = 512  # query rows per block of the chunked implementation
 
-    q [B, Lq, H, D]; k, v [B, Lk, KVH, D] with H % KVH == 0; mask bool, broadcastable to
-    [B, H, Lq, Lk] (True = may attend). Returns [B, Lq, H, D]. Logits and softmax in float32;
-    a query row with no allowed key returns zeros instead of NaN.
+
+def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Scaled dot-product attention with grouped-query heads, written out (the tests' reference).
+
+    q [B, Lq, H, D]; k, v [B, Lk, KVH, D] with H % KVH == 0 (K/V are not repeated: query heads are
+    grouped per KV head); mask bool [B, 1, Lq, Lk] (True = may attend), or [B, H, Lq, Lk]. Returns
+    [B, Lq, H, D]. Logits [B, KVH, H/KVH, Lq, Lk] and softmax in float32; a query row with no allowed
+    key returns zeros instead of NaN.
     """
     b, lq, h, d = q.shape
     kvh = k.shape[2]
     qg = q.reshape(b, lq, kvh, h // kvh, d)
     logits = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32) / jnp.sqrt(d).astype(
         jnp.float32)
-    mask = jnp.broadcast_to(mask, (b, h, lq, k.shape[1])).reshape(b, kvh, h // kvh, lq, k.shape[1])
+    if mask.shape[1] == 1:  # one mask for all heads: broadcast, never materialised per head
+        mask = mask[:, :, None]
+    else:
+        mask = mask.reshape(b, kvh, h // kvh, lq, mask.shape[-1])
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
     probs = jnp.where(mask.any(axis=-1, keepdims=True), probs, 0.0).astype(v.dtype)
     out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(b, lq, h, d).astype(q.dtype)
+
+
+def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                      block: int | None = None) -> jax.Array:
+    """`reference_attention` one block of `block` (default QUERY_BLOCK) query rows at a time (a scan),
+    each block under `jax.checkpoint`: the forward and the backward hold the logits of one block,
+    [B, H, block, Lk], never [B, H, Lq, Lk]. Exact (every block sees all keys); any backend."""
+    block = block or QUERY_BLOCK
+    b, lq = q.shape[:2]
+    if lq <= block:
+        return reference_attention(q, k, v, mask)
+    n = -(-lq // block)
+    pad = n * block - lq
+    mask = jnp.broadcast_to(mask, (b, mask.shape[1], lq, k.shape[1]))
+    qb = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape((b, n, block) + q.shape[2:])
+    mb = jnp.pad(mask, ((0, 0), (0, 0), (0, pad), (0, 0))).reshape(mask.shape[:2] + (n, block, mask.shape[-1]))
+    step = jax.checkpoint(lambda qm: reference_attention(qm[0], k, v, qm[1]))
+    out = jax.lax.map(step, (jnp.moveaxis(qb, 1, 0), jnp.moveaxis(mb, 2, 0)))  # [n, B, block, H, D]
+    return jnp.moveaxis(out, 0, 1).reshape((b, n * block) + q.shape[2:])[:, :lq]
+
+
+def resolve_attention(implementation: str, dtype, query_length: int) -> str:
+    """The implementation `attention` runs: "auto" picks cuDNN flash attention on GPU for bf16 / fp16
+    blocks of queries (training, prefill), the chunked XLA form on TPU for long query blocks, and XLA's
+    `jax.nn.dot_product_attention` otherwise (CPU; decode steps)."""
+    if implementation not in ATTENTION:
+        raise ValueError(f"model.attention={implementation!r}: expected one of {ATTENTION}")
+    if implementation != "auto":
+        return implementation
+    backend = jax.default_backend()
+    if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and query_length > 1:
+        return "cudnn"
+    if backend == "tpu" and query_length > QUERY_BLOCK:
+        return "chunked"
+    return "xla"
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, implementation: str = "reference") -> jax.Array:
+    """Scaled dot-product attention, GQA without repeating K/V: q [B, Lq, H, D], k, v [B, Lk, KVH, D],
+    mask bool [B, 1, Lq, Lk] (True = may attend) -> [B, Lq, H, D] (see `resolve_attention`).
+
+    "reference" and "chunked" return zeros for a query row with no allowed key; "xla" and "cudnn"
+    return some average of V there (such rows are padding, never read).
+    """
+    impl = resolve_attention(implementation, q.dtype, q.shape[1])
+    if impl == "reference":
+        return reference_attention(q, k, v, mask)
+    if impl == "chunked":
+        return chunked_attention(q, k, v, mask)
+    if impl == "cudnn" and jnp.dtype(q.dtype) not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"model.attention='cudnn' needs bfloat16 or float16 compute, not {jnp.dtype(q.dtype)}")
+    return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask,
+                                        implementation=impl)
 
 
 def remat_call(module: nnx.Module, *args):

@@ -49,16 +49,17 @@ class QwenVL(nnx.Module):
 
     Attributes: `vision` (VisionTower), `language` (embed_tokens, layers, norm), `lm_head` (only when
     the output projection is not tied to the embedding). dtype is the compute dtype, param_dtype the
-    storage dtype; remat recomputes each layer's activations in the backward pass.
+    storage dtype; remat recomputes each layer's activations in the backward pass; attention names
+    the attention implementation (`layers.ATTENTION`; "auto" picks by backend and dtype).
     """
 
     def __init__(self, cfg: QwenVLConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False,
-                 rngs: nnx.Rngs):
+                 attention: str = "auto", rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.config = cfg
         self.dtype = dtype
-        self.vision = VisionTower(cfg.vision, remat=remat, **kw)
-        self.language = LanguageModel(cfg, remat=remat, **kw)
+        self.vision = VisionTower(cfg.vision, remat=remat, attention=attention, **kw)
+        self.language = LanguageModel(cfg, remat=remat, attention=attention, **kw)
         if not cfg.tie_word_embeddings:
             self.lm_head = Dense(cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"), use_bias=False, **kw)
 

@@ -141,7 +141,8 @@ def rotary_cos_sin(position_ids: jax.Array, head_dim: int, theta: float) -> tupl
     return jnp.cos(angles), jnp.sin(angles)
 
 
-def row_attention(q: jax.Array, k: jax.Array, v: jax.Array, rows: AttentionRows) -> jax.Array:
+def row_attention(q: jax.Array, k: jax.Array, v: jax.Array, rows: AttentionRows,
+                  implementation: str = "reference") -> jax.Array:
     """Attention within segments, computed on packed rows: q, k, v [P, H, D] -> [P, H, D].
 
     Gathers the patches into rows [n, R, H, D] (empty slots read a zero row), attends inside each
@@ -153,7 +154,7 @@ def row_attention(q: jax.Array, k: jax.Array, v: jax.Array, rows: AttentionRows)
 
     seg = rows.segments
     mask = ((seg[:, :, None] == seg[:, None, :]) & (seg >= 0)[:, None, :])[:, None]  # [n, 1, R, R]
-    out = layers.attention(to_rows(q), to_rows(k), to_rows(v), mask)
+    out = layers.attention(to_rows(q), to_rows(k), to_rows(v), mask, implementation)
     out = out.reshape((-1,) + out.shape[2:])
     return jnp.concatenate([out, jnp.zeros_like(out[:1])])[rows.slots]
 
@@ -162,18 +163,19 @@ class VisionAttention(nnx.Module):
     """Multi-head self-attention with a fused qkv projection ([E, 3E], columns in (3, heads, head_dim)
     order as in transformers) and 2-D rotary on q and k."""
 
-    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, attention: str = "auto", rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.qkv = layers.Dense(cfg.width, 3 * cfg.width, axes=("vision_embed", "vision_heads"), **kw)
         self.proj = layers.Dense(cfg.width, cfg.width, axes=("vision_heads", "vision_embed"), **kw)
         self.num_heads = cfg.num_heads
+        self.implementation = attention
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, rows: AttentionRows) -> jax.Array:
         """x [P, E]; cos, sin [P, 1, D]; rows: the segments attention stays within -> [P, E]."""
         p = x.shape[0]
         q, k, v = jnp.moveaxis(self.qkv(x).reshape(p, 3, self.num_heads, -1), 1, 0)
         q, k = layers.apply_rotary(q, cos, sin), layers.apply_rotary(k, cos, sin)
-        return self.proj(row_attention(q, k, v, rows).reshape(p, -1))
+        return self.proj(row_attention(q, k, v, rows, self.implementation).reshape(p, -1))
 
 
 class VisionMlp(nnx.Module):
@@ -211,11 +213,11 @@ def _norm(cfg: VisionConfig, dim: int, param_dtype) -> nnx.Module:
 class VisionBlock(nnx.Module):
     """Pre-norm transformer block: x += attn(norm1 x); x += mlp(norm2 x)."""
 
-    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, attention: str = "auto", rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm1 = _norm(cfg, cfg.width, param_dtype)
         self.norm2 = _norm(cfg, cfg.width, param_dtype)
-        self.attn = VisionAttention(cfg, **kw)
+        self.attn = VisionAttention(cfg, attention=attention, **kw)
         self.mlp = VisionMlp(cfg, **kw) if cfg.family == "qwen2_vl" else VisionGatedMlp(cfg, **kw)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, rows: AttentionRows) -> jax.Array:
@@ -246,13 +248,13 @@ class VisionTower(nnx.Module):
     transformers' output order (input order of the merged units), padding rows last."""
 
     def __init__(self, cfg: VisionConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False,
-                 rngs: nnx.Rngs):
+                 attention: str = "auto", rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.cfg = cfg
         self.remat = remat
         # Conv3d with stride = kernel over one patch is a matmul over the flattened patch.
         self.patch_embed = layers.Dense(cfg.patch_dim, cfg.width, axes=(None, "vision_embed"), use_bias=False, **kw)
-        self.blocks = nnx.List([VisionBlock(cfg, **kw) for _ in range(cfg.depth)])
+        self.blocks = nnx.List([VisionBlock(cfg, attention=attention, **kw) for _ in range(cfg.depth)])
         self.merger = PatchMerger(cfg, **kw)
 
     def __call__(self, pixel_values: jax.Array, inputs: VisionInputs) -> jax.Array:

@@ -55,9 +55,10 @@ def _params(model: nnx.Module) -> Iterator[tuple[str, nnx.Param]]:
             yield ".".join(str(p) for p in path), node
 
 
-def abstract_model(cfg: QwenVLConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False) -> QwenVL:
-    """A QwenVL whose Variables hold ShapeDtypeStructs (no memory): a frame to load into or to study."""
-    return nnx.eval_shape(lambda: QwenVL(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=nnx.Rngs(0)))
+def abstract_model(cfg: QwenVLConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, **options) -> QwenVL:
+    """A QwenVL whose Variables hold ShapeDtypeStructs (no memory): a frame to load into or to study.
+    options: QwenVL's (remat, attention, scan_layers)."""
+    return nnx.eval_shape(lambda: QwenVL(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0), **options))
 
 
 def _place(array: np.ndarray, sharding) -> jax.Array:
@@ -68,17 +69,18 @@ def _place(array: np.ndarray, sharding) -> jax.Array:
 
 
 def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None,
-                    rules: Rules | None = None, *, param_dtype=None, remat: bool = False) -> QwenVL:
+                    rules: Rules | None = None, *, param_dtype=None, **options) -> QwenVL:
     """Loads a hub-layout checkpoint directory into a QwenVL.
 
     dtype: compute dtype (also the storage dtype unless param_dtype is given). mesh / rules: place
     every parameter on `NamedSharding(mesh, spec from its logical axes under rules)` (rules None:
-    replicated); no mesh: the default device. Raises on a checkpoint key no rule maps, on a shape mismatch, and on parameters the
-    checkpoint lacks (naming the key and the file).
+    replicated); no mesh: the default device. options: QwenVL's (remat, attention, scan_layers).
+    Raises on a checkpoint key no rule maps, on a shape mismatch, and on parameters the checkpoint
+    lacks (naming the key and the file).
     """
     cfg = QwenVLConfig.from_dir(path)
     param_dtype = dtype if param_dtype is None else param_dtype
-    model = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat)
+    model = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, **options)
     params = dict(_params(model))
     loaded: dict[str, str] = {}
     for file in checkpoint_files(path):
