@@ -207,6 +207,28 @@ def test_rules_round_trip_and_config(setup):
     assert specs["merger"]["fc2"]["kernel"] == jax.sharding.PartitionSpec(None, "fsdp")
 
 
+def test_scanned_tower_matches_transformers(setup):
+    """Blocks as stacked parameters run by a scan (Qwen2.5-VL: a cond picks window or full attention),
+    loaded through the same rule table, each layer's tensor written into its row."""
+    family, visual, _, hub = setup
+    cfg = VisionConfig.from_hf(family, tiny_hf_config(family, vision_depth=3, fullatt_block_indexes=(1,))["vision_config"])
+
+    class Top(nnx.Module):
+        def __init__(self):
+            self.vision = VisionTower(cfg, scan_layers=True, rngs=nnx.Rngs(0))
+
+    top = Top()
+    written, unmatched = conversion.assign_by_rules(top, hub, VISION_RULES)
+    assert unmatched == [] and len(written) == len(hub)
+    assert top.vision.blocks.attn.qkv.kernel[...].shape[0] == 3
+    grid = np.array(GRIDS["images"], np.int64)
+    pixels = _pixels(cfg, grid, seed=4)
+    inputs = vision_inputs(grid, cfg, frame_budget=140)
+    got = np.asarray(nnx.jit(lambda t, x, i: t(x, i))(top.vision, pixels, inputs))
+    expected = _hf_tokens(visual, pixels, grid)
+    assert np.abs(got[:len(expected)] - expected).max() <= TOL
+
+
 def test_bf16_and_remat(setup):
     """bf16 compute stays close to fp32; remat changes nothing in the forward and gives finite grads."""
     family, _, tower, _ = setup

@@ -6,7 +6,7 @@ Computation runs in `dtype`; norms and softmax are computed in float32.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -156,12 +156,57 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impleme
                                         implementation=impl)
 
 
-def remat_call(module: nnx.Module, *args):
-    """`module(*args)` under `jax.checkpoint`: activations inside are recomputed in the backward pass.
+REMAT = ("none", "full", "save_dots")
+_POLICIES = {"full": jax.checkpoint_policies.nothing_saveable,
+             "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
-    Functional on purpose (split outside, merge inside the checkpointed function) rather than
-    `nnx.remat`: the forward mutates no state, and nnx's graph transform would try to write the
-    Variables back, which fails when they were merged from arrays of an outer trace (the frozen
-    reference policy inside the micro-batch scan)."""
-    graphdef, state = nnx.split(module)
-    return jax.checkpoint(lambda state, *args: nnx.merge(graphdef, state)(*args))(state, *args)
+
+def remat_name(remat: bool | str) -> str:
+    """A remat setting as a policy name: True -> "full", False -> "none"; "none" | "full" | "save_dots"
+    (recompute nothing / everything / all but the weight matmuls' outputs in the backward pass)."""
+    if isinstance(remat, bool):
+        return "full" if remat else "none"
+    if remat not in REMAT:
+        raise ValueError(f"model.remat={remat!r}: expected one of {REMAT} (or a bool)")
+    return remat
+
+
+def stack_modules(make: Callable[[], nnx.Module], n: int) -> nnx.Module:
+    """n modules from `make()`, as one module whose Variables hold the n values stacked on a leading
+    axis [n, ...], with the logical axis name "layers" prepended to their `axes`. Under
+    `nnx.eval_shape` nothing is allocated."""
+    modules = [make() for _ in range(n)]
+    graphdef, _ = nnx.split(modules[0])
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(m) for m in modules])
+    for _, var in nnx.to_flat_state(stacked):
+        var.set_metadata(axes=("layers",) + tuple(var.get_metadata().get("axes") or ()))
+    return nnx.merge(graphdef, stacked)
+
+
+def run_layers(layers_: nnx.Module, carry, step: Callable, *, scanned: bool, remat: str):
+    """carry <- step(layer_i, carry, i) for i = 0 .. n-1; returns the last carry.
+
+    scanned: `layers_` is one module of stacked parameters (`stack_modules`), run by `jax.lax.scan`
+    (one compiled layer whatever the depth; i is traced); otherwise an `nnx.List`, a Python loop.
+    remat: each step under `jax.checkpoint` with that policy (`remat_name`). Functional on purpose
+    (split outside, merge inside the transformed function) rather than nnx.scan / nnx.remat: the
+    forward mutates no state, and nnx's graph transforms would try to write the Variables back, which
+    fails when they were merged from arrays of an outer trace (the frozen reference policy inside the
+    micro-batch scan).
+    """
+    def remat_(fn):
+        return fn if remat == "none" else jax.checkpoint(fn, policy=_POLICIES[remat])
+
+    if scanned:
+        graphdef, state = nnx.split(layers_)
+        n = jax.tree.leaves(state)[0].shape[0]
+        body = remat_(lambda carry, xs: (step(nnx.merge(graphdef, xs[0]), carry, xs[1]), None))
+        carry, _ = jax.lax.scan(body, carry, (state, jnp.arange(n, dtype=jnp.int32)))
+        return carry
+    for i, layer in enumerate(layers_):  # i stays a Python int (static) here
+        if remat == "none":
+            carry = step(layer, carry, i)
+        else:
+            graphdef, state = nnx.split(layer)
+            carry = remat_(lambda state, carry: step(nnx.merge(graphdef, state), carry, i))(state, carry)  # noqa: B023
+    return carry

@@ -247,14 +247,16 @@ class VisionTower(nnx.Module):
     """pixel_values [P, C*T*p*p] + VisionInputs -> image tokens [P/m^2, out_hidden_size] in
     transformers' output order (input order of the merged units), padding rows last."""
 
-    def __init__(self, cfg: VisionConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False,
-                 attention: str = "auto", rngs: nnx.Rngs):
+    def __init__(self, cfg: VisionConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool | str = False,
+                 attention: str = "auto", scan_layers: bool = False, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.cfg = cfg
-        self.remat = remat
+        self.remat, self.scan_layers = layers.remat_name(remat), scan_layers
         # Conv3d with stride = kernel over one patch is a matmul over the flattened patch.
         self.patch_embed = layers.Dense(cfg.patch_dim, cfg.width, axes=(None, "vision_embed"), use_bias=False, **kw)
-        self.blocks = nnx.List([VisionBlock(cfg, attention=attention, **kw) for _ in range(cfg.depth)])
+        make = lambda: VisionBlock(cfg, attention=attention, **kw)  # noqa: E731
+        self.blocks = layers.stack_modules(make, cfg.depth) if scan_layers else nnx.List(
+            [make() for _ in range(cfg.depth)])
         self.merger = PatchMerger(cfg, **kw)
 
     def __call__(self, pixel_values: jax.Array, inputs: VisionInputs) -> jax.Array:
@@ -266,10 +268,17 @@ class VisionTower(nnx.Module):
             x = x.reshape(p // unit, unit, -1)[inputs.window_index].reshape(p, -1)
         x = constrain(x, ("patches", "vision_embed"))
         cos, sin = rotary_cos_sin(inputs.position_ids, cfg.head_dim, cfg.rope_theta)
-        run = layers.remat_call if self.remat else (lambda block, *args: block(*args))
-        for i, block in enumerate(self.blocks):
-            full = not cfg.uses_windows or i in cfg.fullatt_block_indexes
-            x = run(block, x, cos, sin, inputs.frame_rows if full else inputs.window_rows)
+        if not cfg.uses_windows:
+            step = lambda block, x, i: block(x, cos, sin, inputs.frame_rows)  # noqa: E731
+        elif self.scan_layers:  # i is traced: a cond picks the attention (both compiled, one runs)
+            full_blocks = jnp.asarray([i in cfg.fullatt_block_indexes for i in range(cfg.depth)])
+            step = lambda block, x, i: jax.lax.cond(  # noqa: E731
+                full_blocks[i], lambda: block(x, cos, sin, inputs.frame_rows),
+                lambda: block(x, cos, sin, inputs.window_rows))
+        else:
+            step = lambda block, x, i: block(  # noqa: E731
+                x, cos, sin, inputs.frame_rows if i in cfg.fullatt_block_indexes else inputs.window_rows)
+        x = layers.run_layers(self.blocks, x, step, scanned=self.scan_layers, remat=self.remat)
         out = self.merger(x)  # [U, out], compute order
         if cfg.uses_windows:
             out = out[inputs.reverse_index]

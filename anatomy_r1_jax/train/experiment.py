@@ -17,7 +17,7 @@ from flax import nnx
 from anatomy_r1_jax.data import read_records
 from anatomy_r1_jax.data.records import Record
 from anatomy_r1_jax.methods import similarity as sim_lib
-from anatomy_r1_jax.models import QwenVL, QwenVLConfig, load_pretrained
+from anatomy_r1_jax.models import QwenVL, QwenVLConfig, load_pretrained, model_options
 from anatomy_r1_jax.models.presets import tiny_hf_config
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,8 @@ def build_model(config, tokenizer, mesh=None, rules=()) -> QwenVL:
     if not c.path and c.get("preset"):
         raise ValueError(f"config model.preset={c.preset!r} needs --config.model.path=<local HF checkpoint directory>")
     if c.path:
-        return load_pretrained(c.path, dtype=dtype, mesh=mesh, rules=rules, param_dtype=param_dtype, remat=c.remat)
+        return load_pretrained(c.path, dtype=dtype, mesh=mesh, rules=rules, param_dtype=param_dtype,
+                               **model_options(c))
     ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
@@ -120,5 +121,5 @@ def build_model(config, tokenizer, mesh=None, rules=()) -> QwenVL:
     hf["eos_token_id"] = hf["text_config"]["eos_token_id"] = tokenizer.convert_tokens_to_ids("<|im_end|>")
     hf["pad_token_id"] = hf["text_config"]["pad_token_id"] = tokenizer.pad_token_id
     cfg = QwenVLConfig.from_hf(hf)
-    model = QwenVL(cfg, dtype=dtype, param_dtype=param_dtype, remat=c.remat, rngs=nnx.Rngs(config.seed))
+    model = QwenVL(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(config.seed), **model_options(c))
     return model
