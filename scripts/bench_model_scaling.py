@@ -50,8 +50,10 @@ def vision(args, model_cfg: QwenVLConfig) -> None:
     for name, budget in (("dense (one row)", None), ("per frame", int(np.prod(grid)))):
         flops = [vision_flops(cfg, grid, n, budget) for n in counts]
         rows.append([name] + [f"{f / 1e12:.2f}" for f in flops] + [f"{flops[-1] / flops[0]:.2f}x"])
-    print(f"Vision tower FLOPs (TFLOP), {args.preset} widths, {args.depth} blocks, images of {grid[1]}x{grid[2]} patches")
-    print(report.markdown_table(["attention"] + [f"{n} images" for n in counts] + [f"{counts[-1]} / {counts[0]}"], rows))
+    print(f"Vision tower FLOPs (TFLOP), {args.preset} widths, {args.depth} blocks, "
+          f"images of {grid[1]}x{grid[2]} patches")
+    header = ["attention"] + [f"{n} images" for n in counts] + [f"{counts[-1]} / {counts[0]}"]
+    print(report.markdown_table(header, rows))
 
 
 def compile_seconds(cfg: QwenVLConfig, layers: int, scan_layers: bool, remat: str) -> float:

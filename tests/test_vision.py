@@ -211,7 +211,8 @@ def test_scanned_tower_matches_transformers(setup):
     """Blocks as stacked parameters run by a scan (Qwen2.5-VL: a cond picks window or full attention),
     loaded through the same rule table, each layer's tensor written into its row."""
     family, visual, _, hub = setup
-    cfg = VisionConfig.from_hf(family, tiny_hf_config(family, vision_depth=3, fullatt_block_indexes=(1,))["vision_config"])
+    hf_vision = tiny_hf_config(family, vision_depth=3, fullatt_block_indexes=(1,))["vision_config"]
+    cfg = VisionConfig.from_hf(family, hf_vision)
 
     class Top(nnx.Module):
         def __init__(self):

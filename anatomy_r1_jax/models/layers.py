@@ -138,7 +138,8 @@ def resolve_attention(implementation: str, dtype, query_length: int) -> str:
     return "xla"
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, implementation: str = "reference") -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+              implementation: str = "reference") -> jax.Array:
     """Scaled dot-product attention, GQA without repeating K/V: q [B, Lq, H, D], k, v [B, Lk, KVH, D],
     mask bool [B, 1, Lq, Lk] (True = may attend) -> [B, Lq, H, D] (see `resolve_attention`).
 

@@ -10,8 +10,8 @@ Attention is block-diagonal over segments (`vision_inputs.VisionInputs`): one se
 (transformers' `cu_seqlens`), and for Qwen2.5-VL one per window in all blocks not listed in
 `fullatt_block_indexes`. It runs on segments packed into fixed-length rows (`AttentionRows`: frames
 in rows of the frame budget, windows in rows of one window), so its cost is linear in the number of
-images and every layout under one patch budget shares one compiled program. Rotary is 2-D: the first half of the rotated dims turn with the patch row,
-the second half with the column.
+images and every layout under one patch budget shares one compiled program. Rotary is 2-D: the
+first half of the rotated dims turn with the patch row, the second half with the column.
 
                       Qwen2-VL                     Qwen2.5-VL
     norms             LayerNorm (eps 1e-6)         RMSNorm (eps 1e-6)
