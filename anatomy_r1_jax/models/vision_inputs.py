@@ -14,6 +14,17 @@ Orders. *Input order* is the processor's. *Compute order* is the order the trans
 for Qwen2.5-VL the merged units are permuted window by window (`window_index`); for Qwen2-VL it is
 the input order. The tower un-permutes after the merger, so its output rows are in input order
 (the order the language model's image placeholder tokens consume them).
+
+Attention rows. Attention never spans segments (frames for full attention, windows for Qwen2.5-VL's
+window attention), so the tower does not attend over all P patches at once: the segments are packed,
+whole and in compute order, into a static number of fixed-length rows (next-fit), and attention runs
+per row, [rows, R, R] scores instead of [P, P]. The cost is linear in the number of images:
+    windows: R = the largest window ((window_size / patch_size)^2 patches), at most 2 * ceil(P / R) - 1
+             rows (next-fit: two consecutive rows hold more than R patches), so this never fails;
+    frames:  R = `frame_budget` (the most patches a query's images may have), ceil(P / R) rows. When
+             every query's frames together fit in R patches and P = queries * R, next-fit opens at most one
+             row per query, so the frames fit; otherwise `vision_inputs` says so. frame_budget None: one
+             row of all P patches (dense; any layout fits).
 """
 
 from __future__ import annotations
@@ -28,6 +39,20 @@ if TYPE_CHECKING:
 
 
 @struct.dataclass
+class AttentionRows:
+    """Segments packed into rows for attention (see the module docstring); n rows of R slots.
+
+    index:    [n, R] compute-order patch in each slot; P (one past the last patch) for an empty slot.
+    segments: [n, R] segment id of each slot, -1 when empty: a slot attends to slots of its own segment.
+    slots:    [P] flat slot (row * R + column) of each compute-order patch; n * R for padding patches.
+    """
+
+    index: np.ndarray
+    segments: np.ndarray
+    slots: np.ndarray
+
+
+@struct.dataclass
 class VisionInputs:
     """Per-batch tower inputs (int32 / bool NumPy arrays; P patches, U = P / merge^2 units).
 
@@ -38,6 +63,8 @@ class VisionInputs:
     window_index:       [U] compute-order unit j holds input-order unit window_index[j] (identity for Qwen2-VL).
     reverse_index:      [U] the inverse permutation: input-order unit i sits at compute position reverse_index[i].
     token_valid:        [U] True for output rows that belong to a real image (padding rows come last).
+    frame_rows:         frames packed into rows of `frame_budget` patches (full attention).
+    window_rows:        windows packed into rows of one window (Qwen2.5-VL window attention; None for Qwen2-VL).
 
     Padding patches get a segment and a window id of their own, so they never attend to or
     from real patches; their outputs are garbage the caller ignores.
@@ -49,6 +76,8 @@ class VisionInputs:
     window_index: np.ndarray
     reverse_index: np.ndarray
     token_valid: np.ndarray
+    frame_rows: AttentionRows
+    window_rows: AttentionRows | None = None
 
     @property
     def num_patches(self) -> int:
@@ -95,11 +124,40 @@ def _window_ids(units: dict[str, np.ndarray], side: int) -> np.ndarray:
     return first[frame] + (units["row"] // side) * windows_w + units["col"] // side
 
 
-def vision_inputs(image_grid_thw: np.ndarray, cfg: "VisionConfig", patch_budget: int | None = None) -> VisionInputs:
+def attention_rows(segments: np.ndarray, total: int, length: int, capacity: int) -> AttentionRows | None:
+    """Packs the runs of equal ids in `segments [n_real]` (real patches, compute order) whole into
+    `capacity` rows of `length` slots, next-fit in order; None when they do not fit. `total` is P."""
+    starts = np.flatnonzero(np.diff(segments, prepend=-1)) if len(segments) else np.zeros(0, np.int64)
+    sizes = np.diff(np.append(starts, len(segments)))
+    first_slot = np.zeros(len(sizes), np.int64)
+    row, fill = 0, 0
+    for i, size in enumerate(sizes.tolist()):
+        if fill + size > length:
+            row, fill = row + 1, 0
+        first_slot[i] = row * length + fill
+        fill += size
+    if row >= capacity or (sizes > length).any():
+        return None
+    run = np.repeat(np.arange(len(sizes)), sizes)
+    slot_of_patch = first_slot[run] + np.arange(len(segments)) - starts[run]
+    index = np.full(capacity * length, total, np.int64)
+    index[slot_of_patch] = np.arange(len(segments))
+    seg = np.full(capacity * length, -1, np.int64)
+    seg[slot_of_patch] = segments
+    slots = np.full(total, capacity * length, np.int64)
+    slots[:len(segments)] = slot_of_patch
+    return AttentionRows(index=index.reshape(capacity, length).astype(np.int32),
+                         segments=seg.reshape(capacity, length).astype(np.int32), slots=slots.astype(np.int32))
+
+
+def vision_inputs(image_grid_thw: np.ndarray, cfg: "VisionConfig", patch_budget: int | None = None,
+                  frame_budget: int | None = None) -> VisionInputs:
     """Builds the tower inputs for images with grids `image_grid_thw [n, 3]` (t, h, w in patches).
 
     patch_budget: total patch rows the tower will see (the caller pads `pixel_values` to it with
     `pad_pixel_values`); a multiple of merge^2 and >= the real patch count. None = no padding.
+    frame_budget: the row length of full attention, at least the largest frame (module docstring);
+    the trainer passes its patches per query. None = the whole patch budget (one dense row).
     Qwen2.5-VL windows are `window_size / (patch_size * merge)` merged units on a side.
     """
     merge = cfg.spatial_merge_size
@@ -118,6 +176,7 @@ def vision_inputs(image_grid_thw: np.ndarray, cfg: "VisionConfig", patch_budget:
         if side < 1:
             raise ValueError(f"window_size={cfg.window_size} is smaller than one merged patch")
         window = _window_ids(units, side)
+        window_patches = (side * merge) ** 2
     else:
         window = units["frame"]
     # Padding units form one extra segment and one extra window of their own, at position (0, 0)
@@ -136,13 +195,27 @@ def vision_inputs(image_grid_thw: np.ndarray, cfg: "VisionConfig", patch_budget:
     # Patch (row, col) inside its frame: unit corner + offset inside the m x m block.
     within = np.tile(np.arange(unit), n_units)
     position_ids = np.stack([per_patch(row) * merge + within // merge, per_patch(col) * merge + within % merge], -1)
+    segment_ids, window_segment_ids = per_patch(frame), per_patch(window)
+    length = (total or unit) if frame_budget is None else int(frame_budget)
+    frame_rows = attention_rows(segment_ids[:real], total, length, max(1, -(-total // length)))
+    if frame_rows is None:
+        raise ValueError(f"the frames of image_grid_thw={grid.tolist()} do not fit {max(1, -(-total // length))} "
+                         f"rows of frame_budget={frame_budget} patches: give each query at most frame_budget "
+                         f"patches and patch_budget = queries * frame_budget (now {total})")
+    window_rows = None
+    if cfg.uses_windows:
+        window_rows = attention_rows(window_segment_ids[:real], total, window_patches,
+                                     max(1, 2 * -(-total // window_patches) - 1))
+        assert window_rows is not None, "next-fit always fits windows in 2 * ceil(P / R) - 1 rows"
     return VisionInputs(
         position_ids=position_ids.astype(np.int32),
-        segment_ids=per_patch(frame),
-        window_segment_ids=per_patch(window),
+        segment_ids=segment_ids,
+        window_segment_ids=window_segment_ids,
         window_index=window_index.astype(np.int32),
         reverse_index=reverse_index.astype(np.int32),
         token_valid=np.arange(n_units) < n_real,
+        frame_rows=frame_rows,
+        window_rows=window_rows,
     )
 
 
