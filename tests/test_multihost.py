@@ -116,7 +116,8 @@ def _final_state(workdir):
 def test_two_processes_match_one(tmp_path):
     """train.py with two processes of 4 CPU devices (one mesh data 2 x tensor 4, each host reading
     its own queries) gives the metrics and final weights of the one-process 8-device run. Only the
-    order of cross-host reductions differs (gloo vs in-process): fp32 round-off."""
+    order of cross-host reductions differs (gloo vs in-process): fp32 round-off (measured: weights
+    within 4e-9 after an update that moved them by 4e-5; metrics equal to 1e-7)."""
     config = tmp_path / "config.py"
     config.write_text(CONFIG)
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
@@ -128,13 +129,17 @@ def test_two_processes_match_one(tmp_path):
     rows = {w: [json.loads(line) for line in open(os.path.join(w, "metrics.jsonl"))] for w in (one, two)}
     assert [r["step"] for r in rows[two]] == [1, 2, 3]  # process 0 alone writes metrics
     grpo = [r for r in rows[one] if r["phase"] == 1.0]
-    assert all(r["loss"] != 0 and r["grad_norm"] > 0 and r["prompts_per_group"] == 2 for r in grpo)
+    assert all(r["grad_norm"] > 0 and r["prompts_per_group"] == 2 for r in grpo)  # GDQA variants every step
     for a, b in zip(rows[one], rows[two], strict=True):
         for key in COMPARED:
             if key in a:
                 np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-6, err_msg=f"step {a['step']} {key}")
 
-    final = {w: jax.tree.leaves_with_path(_final_state(w)) for w in (one, two)}
+    states = {w: _final_state(w) for w in (one, two)}
+    moved = max(float(np.abs(p - r).max()) for p, r in zip(jax.tree.leaves(states[one]["params"]),
+                                                          jax.tree.leaves(states[one]["ref_params"])))
+    assert moved > 1e-6, "GRPO did not change the weights: the comparison below would show nothing"
+    final = {w: jax.tree.leaves_with_path(states[w]) for w in (one, two)}
     for (path, a), (_, b) in zip(final[one], final[two], strict=True):
         np.testing.assert_allclose(np.asarray(b, np.float64), np.asarray(a, np.float64), rtol=1e-4, atol=1e-6,
                                    err_msg=jax.tree_util.keystr(path))

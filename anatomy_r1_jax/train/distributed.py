@@ -1,10 +1,11 @@
 """Multi-host runs: start-up, each process's data shard, and the few host-side exchanges.
 
-Start-up (`maybe_initialize`): on a TPU VM slice every worker runs the same command and JAX
-discovers its peers; under SLURM (`srun`, SLURM_NTASKS > 1) JAX reads the job's environment; on
-other GPU or CPU clusters set JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES
-and JAX_PROCESS_ID on every process. CPU collectives use gloo (jax 0.10's default). Single-process
-runs skip all of it.
+Start-up (`maybe_initialize`) calls `jax.distributed.initialize` when the environment describes
+several processes: JAX_COORDINATOR_ADDRESS (host:port of process 0) with JAX_NUM_PROCESSES and
+JAX_PROCESS_ID (any cluster; CPU collectives use gloo, jax 0.10's default); a SLURM job step with
+SLURM_NTASKS > 1 or a GKE TPU pod (TPU_WORKER_HOSTNAMES), which JAX reads itself; or
+ANATOMY_R1_DISTRIBUTED=1, which leaves all detection to JAX (Cloud TPU VM slices, whose workers
+learn their peers from the metadata server, Open MPI). Single-process runs skip all of it.
 
 Data: the mesh's logical `batch` axis splits every batch's rows over the devices; the processes
 whose devices hold the same block of rows form one data shard (`DataShard`). Each shard reads and
@@ -34,11 +35,14 @@ log = logging.getLogger(__name__)
 def maybe_initialize() -> None:
     """Initialises the distributed runtime when the environment describes more than one process."""
     multi = os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("TPU_WORKER_HOSTNAMES") or (
-        int(os.environ.get("SLURM_NTASKS", "1")) > 1)
+        int(os.environ.get("SLURM_NTASKS", "1")) > 1) or os.environ.get("ANATOMY_R1_DISTRIBUTED") == "1"
     if not multi:
         return
     kwargs = {}
     if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        missing = [k for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if k not in os.environ]
+        if missing:
+            raise ValueError(f"JAX_COORDINATOR_ADDRESS is set but {' and '.join(missing)} not: set both on every process")
         kwargs = dict(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
                       num_processes=int(os.environ["JAX_NUM_PROCESSES"]), process_id=int(os.environ["JAX_PROCESS_ID"]))
     jax.distributed.initialize(**kwargs)
