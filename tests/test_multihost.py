@@ -79,12 +79,13 @@ def get_config(arg=None):
 '''
 ARGS = ["--config.sft.steps=1", "--config.sft.batch_size=2", "--config.train.steps=2", "--config.train.batch_size=4",
         "--config.train.micro_batches=2", "--config.rl.group_size=2", "--config.rl.max_completion_length=24",
-        "--config.gdqa.trigger=always", "--config.gdqa.calibration=", "--config.data.eval=",
+        "--config.gdqa.trigger=always", "--config.gdqa.calibration=", "--config.data.eval_size=4",
         "--config.data.synthetic.n=60", "--config.train.checkpoint_every=3", "--config.model.tiny.hidden_size=32",
         "--config.model.tiny.intermediate_size=64", "--config.model.tiny.num_hidden_layers=1",
         "--config.model.tiny.vision_depth=1", "--config.model.tiny.vision_hidden_size=32",
         "--config.model.tiny.vision_intermediate_size=64"]
 COMPARED = ("sft/loss", "grad_norm", "loss", "kl", "clip_fraction", "entropy", "reward/total", "completion_length",
+            "eval/accuracy", "eval/format",
             "sq_mean", "prompts_per_group", "invalid_gradient_ratio")
 
 
