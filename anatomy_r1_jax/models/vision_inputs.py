@@ -29,6 +29,7 @@ per row, [rows, R, R] scores instead of [P, P]. The cost is linear in the number
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -225,3 +226,20 @@ def pad_pixel_values(pixel_values: np.ndarray, num_patches: int) -> np.ndarray:
     if pixel_values.shape[0] > num_patches:
         raise ValueError(f"{pixel_values.shape[0]} patches exceed the budget of {num_patches}")
     return np.pad(pixel_values, ((0, num_patches - pixel_values.shape[0]), (0, 0)))
+
+
+def concat_vision_inputs(parts: "list[VisionInputs]") -> VisionInputs:
+    """The tower inputs of several batches' patches laid end to end (each part's padding stays at
+    its end): what a batch made of the parts' images in turn computes, up to where padding sits.
+    Frame and window ids of part k are shifted past those of parts < k, its unit indices by their
+    unit counts. Multi-host training joins the data shards' batches with it (train/distributed.py).
+    """
+    shifted, frames, windows, units = [], 0, 0, 0
+    for p in parts:
+        shifted.append(p.replace(segment_ids=p.segment_ids + frames, window_segment_ids=p.window_segment_ids + windows,
+                                 window_index=p.window_index + units, reverse_index=p.reverse_index + units))
+        frames += int(p.segment_ids.max(initial=-1)) + 1
+        windows += int(p.window_segment_ids.max(initial=-1)) + 1
+        units += len(p.window_index)
+    return VisionInputs(**{f.name: np.concatenate([getattr(s, f.name) for s in shifted])
+                           for f in dataclasses.fields(VisionInputs)})
