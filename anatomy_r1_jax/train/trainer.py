@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from anatomy_r1_jax import sharding
@@ -101,8 +102,14 @@ class Trainer:
                                  b1=c.optim.b1, b2=c.optim.b2)
         master, opt_state = jax.jit(functools.partial(init_optimizer, self.tx, self.precision))(params)
         ref = jax.tree.map(jnp.copy, params) if c.rl.beta != 0 else None
-        self.state = TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen, ref_params=ref,
-                                opt_state=opt_state, master=master)
+        state = TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen, ref_params=ref,
+                           opt_state=opt_state, master=master)
+        # Leaves left on one device (the step counter, optimizer counters) are replicated over the
+        # mesh: the update's out_shardings come from this state and must span the mesh's devices.
+        devices = set(self.mesh.devices.flat)
+        replicated = NamedSharding(self.mesh, P())
+        self.state = jax.tree.map(lambda x: x if x.sharding.device_set == devices else jax.device_put(x, replicated),
+                                  state)
         state_sharding = jax.tree.map(lambda x: x.sharding, self.state)
         self._compile(state_sharding)
 
