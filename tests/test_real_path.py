@@ -160,3 +160,33 @@ def test_set_up_errors_are_one_clear_line(user, tmp_path):
     assert typo.returncode != 0
     assert typo.stderr.strip().splitlines() == [
         "train.py: unknown config field --config.train.stepz (train has no 'stepz'; nearest: steps)"]
+
+
+def test_an_exception_mid_run_leaves_complete_checkpoints_and_a_restart_resumes(tmp_path, monkeypatch):
+    """The loop waits for its in-flight save on the way out of an exception (no *.orbax-checkpoint-tmp
+    left), and the next run resumes from the last complete step. Also: no eval set, no eval metrics."""
+    from anatomy_r1_jax.train.trainer import Trainer
+    from test_export_hf import default_config
+
+    config = default_config()
+    config.sft.update(steps=3, batch_size=4)
+    config.train.update(steps=0, checkpoint_every=1)
+    config.data.update(eval="", synthetic=dict(n=40, seed=0, image_size=56))
+    config.model.tiny.update(hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    config.gdqa.trigger = "off"
+    workdir = tmp_path / "run"
+    original = Trainer.sft_iteration
+
+    def crash_at_third_step(self, step):
+        if step == 2:
+            raise RuntimeError("simulated crash")
+        return original(self, step)
+
+    monkeypatch.setattr(Trainer, "sft_iteration", crash_at_third_step)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        Trainer(config, str(workdir)).run()
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2"]  # step 2's save completed, no tmp dir
+    monkeypatch.setattr(Trainer, "sft_iteration", original)
+    rows = Trainer(config, str(workdir)).run()
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert not any(k.startswith("eval/") for r in rows for k in r)
