@@ -128,7 +128,9 @@ class Collator:
         return PromptBatch(
             input_ids=input_ids, attention_mask=mask, position_ids=position_ids.astype(np.int32),
             rope_deltas=deltas.astype(np.int32), pixel_values=pixel_values.astype(np.float32),
-            vision=vision_inputs(query_grids, self.cfg.vision, patch_budget=budget), image_rows=rows_arr)
+            vision=vision_inputs(query_grids, self.cfg.vision, patch_budget=budget,
+                                 frame_budget=self.shape.patches_per_query),  # attention per frame
+            image_rows=rows_arr)
 
     def concat(self, parts: Sequence[PromptBatch]) -> PromptBatch:
         """Prompt batches of `prompts` laid end to end: rows and patches of part k after those of

@@ -232,14 +232,43 @@ def concat_vision_inputs(parts: "list[VisionInputs]") -> VisionInputs:
     """The tower inputs of several batches' patches laid end to end (each part's padding stays at
     its end): what a batch made of the parts' images in turn computes, up to where padding sits.
     Frame and window ids of part k are shifted past those of parts < k, its unit indices by their
-    unit counts. Multi-host training joins the data shards' batches with it (train/distributed.py).
+    unit counts, its attention rows follow those of parts < k (`concat_attention_rows`). Multi-host
+    training joins the data shards' batches with it (train/distributed.py).
     """
-    shifted, frames, windows, units = [], 0, 0, 0
+    shifted, frames, windows, units = [], [], [], 0
+    frame_shift = window_shift = 0
     for p in parts:
-        shifted.append(p.replace(segment_ids=p.segment_ids + frames, window_segment_ids=p.window_segment_ids + windows,
+        frames.append(frame_shift)
+        windows.append(window_shift)
+        shifted.append(p.replace(segment_ids=p.segment_ids + frame_shift,
+                                 window_segment_ids=p.window_segment_ids + window_shift,
                                  window_index=p.window_index + units, reverse_index=p.reverse_index + units))
-        frames += int(p.segment_ids.max(initial=-1)) + 1
-        windows += int(p.window_segment_ids.max(initial=-1)) + 1
+        frame_shift += int(p.segment_ids.max(initial=-1)) + 1
+        window_shift += int(p.window_segment_ids.max(initial=-1)) + 1
         units += len(p.window_index)
-    return VisionInputs(**{f.name: np.concatenate([getattr(s, f.name) for s in shifted])
-                           for f in dataclasses.fields(VisionInputs)})
+    arrays = {f.name: np.concatenate([getattr(s, f.name) for s in shifted]) for f in dataclasses.fields(VisionInputs)
+              if f.name not in ("frame_rows", "window_rows")}
+    sizes = [p.num_patches for p in parts]
+    windowed = parts[0].window_rows is not None
+    return VisionInputs(**arrays, frame_rows=concat_attention_rows([p.frame_rows for p in parts], sizes, frames),
+                        window_rows=concat_attention_rows([p.window_rows for p in parts], sizes, windows)
+                        if windowed else None)
+
+
+def concat_attention_rows(parts: list[AttentionRows], patches: list[int], shifts: list[int]) -> AttentionRows:
+    """Rows of parts laid end to end: part k's patch indices move past the `patches` of parts < k,
+    its segment ids by `shifts[k]`, its slots past the rows of parts < k; every part's sentinels (P
+    for an empty slot, n * R for a padding patch) become the joined batch's."""
+    length = parts[0].index.shape[1]
+    total, rows = sum(patches), sum(r.index.shape[0] for r in parts)
+    index, segments, slots = [], [], []
+    patch_offset = row_offset = 0
+    for r, p, shift in zip(parts, patches, shifts):
+        n = r.index.shape[0]
+        index.append(np.where(r.index == p, total, r.index + patch_offset))
+        segments.append(np.where(r.segments < 0, -1, r.segments + shift))
+        slots.append(np.where(r.slots == n * length, rows * length, r.slots + row_offset * length))
+        patch_offset, row_offset = patch_offset + p, row_offset + n
+    return AttentionRows(index=np.concatenate(index).astype(np.int32),
+                         segments=np.concatenate(segments).astype(np.int32),
+                         slots=np.concatenate(slots).astype(np.int32))
