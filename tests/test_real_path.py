@@ -121,13 +121,14 @@ def test_train_resume_evaluate_export_on_the_real_path(user):
     assert [r["step"] for r in _metrics(run)] == [1, 2, 3]
     assert "3" in os.listdir(run / "checkpoints")
 
+    # evaluate.py and export_hf.py read the run's saved config: nothing typed again.
     evaluation = user["root"] / "eval"
-    _run("scripts/evaluate.py", *user["config"], f"--checkpoints=trained={run}", f"--datasets={user['records']}",
+    _run("scripts/evaluate.py", f"--checkpoints=trained={run}", f"--datasets={user['records']}",
          f"--out={evaluation}", "--batch_size=2", "--limit=2", cache=cache)
     assert (evaluation / "summary.md").exists()
 
     export = user["root"] / "export"
-    _run("scripts/export_hf.py", *user["config"], f"--checkpoint={run}", f"--out={export}", "--dtype=float32",
+    _run("scripts/export_hf.py", f"--checkpoint={run}", f"--out={export}", "--dtype=float32",
          cache=cache)
 
     # transformers loads the export; its processor resizes the paper's frames to the run's budget.
