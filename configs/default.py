@@ -74,7 +74,9 @@ def get_config(arg=None):
     c.optim = dict(lr=2e-4, warmup_steps=5, schedule="cosine", weight_decay=0.0, grad_clip=1.0, b1=0.9, b2=0.99,
                    grad_dtype="float32", moment_dtype="float32", master_weights=False)
 
-    c.sft = dict(steps=700, lr=2e-3, batch_size=32, target="think", answer="text", warmup_steps=20)
+    # Each phase has its own schedule (train/schedules.py: "constant", "linear", "cosine"; warmup_steps 0 =
+    # none) counted from its first step, and its own AdamW state (GRPO starts with fresh moments).
+    c.sft = dict(steps=700, lr=2e-3, batch_size=32, target="think", answer="text", warmup_steps=20, schedule="constant")
 
     c.train = dict(
         batch_size=8,  # queries per GRPO step (rows = batch_size * group_size)
