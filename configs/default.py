@@ -25,7 +25,10 @@ def get_config(arg=None):
                   vision_intermediate_size=128),
         dtype="float32",  # compute; param_dtype: the weights (precision policy: train/precision.py)
         param_dtype="float32",
-        remat=False,
+        remat="none",  # per-layer recomputation in the backward pass: "none" | "full" | "save_dots"
+        # "auto" (cuDNN on GPU, XLA on CPU, chunked on TPU) | "reference" | "xla" | "cudnn" | "chunked"
+        attention="auto",
+        scan_layers=False,  # layers stacked, run by lax.scan; measured: no gain at 2 layers (docs/benchmarks.md)
         freeze_vision=False,
     )
     c.tokenizer = dict(path="", vocab_size=1024)  # "" = the project's tiny byte-level BPE

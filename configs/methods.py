@@ -63,7 +63,8 @@ def real_model(c: ml_collections.ConfigDict, name: str) -> ml_collections.Config
     c.model.path = ""  # required: --config.model.path=/local/checkpoint
     c.model.dtype = c.model.param_dtype = "bfloat16"
     c.optim.update(grad_dtype="float32", moment_dtype="float32", master_weights=True)
-    c.model.remat = True
+    c.model.remat = "full"
+    c.model.scan_layers = True  # compile time independent of depth (docs/benchmarks.md)
     c.model.freeze_vision = True
     c.tokenizer.path = ""
     c.rl.update(group_size=8, temperature=0.9, top_p=0.9, top_k=50, max_completion_length=512, beta=0.04,

@@ -26,11 +26,12 @@ from anatomy_r1_jax.requirements import check_installed  # noqa: E402
 
 check_installed()  # one line naming a missing package
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", os.path.join(_ROOT, "configs", "default.py"),
-                                          "config file (default: the run's saved config.json)", lock_config=True)
+from anatomy_r1_jax import command_line  # noqa: E402
+
+_CONFIG = command_line.define_config(os.path.join(_ROOT, "configs", "default.py"),
+                                     "config file (default: the run's saved config.json)")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "run workdir or step folder", required=True)
 _OUT = flags.DEFINE_string("out", None, "Hugging Face output directory", required=True)
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "store the weights in this dtype "
@@ -51,4 +52,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    command_line.run(main)

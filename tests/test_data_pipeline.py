@@ -111,6 +111,27 @@ def test_shards_split_each_global_batch(records, processor):
         assert shards[0][step] == global_batch[0::2] and shards[1][step] == global_batch[1::2]
 
 
+def test_shard_blocks_rebuild_one_process_micro_batches(records, processor):
+    """shard_block = a shard's micro-batch: micro-batch m of one process's batch of 8 (two
+    micro-batches of 4) is shard 0's micro-batch m followed by shard 1's (the trainer's multi-host
+    layout; the strided default would interleave the shards)."""
+    make = lambda **kw: iter(QueryPipeline(records, image_processor=processor,  # noqa: E731
+                                           order_fn=_reversed_then_rolled, **kw))
+    one = make(batch_size=8)
+    single = _indices(_take(one, 2))
+    one.close()
+    shards = []
+    for index in range(2):
+        it = make(batch_size=4, shard_index=index, shard_count=2, shard_block=2)
+        shards.append(_indices(_take(it, 2)))
+        it.close()
+    for step in range(2):
+        s0, s1 = shards[0][step], shards[1][step]
+        assert single[step] == s0[:2] + s1[:2] + s0[2:] + s1[2:]
+    with pytest.raises(ValueError, match="shard_block=3 must divide batch_size=2"):
+        QueryPipeline(records, batch_size=2, image_processor=processor, shard_count=2, shard_block=3)
+
+
 def _resume_matches(records, processor, workers: int, reference=None):
     """Saves the state after 3 batches, reads 3 more, restores the state into a fresh iterator and
     checks that it gives the same 3 batches."""

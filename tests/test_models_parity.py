@@ -16,7 +16,7 @@ import torch
 from flax import nnx
 from hf_tiny import HF_CLASSES, build_hf_model, multimodal_batch, torch_inputs
 
-from anatomy_r1_jax.models import decode_position_ids, load_pretrained, save_pretrained
+from anatomy_r1_jax.models import decode_position_ids, layers, load_pretrained, save_pretrained
 from anatomy_r1_jax.models.vision import pad_pixel_values, vision_inputs
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl")
@@ -63,6 +63,16 @@ def test_logits_match_transformers(tiny):
     assert diff <= TOL, f"{tiny['family']}: max |logits diff| {diff:.3g}"
 
 
+@pytest.mark.parametrize("attention,scan_layers", [("reference", False), ("reference", True), ("xla", True),
+                                                   ("chunked", True)])  # xla unscanned: test_logits_match
+def test_each_attention_and_layout_matches_transformers(tiny, attention, scan_layers, monkeypatch):
+    monkeypatch.setattr(layers, "QUERY_BLOCK", 128)  # 332 tokens: 3 query blocks, the last padded
+    b = tiny["batch"]
+    model = load_pretrained(tiny["path"], attention=attention, scan_layers=scan_layers)
+    diff = _max_diff(_logits(model, b), tiny["ref"], b["attention_mask"])
+    assert diff <= TOL, f"{tiny['family']} {attention} scan={scan_layers}: max |logits diff| {diff:.3g}"
+
+
 @nnx.jit
 def _prefill(model, input_ids, position_ids, attention_mask, pixel_values, inputs, cache):
     image_embeds = model.encode_images(pixel_values, inputs)
@@ -96,20 +106,26 @@ def greedy(model, batch, new_tokens: int) -> np.ndarray:
     return np.stack(tokens, axis=1)
 
 
-def test_greedy_decoding_matches_generate(tiny):
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_greedy_decoding_matches_generate(tiny, scan_layers):
+    if scan_layers and tiny["family"] != "qwen2_5_vl":
+        pytest.skip("the decoder and its cache are shared; one family keeps the suite fast")
     b = tiny["batch"]
     with torch.no_grad():  # eos_token_id=None: no early stop, so all 32 tokens are compared
         out = tiny["hf"].generate(**torch_inputs(b), max_new_tokens=NEW_TOKENS, do_sample=False,
                                   eos_token_id=None, pad_token_id=0)
     ref = out[:, b["input_ids"].shape[1]:].numpy()
     traces = TRACES["decode"]
-    ours = greedy(tiny["model"], b, NEW_TOKENS)
+    model = load_pretrained(tiny["path"], scan_layers=True) if scan_layers else tiny["model"]
+    ours = greedy(model, b, NEW_TOKENS)
     np.testing.assert_array_equal(ours, ref)
     assert TRACES["decode"] - traces <= 1, "decode step recompiled as the cache index moved"
 
 
-def test_export_loads_in_transformers(tiny, tmp_path):
-    save_pretrained(tiny["model"], tmp_path)
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_export_loads_in_transformers(tiny, tmp_path, scan_layers):
+    """Scanned or not, the files carry the same hub keys and values (stacked rows sliced out)."""
+    save_pretrained(load_pretrained(tiny["path"], scan_layers=True) if scan_layers else tiny["model"], tmp_path)
     _, model_cls = HF_CLASSES[tiny["family"]]
     reloaded = model_cls.from_pretrained(tmp_path).eval()
     original = tiny["hf"].state_dict()

@@ -18,7 +18,7 @@ from anatomy_r1_jax import sharding
 from anatomy_r1_jax.models import QwenVLConfig, load_pretrained, save_pretrained
 from anatomy_r1_jax.models.presets import PRESETS, preset_hf_config, tiny_hf_config
 from anatomy_r1_jax.models.vision import vision_inputs
-from anatomy_r1_jax.models.weights import abstract_model
+from anatomy_r1_jax.models.weights import _layer_paths, abstract_model
 
 RULES = [("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
          ("kv_heads", "tensor"), ("vocab", "tensor"), ("vision_embed", "fsdp"), ("vision_mlp", "tensor"),
@@ -118,13 +118,20 @@ def test_unknown_and_missing_keys_are_named(checkpoint, tmp_path):
         load_pretrained(missing)
 
 
-def test_mesh_placement_matches_single_device(checkpoint):
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_mesh_placement_matches_single_device(checkpoint, scan_layers):
     path, batch = checkpoint
     mesh = sharding.make_mesh([("data", 2), ("fsdp", 2), ("tensor", 2)])
-    model = load_pretrained(path, mesh=mesh, rules=RULES)
-    kernel = model.language.layers[0].mlp.gate.kernel[...]
-    assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
-    assert len(kernel.addressable_shards) == 8 and kernel.addressable_shards[0].data.shape == (32, 64)
+    model = load_pretrained(path, mesh=mesh, rules=RULES, scan_layers=scan_layers)
+    if scan_layers:  # stacked [layers, ...]; the layer axis is replicated
+        kernel = model.language.layers.mlp.gate.kernel[...]
+        assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+        assert len(kernel.addressable_shards) == 8 and kernel.addressable_shards[0].data.shape == (2, 32, 64)
+        np.testing.assert_array_equal(kernel[1], load_pretrained(path).language.layers[1].mlp.gate.kernel[...])
+    else:
+        kernel = model.language.layers[0].mlp.gate.kernel[...]
+        assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+        assert len(kernel.addressable_shards) == 8 and kernel.addressable_shards[0].data.shape == (32, 64)
     with jax.set_mesh(mesh), sharding.use_rules(mesh, RULES):
         sharded = np.asarray(_logits(model, batch))
     single = np.asarray(_logits(load_pretrained(path), batch))
@@ -132,7 +139,20 @@ def test_mesh_placement_matches_single_device(checkpoint):
     assert np.abs(sharded - single)[mask].max() <= 1e-5
 
 
-def test_remat_gives_the_same_gradients(checkpoint):
+def _per_layer(grads) -> dict:
+    """Gradients keyed by their checkpoint paths (stacked rows of scanned layers split out)."""
+    out = {}
+    for key, var in nnx.to_flat_state(grads):
+        path = ".".join(map(str, key))
+        value = np.asarray(var.get_value())
+        for i, name in enumerate(_layer_paths(path, var)):
+            out[name] = value if name == path else value[i]
+    return out
+
+
+@pytest.fixture(scope="module")
+def gradients(checkpoint):
+    """grads(**options): per-layer gradients of a text-only log-prob loss for the model loaded with options."""
     path, batch = checkpoint
     ids = jnp.asarray(batch["input_ids"][1:, -32:])  # text-only row: the language path
     positions = jnp.broadcast_to(jnp.arange(32), (3, 1, 32))
@@ -141,7 +161,17 @@ def test_remat_gives_the_same_gradients(checkpoint):
         hidden, _ = model.forward(ids, positions, jnp.ones_like(ids))
         return jnp.mean(jax.nn.log_softmax(model.logits(hidden))[..., 3])
 
-    plain = nnx.jit(nnx.grad(loss))(load_pretrained(path))
-    remat = nnx.jit(nnx.grad(loss))(load_pretrained(path, remat=True))
-    for (key, a), (_, b) in zip(nnx.to_flat_state(plain), nnx.to_flat_state(remat)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, err_msg=str(key))
+    return lambda **options: _per_layer(nnx.jit(nnx.grad(loss))(load_pretrained(path, **options)))
+
+
+@pytest.fixture(scope="module")
+def plain_gradients(gradients):
+    return gradients()
+
+
+@pytest.mark.parametrize("remat,scan_layers", [(True, False), ("full", True), ("save_dots", True), ("none", True)])
+def test_remat_gives_the_same_gradients(gradients, plain_gradients, remat, scan_layers):
+    plain, other = plain_gradients, gradients(remat=remat, scan_layers=scan_layers)
+    assert plain.keys() == other.keys()
+    for key, a in plain.items():
+        np.testing.assert_allclose(a, other[key], atol=1e-6, err_msg=key)

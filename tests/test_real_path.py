@@ -121,13 +121,14 @@ def test_train_resume_evaluate_export_on_the_real_path(user):
     assert [r["step"] for r in _metrics(run)] == [1, 2, 3]
     assert "3" in os.listdir(run / "checkpoints")
 
+    # evaluate.py and export_hf.py read the run's saved config: nothing typed again.
     evaluation = user["root"] / "eval"
-    _run("scripts/evaluate.py", *user["config"], f"--checkpoints=trained={run}", f"--datasets={user['records']}",
+    _run("scripts/evaluate.py", f"--checkpoints=trained={run}", f"--datasets={user['records']}",
          f"--out={evaluation}", "--batch_size=2", "--limit=2", cache=cache)
     assert (evaluation / "summary.md").exists()
 
     export = user["root"] / "export"
-    _run("scripts/export_hf.py", *user["config"], f"--checkpoint={run}", f"--out={export}", "--dtype=float32",
+    _run("scripts/export_hf.py", f"--checkpoint={run}", f"--out={export}", "--dtype=float32",
          cache=cache)
 
     # transformers loads the export; its processor resizes the paper's frames to the run's budget.
@@ -160,3 +161,33 @@ def test_set_up_errors_are_one_clear_line(user, tmp_path):
     assert typo.returncode != 0
     assert typo.stderr.strip().splitlines() == [
         "train.py: unknown config field --config.train.stepz (train has no 'stepz'; nearest: steps)"]
+
+
+def test_an_exception_mid_run_leaves_complete_checkpoints_and_a_restart_resumes(tmp_path, monkeypatch):
+    """The loop waits for its in-flight save on the way out of an exception (no *.orbax-checkpoint-tmp
+    left), and the next run resumes from the last complete step. Also: no eval set, no eval metrics."""
+    from anatomy_r1_jax.train.trainer import Trainer
+    from test_export_hf import default_config
+
+    config = default_config()
+    config.sft.update(steps=3, batch_size=4)
+    config.train.update(steps=0, checkpoint_every=1)
+    config.data.update(eval="", synthetic=dict(n=40, seed=0, image_size=56))
+    config.model.tiny.update(hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    config.gdqa.trigger = "off"
+    workdir = tmp_path / "run"
+    original = Trainer.sft_iteration
+
+    def crash_at_third_step(self, step):
+        if step == 2:
+            raise RuntimeError("simulated crash")
+        return original(self, step)
+
+    monkeypatch.setattr(Trainer, "sft_iteration", crash_at_third_step)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        Trainer(config, str(workdir)).run()
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2"]  # step 2's save completed, no tmp dir
+    monkeypatch.setattr(Trainer, "sft_iteration", original)
+    rows = Trainer(config, str(workdir)).run()
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert not any(k.startswith("eval/") for r in rows for k in r)

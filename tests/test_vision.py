@@ -84,14 +84,17 @@ def _pixels(cfg: VisionConfig, grid: np.ndarray, seed: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("layout", sorted(GRIDS))
-@pytest.mark.parametrize("extra_patches", [0, 24])
-def test_tower_matches_transformers(setup, layout, extra_patches):
+@pytest.mark.parametrize("extra_patches,rows", [(0, "dense"), (24, "dense"), (24, "per frame")])
+def test_tower_matches_transformers(setup, layout, extra_patches, rows):
+    """Dense: one attention row of all patches; per frame: rows as long as the largest frame."""
     family, visual, tower, _ = setup
     grid = np.array(GRIDS[layout], np.int64)
     pixels = _pixels(tower.cfg, grid, seed=2)
     expected = _hf_tokens(visual, pixels, grid)
     budget = len(pixels) + extra_patches if extra_patches else None
-    inputs = vision_inputs(grid, tower.cfg, patch_budget=budget)
+    frame_budget = int(np.prod(grid[:, 1:], axis=1).max()) if rows == "per frame" else None
+    inputs = vision_inputs(grid, tower.cfg, patch_budget=budget, frame_budget=frame_budget)
+    assert inputs.frame_rows.index.shape[0] == (1 if frame_budget is None else -(-inputs.num_patches // frame_budget))
     got = np.asarray(nnx.jit(lambda t, x, i: t(x, i))(tower, pad_pixel_values(pixels, inputs.num_patches), inputs))
     unit = tower.cfg.spatial_merge_size ** 2
     assert got.shape == (inputs.num_patches // unit, tower.cfg.out_hidden_size)
@@ -141,9 +144,32 @@ def test_padding_is_isolated_and_errors_are_clear(setup):
         vision_inputs(grid, cfg, patch_budget=62)
     with pytest.raises(ValueError, match="spatial_merge_size"):
         vision_inputs(np.array([[1, 5, 4]]), cfg)
+    with pytest.raises(ValueError, match="frame_budget=40"):  # three frames of 24 need 3 rows of 40, 2 allowed
+        vision_inputs(np.array([[1, 4, 6]] * 3), cfg, patch_budget=80, frame_budget=40)
+    rows = vision_inputs(np.array([[1, 6, 6], [1, 6, 6]]), cfg, patch_budget=80, frame_budget=40).frame_rows
+    assert (rows.segments[:, :36] == [[0], [1]]).all() and (rows.segments[:, 36:] == -1).all()
+    np.testing.assert_array_equal(rows.index.ravel()[rows.slots[:72]], np.arange(72))  # slots invert index
+    assert (rows.slots[72:] == rows.index.size).all()  # padding patches read the zero row
 
 
-def test_one_compile_for_different_layouts(setup):
+def _tower_flops(tower, n_images: int) -> float:
+    grid = np.array([[1, 8, 8]] * n_images, np.int64)
+    inputs = vision_inputs(grid, tower.cfg, frame_budget=64)
+    pixels = jax.ShapeDtypeStruct((inputs.num_patches, tower.cfg.patch_dim), jnp.float32)
+    graphdef, state = nnx.split(tower)
+    run = jax.jit(lambda state, x, i: nnx.merge(graphdef, state)(x, i))
+    return run.lower(state, pixels, inputs).compile().cost_analysis()["flops"]
+
+
+def test_attention_cost_is_linear_in_images(setup):
+    """8 images cost 4x the FLOPs of 2 (dense attention over all patches: ~10x with this tiny width)."""
+    _, _, tower, _ = setup
+    ratio = _tower_flops(tower, 8) / _tower_flops(tower, 2)
+    assert 3.8 <= ratio <= 4.2, ratio
+
+
+@pytest.mark.parametrize("frame_budget", [None, 160])
+def test_one_compile_for_different_layouts(setup, frame_budget):
     """Two batches of different image sizes with one patch budget share one trace; both stay exact."""
     _, visual, tower, _ = setup
     graphdef, state = nnx.split(tower)
@@ -158,7 +184,8 @@ def test_one_compile_for_different_layouts(setup):
     for seed, layout in enumerate(([[1, 6, 10], [1, 8, 4]], [[1, 4, 4], [1, 10, 14], [1, 2, 2], [1, 6, 2]])):
         grid = np.array(layout, np.int64)
         pixels = _pixels(tower.cfg, grid, seed)
-        got = np.asarray(run(state, pad_pixel_values(pixels, budget), vision_inputs(grid, tower.cfg, budget)))
+        inputs = vision_inputs(grid, tower.cfg, budget, frame_budget=frame_budget)
+        got = np.asarray(run(state, pad_pixel_values(pixels, budget), inputs))
         expected = _hf_tokens(visual, pixels, grid)
         assert np.abs(got[:len(expected)] - expected).max() <= TOL
     assert len(traces) == 1
@@ -178,6 +205,29 @@ def test_rules_round_trip_and_config(setup):
     specs = sharding.state_specs(nnx.state(tower, nnx.Param), [("vision_heads", "tensor"), ("embed", "fsdp")])
     assert specs["blocks"][0]["attn"]["qkv"]["kernel"] == jax.sharding.PartitionSpec(None, "tensor")
     assert specs["merger"]["fc2"]["kernel"] == jax.sharding.PartitionSpec(None, "fsdp")
+
+
+def test_scanned_tower_matches_transformers(setup):
+    """Blocks as stacked parameters run by a scan (Qwen2.5-VL: a cond picks window or full attention),
+    loaded through the same rule table, each layer's tensor written into its row."""
+    family, visual, _, hub = setup
+    hf_vision = tiny_hf_config(family, vision_depth=3, fullatt_block_indexes=(1,))["vision_config"]
+    cfg = VisionConfig.from_hf(family, hf_vision)
+
+    class Top(nnx.Module):
+        def __init__(self):
+            self.vision = VisionTower(cfg, scan_layers=True, rngs=nnx.Rngs(0))
+
+    top = Top()
+    written, unmatched = conversion.assign_by_rules(top, hub, VISION_RULES)
+    assert unmatched == [] and len(written) == len(hub)
+    assert top.vision.blocks.attn.qkv.kernel[...].shape[0] == 3
+    grid = np.array(GRIDS["images"], np.int64)
+    pixels = _pixels(cfg, grid, seed=4)
+    inputs = vision_inputs(grid, cfg, frame_budget=140)
+    got = np.asarray(nnx.jit(lambda t, x, i: t(x, i))(top.vision, pixels, inputs))
+    expected = _hf_tokens(visual, pixels, grid)
+    assert np.abs(got[:len(expected)] - expected).max() <= TOL
 
 
 def test_bf16_and_remat(setup):

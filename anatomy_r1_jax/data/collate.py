@@ -18,7 +18,7 @@ from anatomy_r1_jax.data.images import load_image
 from anatomy_r1_jax.data.readers import DataError
 from anatomy_r1_jax.data.records import Record
 from anatomy_r1_jax.models.rope_index import get_rope_index
-from anatomy_r1_jax.models.vision_inputs import pad_pixel_values, vision_inputs
+from anatomy_r1_jax.models.vision_inputs import concat_vision_inputs, pad_pixel_values, vision_inputs
 from anatomy_r1_jax.rl.batch import PromptBatch
 
 IMAGE_PAD = "<|image_pad|>"
@@ -107,7 +107,7 @@ class Collator:
                 rows.append(ids)
                 grids.extend(feats.grid_thw)
                 image_rows.extend(range(embed_offset, embed_offset + n_tokens))
-            embed_offset += self.shape.patches_per_query // self.merge ** 2
+            embed_offset += n_tokens  # the tower's outputs: every query's real tokens in turn, padding last
         n = len(rows)
         input_ids = np.full((n, lp), self.pad_id, np.int32)
         mask = np.zeros((n, lp), np.int32)
@@ -128,7 +128,27 @@ class Collator:
         return PromptBatch(
             input_ids=input_ids, attention_mask=mask, position_ids=position_ids.astype(np.int32),
             rope_deltas=deltas.astype(np.int32), pixel_values=pixel_values.astype(np.float32),
-            vision=vision_inputs(query_grids, self.cfg.vision, patch_budget=budget), image_rows=rows_arr)
+            vision=vision_inputs(query_grids, self.cfg.vision, patch_budget=budget,
+                                 frame_budget=self.shape.patches_per_query),  # attention per frame
+            image_rows=rows_arr)
+
+    def concat(self, parts: Sequence[PromptBatch]) -> PromptBatch:
+        """Prompt batches of `prompts` laid end to end: rows and patches of part k after those of
+        parts < k, as one call with all their groups packs them, except that each part keeps its
+        padding patches (and padding image_rows) at its end. Multi-host training joins the data
+        shards' batches with it (train/distributed.py)."""
+        real, units = [], 0
+        for p in parts:  # image_rows: each part's real entries, shifted past earlier parts' tower outputs
+            real.append(p.image_rows[: int((p.input_ids == self.cfg.image_token_id).sum())] + units)
+            units += p.pixel_values.shape[0] // self.merge ** 2
+        real = np.concatenate(real)
+        image_rows = np.zeros((sum(len(p.image_rows) for p in parts),), np.int32)
+        image_rows[: len(real)] = real
+        cat = lambda field, axis=0: np.concatenate([getattr(p, field) for p in parts], axis)  # noqa: E731
+        return PromptBatch(input_ids=cat("input_ids"), attention_mask=cat("attention_mask"),
+                           position_ids=cat("position_ids", 1), rope_deltas=cat("rope_deltas"),
+                           pixel_values=cat("pixel_values"), vision=concat_vision_inputs([p.vision for p in parts]),
+                           image_rows=image_rows)
 
     def targets(self, texts: Sequence[str], eos_id: int) -> tuple[np.ndarray, np.ndarray]:
         """Supervised completions: ids [N, T] right padded (text + EOS), mask [N, T]."""

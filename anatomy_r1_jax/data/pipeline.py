@@ -2,22 +2,25 @@
 
     positions 0, 1, 2, ...  (one endless stream; epoch e+1 follows epoch e)
       -> record index order_fn(epoch)[position % records_per_epoch]      (the curriculum hook)
-      -> this process's shard: positions shard_index, shard_index + shard_count, ...
+      -> this process's shard: blocks of shard_block positions dealt round-robin to the
+         shard_count processes (block 1: positions shard_index, shard_index + shard_count, ...)
       -> Query(index, record, images)     load + image processor, in `workers` worker processes
       -> lists of batch_size queries      after the multiprocess prefetch, so the order holds
       -> thread prefetch of batches in the main process
 
 Global batch t of the whole job (all processes together) is positions [t*B*S, (t+1)*B*S) of the
-stream (B = batch_size, S = shard_count): every process reads its strided share of the same
-contiguous slice, so the curriculum order holds across hosts as well as within one.
+stream (B = batch_size, S = shard_count): every process reads its share of the same contiguous
+slice, so the curriculum order holds across hosts as well as within one. With shard_block = B / M
+(the trainer's M micro-batches), micro-batch m of the global batch is the concatenation of every
+process's micro-batch m in process order: exactly the rows a single process would have read.
 
 GDQA variants and tokenization are not done here: their adaptive state changes every step, so the
 trainer does them in its main process (data/collate.py).
 
 The iterator is Grain's own: `get_state()` (a JSON-serialisable dict) and `set_state()` give an exact
 resume, and `grain.checkpoint` handlers can save it with Orbax. A state restores into a pipeline built
-with the same records, batch_size, order_fn, workers and shard_index / shard_count (its layout
-follows the worker count).
+with the same records, batch_size, order_fn, workers and shard_index / shard_count / shard_block
+(its layout follows the worker count).
 """
 
 from __future__ import annotations
@@ -104,6 +107,22 @@ class _EpochOrder:
         return {**self.__dict__, "_cache": {}}
 
 
+class _ShardOrder:
+    """Random-access source over this process's share of the stream: its position j -> the record
+    index at global position p(j), where blocks of `block` consecutive global positions go
+    round-robin to the `count` shards (block 1: p(j) = index + j * count)."""
+
+    def __init__(self, order: _EpochOrder, index: int, count: int, block: int):
+        self.order, self.index, self.count, self.block = order, index, count, block
+
+    def __len__(self) -> int:
+        return sys.maxsize
+
+    def __getitem__(self, j: int) -> int:
+        k, offset = divmod(int(j), self.block)
+        return self.order[(k * self.count + self.index) * self.block + offset]
+
+
 class _LoadQuery:
     """record index -> (index, record, pixel_values, grid_thw): loads and preprocesses the record's
     images (the expensive part). A flat tuple rather than a Query so that Grain sees the arrays as
@@ -143,8 +162,10 @@ class QueryPipeline:
         with the scores bound); default `seeded_shuffle(len(records), seed)`. It must be picklable
         with cloudpickle (lambdas and closures are) and a pure function of the epoch.
       workers: worker processes preprocessing images (0: threads in this process).
-      shard_index, shard_count: this process's share of the stream (jax.process_index() /
-        jax.process_count() at the call site).
+      shard_index, shard_count: this process's share of the stream (its data shard among the
+        processes, `train.distributed.data_shard`).
+      shard_block: consecutive positions a shard reads before the next shard's turn; a divisor of
+        batch_size (1: strided; batch_size / micro-batches: the trainer's layout, see above).
       drop_remainder: True: each epoch uses the first `steps_per_epoch * batch_size * shard_count`
         records of its order, so a global batch never mixes two epochs (fewer than
         batch_size * shard_count records are left out of an epoch, a different set each epoch when
@@ -156,12 +177,14 @@ class QueryPipeline:
 
     def __init__(self, records: list[Record], *, batch_size: int, image_processor,
                  order_fn: OrderFn | None = None, seed: int = 0, workers: int = 0,
-                 shard_index: int = 0, shard_count: int = 1, drop_remainder: bool = True,
+                 shard_index: int = 0, shard_count: int = 1, shard_block: int = 1, drop_remainder: bool = True,
                  read_threads: int = 1, prefetch: int | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= shard_index < shard_count:
             raise ValueError(f"shard_index={shard_index} must be in [0, shard_count={shard_count})")
+        if shard_block < 1 or batch_size % shard_block:
+            raise ValueError(f"shard_block={shard_block} must divide batch_size={batch_size}")
         global_batch = batch_size * shard_count
         n = len(records)
         self.records_per_epoch = n - n % global_batch if drop_remainder else n
@@ -173,8 +196,9 @@ class QueryPipeline:
         order_fn = order_fn if order_fn is not None else seeded_shuffle(n, seed)
         prefetch = batch_size if prefetch is None else prefetch
 
-        ds = grain.MapDataset.source(_EpochOrder(n, self.records_per_epoch, order_fn))
-        ds = ds[shard_index::shard_count].map(_LoadQuery(list(records), image_processor))
+        order = _EpochOrder(n, self.records_per_epoch, order_fn)
+        ds = grain.MapDataset.source(_ShardOrder(order, shard_index, shard_count, shard_block))
+        ds = ds.map(_LoadQuery(list(records), image_processor))
         ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch))
         # Arrays under 64 KiB (grid_thw) are cheaper pickled than put in a shared-memory segment.
         ds = grain.experimental.WithOptionsIterDataset(ds, grain.experimental.DatasetOptions(min_shm_size=1 << 16))

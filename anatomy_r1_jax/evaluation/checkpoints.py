@@ -25,7 +25,7 @@ from etils import epath
 from flax import nnx
 
 from anatomy_r1_jax import sharding
-from anatomy_r1_jax.models import QwenVLConfig
+from anatomy_r1_jax.models import QwenVLConfig, model_options
 from anatomy_r1_jax.models.weights import abstract_model
 from anatomy_r1_jax.train import experiment
 from anatomy_r1_jax.train.partitioning import place_state, split_model
@@ -129,7 +129,7 @@ def build_setup(config, workdir: str | None, *, mesh=None) -> ModelSetup:
     if c.model.path:
         dtypes = experiment.DTYPES
         model = abstract_model(QwenVLConfig.from_dir(c.model.path), dtype=dtypes[c.model.dtype],
-                               param_dtype=dtypes[c.model.param_dtype], remat=c.model.remat)
+                               param_dtype=dtypes[c.model.param_dtype], **model_options(c.model))
     else:
         model = nnx.eval_shape(lambda: experiment.build_model(c, tokenizer))
     graphdef, params, frozen = split_model(model, c.model.freeze_vision)

@@ -5,6 +5,10 @@ A table is a list of `Rule(hf, ours, transform)`: `hf` is a regex over a Hugging
 (`"language.layers.{i}.attn.q.kernel"`; integers index `nnx.List`s), `transform` the name of an
 entry of TRANSFORMS that maps the HF array to ours (`to_ours`) and back (`to_hf`).
 The generic loader / exporter (weights.py) knows nothing about any particular model.
+
+Scanned layers (`layers.stack_modules`) hold one parameter per layer *kind*, stacked [n, ...]: the
+path "language.layers.3.attn.q.kernel" then names row 3 of "language.layers.attn.q.kernel"
+(`stacked_path`), and `layer_path` goes back.
 """
 
 from __future__ import annotations
@@ -68,6 +72,20 @@ def hf_name(path: str, rules: Sequence[Rule]) -> tuple[str, str] | None:
     return None
 
 
+def stacked_path(path: str) -> tuple[str, int] | None:
+    """("language.layers.attn.q.kernel", 3) for "language.layers.3.attn.q.kernel"; None without an index."""
+    m = re.fullmatch(r"(.*?)\.(\d+)(\..*)", path)
+    return None if m is None else (m[1] + m[3], int(m[2]))
+
+
+def layer_path(path: str, index: int, rules: Sequence[Rule]) -> str | None:
+    """Inverse of `stacked_path` under the rules' templates: layer `index` of a stacked parameter."""
+    for rule in rules:
+        if ".{i}." in rule.ours and rule.ours.replace(".{i}", "", 1) == path:
+            return rule.ours.format(i=index)
+    return None
+
+
 def get_by_path(module, path: str):
     obj = module
     for part in path.split("."):
@@ -75,19 +93,32 @@ def get_by_path(module, path: str):
     return obj
 
 
+def resolve(module, path: str) -> tuple[object, int | None]:
+    """(the Variable at `path`, None), or for a layer of scanned layers (the stacked Variable, layer)."""
+    try:
+        return get_by_path(module, path), None
+    except (AttributeError, TypeError, IndexError, KeyError):
+        stacked = stacked_path(path)
+        if stacked is None:
+            raise
+        return get_by_path(module, stacked[0]), stacked[1]
+
+
 def set_by_path(module, path: str, value) -> None:
-    """Writes `value` into the nnx Variable at `path` in place.
+    """Writes `value` into the nnx Variable at `path` in place (a layer's row of a stacked one).
 
     The shape must match exactly; the value is cast to the Variable's dtype and placed with the
     Variable's current sharding (so a model built sharded stays sharded).
     """
-    var = get_by_path(module, path)
+    var, layer = resolve(module, path)
     if not hasattr(var, "set_value"):
         raise TypeError(f"{path} is a {type(var).__name__}, not an nnx Variable")
     old = var.get_value()
-    if tuple(np.shape(value)) != tuple(old.shape):
-        raise ValueError(f"{path}: got shape {tuple(np.shape(value))}, expected {tuple(old.shape)}")
-    var.set_value(jax.device_put(np.asarray(value).astype(old.dtype), getattr(old, "sharding", None)))
+    shape = tuple(old.shape) if layer is None else tuple(old.shape[1:])
+    if tuple(np.shape(value)) != shape:
+        raise ValueError(f"{path}: got shape {tuple(np.shape(value))}, expected {shape}")
+    value = np.asarray(value).astype(old.dtype)
+    var.set_value(jax.device_put(value if layer is None else old.at[layer].set(value), getattr(old, "sharding", None)))
 
 
 def assign_by_rules(module, tensors: Mapping[str, np.ndarray], rules: Sequence[Rule]) -> tuple[list[str], list[str]]:
@@ -103,7 +134,8 @@ def assign_by_rules(module, tensors: Mapping[str, np.ndarray], rules: Sequence[R
             unmatched.append(key)
             continue
         path, transform = hit
-        shape = tuple(get_by_path(module, path).get_value().shape)
+        var, layer = resolve(module, path)
+        shape = tuple(var.get_value().shape)[0 if layer is None else 1:]
         set_by_path(module, path, TRANSFORMS[transform].to_ours(np.asarray(array), shape))
         written.append(path)
     return written, unmatched

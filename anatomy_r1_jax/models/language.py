@@ -24,7 +24,8 @@ from flax import nnx, struct
 
 from anatomy_r1_jax.models.config import QwenVLConfig
 from anatomy_r1_jax.models.conversion import Rule
-from anatomy_r1_jax.models.layers import INIT_STD, Dense, RMSNorm, apply_rotary, attention, remat_call
+from anatomy_r1_jax.models.layers import (INIT_STD, Dense, RMSNorm, apply_rotary, attention, remat_name, run_layers,
+                                          stack_modules)
 from anatomy_r1_jax.sharding import constrain
 
 _L = r"model\.layers\.(?P<i>\d+)\."
@@ -51,24 +52,27 @@ LANGUAGE_RULES: list[Rule] = [
 class KVCache:
     """Static-shape key/value cache for incremental decoding.
 
-    k, v:  per layer [B, S, KVH, D] (rotary already applied to k).
+    k, v:  [layers, B, S, KVH, D] (rotary already applied to k); `map_rows` maps their rows.
     mask:  [B, S] bool, True where the slot holds a real token (False for left padding / unwritten).
     index: int32 scalar, the next slot to write; a forward over L tokens writes [index, index + L).
     The caller must keep index + L <= S (dynamic_update_slice would otherwise clamp the start).
     """
 
-    k: tuple[jax.Array, ...]
-    v: tuple[jax.Array, ...]
+    k: jax.Array
+    v: jax.Array
     mask: jax.Array
     index: jax.Array
 
     @classmethod
     def init(cls, *, num_layers: int, batch: int, max_length: int, num_kv_heads: int, head_dim: int,
              dtype=jnp.float32) -> "KVCache":
-        shape = (batch, max_length, num_kv_heads, head_dim)
-        return cls(k=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
-                   v=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+        shape = (num_layers, batch, max_length, num_kv_heads, head_dim)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                    mask=jnp.zeros((batch, max_length), bool), index=jnp.zeros((), jnp.int32))
+
+    def map_rows(self, fn) -> "KVCache":
+        """The cache with `fn` ([B, ...] -> [B', ...]) applied to the rows of every layer's k and v and of mask."""
+        return self.replace(k=jax.vmap(fn)(self.k), v=jax.vmap(fn)(self.v), mask=fn(self.mask))
 
     @property
     def max_length(self) -> int:
@@ -126,8 +130,9 @@ class Embedding(nnx.Module):
 class Attention(nnx.Module):
     """GQA self-attention: q/k/v projections with bias, M-RoPE on q and k, output without bias."""
 
-    def __init__(self, cfg: QwenVLConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: QwenVLConfig, *, dtype, param_dtype, attention: str = "auto", rngs: nnx.Rngs):
         e, d = cfg.hidden_size, cfg.head_dim
+        self.implementation = attention
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q = Dense(e, self.num_heads * d, axes=("embed", "heads"), **kw)
@@ -135,8 +140,9 @@ class Attention(nnx.Module):
         self.v = Dense(e, self.num_kv_heads * d, axes=("embed", "kv_heads"), **kw)
         self.o = Dense(self.num_heads * d, e, axes=("heads", "embed"), use_bias=False, **kw)
 
-    def __call__(self, x, cos, sin, mask, kv=None, index=None):
-        """x [B, L, E]; cos, sin [B, L, 1, D]; mask [B, 1, L, S]; kv = (k, v) cache [B, S, KVH, D] or None.
+    def __call__(self, x, cos, sin, mask, kv=None, index=None, layer=0):
+        """x [B, L, E]; cos, sin [B, L, 1, D]; mask [B, 1, L, S]; kv = (k, v) the whole cache
+        [layers, B, S, KVH, D] or None; this layer's keys and values go to kv[:, layer] at slot index.
 
         Returns (y [B, L, E], updated (k, v) or None).
         """
@@ -146,14 +152,12 @@ class Attention(nnx.Module):
         k = self.k(x).reshape(b, length, self.num_kv_heads, self.head_dim)
         v = self.v(x).reshape(b, length, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if kv is not None:
-            k_cache, v_cache = kv
-            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
-            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
-            k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
-            v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
-            kv = (k, v)
-        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        if kv is not None:  # written in place, then this layer's slice read back
+            zero = jnp.zeros((), jnp.int32)
+            start = (jnp.asarray(layer, jnp.int32), zero, jnp.asarray(index, jnp.int32), zero, zero)
+            kv = tuple(jax.lax.dynamic_update_slice(c, n[None].astype(c.dtype), start) for c, n in zip(kv, (k, v)))
+            k, v = (constrain(c[layer], ("batch", "length", "kv_heads", "head_dim")) for c in kv)
+        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.implementation)
         return self.o(out.reshape(b, length, self.num_heads * self.head_dim)), kv
 
 
@@ -175,32 +179,39 @@ class MLP(nnx.Module):
 class DecoderLayer(nnx.Module):
     """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, cfg: QwenVLConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: QwenVLConfig, *, dtype, param_dtype, attention: str = "auto", rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.input_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
-        self.attn = Attention(cfg, **kw)
+        self.attn = Attention(cfg, attention=attention, **kw)
         self.post_attention_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
         self.mlp = MLP(cfg, **kw)
 
-    def __call__(self, x, cos, sin, mask, kv=None, index=None):
-        h, kv = self.attn(self.input_norm(x), cos, sin, mask, kv, index)
+    def __call__(self, x, cos, sin, mask, kv=None, index=None, layer=0):
+        h, kv = self.attn(self.input_norm(x), cos, sin, mask, kv, index, layer)
         x = x + h
         x = x + self.mlp(self.post_attention_norm(x))
         return constrain(x, ("batch", "length", "embed")), kv
 
 
 class LanguageModel(nnx.Module):
-    """Token embedding, decoder layers (an `nnx.List`) and the final norm."""
+    """Token embedding, decoder layers and the final norm.
 
-    def __init__(self, cfg: QwenVLConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False,
-                 rngs: nnx.Rngs):
+    layers: an `nnx.List` of DecoderLayers, or with scan_layers one DecoderLayer whose parameters are
+    stacked [num_hidden_layers, ...] and run by `jax.lax.scan`. remat: "none" | "full" | "save_dots"
+    (or a bool), the per-layer `jax.checkpoint` policy.
+    """
+
+    def __init__(self, cfg: QwenVLConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool | str = False,
+                 attention: str = "auto", scan_layers: bool = False, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, **kw)
-        self.layers = nnx.List([DecoderLayer(cfg, **kw) for _ in range(cfg.num_hidden_layers)])
+        make = lambda: DecoderLayer(cfg, attention=attention, **kw)  # noqa: E731
+        n = cfg.num_hidden_layers
+        self.layers = stack_modules(make, n) if scan_layers else nnx.List([make() for _ in range(n)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
         self.head_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta
         self.mrope_section = tuple(cfg.mrope_section)
-        self.remat = remat
+        self.remat, self.scan_layers = remat_name(remat), scan_layers
 
     def __call__(self, inputs_embeds: jax.Array, position_ids: jax.Array, attention_mask: jax.Array,
                  cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
@@ -213,14 +224,13 @@ class LanguageModel(nnx.Module):
         cos, sin = mrope_cos_sin(position_ids, self.head_dim, self.rope_theta, self.mrope_section)
         index = None if cache is None else cache.index
         mask, cache_mask = slot_mask(attention_mask, None if cache is None else cache.mask, index)
-        run = remat_call if self.remat else (lambda layer, *args: layer(*args))
-        ks, vs = [], []
-        for i, layer in enumerate(self.layers):
-            kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, kv = run(layer, x, cos, sin, mask, kv, index)
-            if kv is not None:
-                ks.append(kv[0])
-                vs.append(kv[1])
+
+        def step(layer, carry, i):
+            x, kv = carry
+            return layer(x, cos, sin, mask, kv, index, i)
+
+        kv = None if cache is None else (cache.k, cache.v)
+        x, kv = run_layers(self.layers, (x, kv), step, scanned=self.scan_layers, remat=self.remat)
         if cache is not None:
-            cache = KVCache(k=tuple(ks), v=tuple(vs), mask=cache_mask, index=cache.index + x.shape[1])
+            cache = KVCache(k=kv[0], v=kv[1], mask=cache_mask, index=cache.index + x.shape[1])
         return self.norm(x), cache

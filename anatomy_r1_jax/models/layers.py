@@ -6,7 +6,7 @@ Computation runs in `dtype`; norms and softmax are computed in float32.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -75,19 +75,27 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (x32 * cos + rotate_half(x32) * sin).astype(dtype)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Scaled dot-product attention with grouped-query heads.
+ATTENTION = ("auto", "reference", "xla", "cudnn", "chunked")
+QUERY_BLOCK = 512  # query rows per block of the chunked implementation
 
-    q [B, Lq, H, D]; k, v [B, Lk, KVH, D] with H % KVH == 0; mask bool, broadcastable to
-    [B, H, Lq, Lk] (True = may attend). Returns [B, Lq, H, D]. Logits and softmax in float32;
-    a query row with no allowed key returns zeros instead of NaN.
+
+def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Scaled dot-product attention with grouped-query heads, written out (the tests' reference).
+
+    q [B, Lq, H, D]; k, v [B, Lk, KVH, D] with H % KVH == 0 (K/V are not repeated: query heads are
+    grouped per KV head); mask bool [B, 1, Lq, Lk] (True = may attend), or [B, H, Lq, Lk]. Returns
+    [B, Lq, H, D]. Logits [B, KVH, H/KVH, Lq, Lk] and softmax in float32; a query row with no allowed
+    key returns zeros instead of NaN.
     """
     b, lq, h, d = q.shape
     kvh = k.shape[2]
     qg = q.reshape(b, lq, kvh, h // kvh, d)
     logits = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32) / jnp.sqrt(d).astype(
         jnp.float32)
-    mask = jnp.broadcast_to(mask, (b, h, lq, k.shape[1])).reshape(b, kvh, h // kvh, lq, k.shape[1])
+    if mask.shape[1] == 1:  # one mask for all heads: broadcast, never materialised per head
+        mask = mask[:, :, None]
+    else:
+        mask = mask.reshape(b, kvh, h // kvh, lq, mask.shape[-1])
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
     probs = jnp.where(mask.any(axis=-1, keepdims=True), probs, 0.0).astype(v.dtype)
@@ -95,12 +103,111 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     return out.reshape(b, lq, h, d).astype(q.dtype)
 
 
-def remat_call(module: nnx.Module, *args):
-    """`module(*args)` under `jax.checkpoint`: activations inside are recomputed in the backward pass.
+def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                      block: int | None = None) -> jax.Array:
+    """`reference_attention` one block of `block` (default QUERY_BLOCK) query rows at a time (a scan),
+    each block under `jax.checkpoint`: the forward and the backward hold the logits of one block,
+    [B, H, block, Lk], never [B, H, Lq, Lk]. Exact (every block sees all keys); any backend."""
+    block = block or QUERY_BLOCK
+    b, lq = q.shape[:2]
+    if lq <= block:
+        return reference_attention(q, k, v, mask)
+    n = -(-lq // block)
+    pad = n * block - lq
+    mask = jnp.broadcast_to(mask, (b, mask.shape[1], lq, k.shape[1]))
+    qb = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape((b, n, block) + q.shape[2:])
+    mb = jnp.pad(mask, ((0, 0), (0, 0), (0, pad), (0, 0))).reshape(mask.shape[:2] + (n, block, mask.shape[-1]))
+    step = jax.checkpoint(lambda qm: reference_attention(qm[0], k, v, qm[1]))
+    out = jax.lax.map(step, (jnp.moveaxis(qb, 1, 0), jnp.moveaxis(mb, 2, 0)))  # [n, B, block, H, D]
+    return jnp.moveaxis(out, 0, 1).reshape((b, n * block) + q.shape[2:])[:, :lq]
 
-    Functional on purpose (split outside, merge inside the checkpointed function) rather than
-    `nnx.remat`: the forward mutates no state, and nnx's graph transform would try to write the
-    Variables back, which fails when they were merged from arrays of an outer trace (the frozen
-    reference policy inside the micro-batch scan)."""
-    graphdef, state = nnx.split(module)
-    return jax.checkpoint(lambda state, *args: nnx.merge(graphdef, state)(*args))(state, *args)
+
+def resolve_attention(implementation: str, dtype, query_length: int) -> str:
+    """The implementation `attention` runs: "auto" picks cuDNN flash attention on GPU for bf16 / fp16
+    blocks of queries (training, prefill), the chunked XLA form on TPU for long query blocks, and XLA's
+    `jax.nn.dot_product_attention` otherwise (CPU; decode steps)."""
+    if implementation not in ATTENTION:
+        raise ValueError(f"model.attention={implementation!r}: expected one of {ATTENTION}")
+    if implementation != "auto":
+        return implementation
+    backend = jax.default_backend()
+    if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and query_length > 1:
+        return "cudnn"
+    if backend == "tpu" and query_length > QUERY_BLOCK:
+        return "chunked"
+    return "xla"
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+              implementation: str = "reference") -> jax.Array:
+    """Scaled dot-product attention, GQA without repeating K/V: q [B, Lq, H, D], k, v [B, Lk, KVH, D],
+    mask bool [B, 1, Lq, Lk] (True = may attend) -> [B, Lq, H, D] (see `resolve_attention`).
+
+    "reference" and "chunked" return zeros for a query row with no allowed key; "xla" and "cudnn"
+    return some average of V there (such rows are padding, never read).
+    """
+    impl = resolve_attention(implementation, q.dtype, q.shape[1])
+    if impl == "reference":
+        return reference_attention(q, k, v, mask)
+    if impl == "chunked":
+        return chunked_attention(q, k, v, mask)
+    if impl == "cudnn" and jnp.dtype(q.dtype) not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"model.attention='cudnn' needs bfloat16 or float16 compute, not {jnp.dtype(q.dtype)}")
+    return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask,
+                                        implementation=impl)
+
+
+REMAT = ("none", "full", "save_dots")
+_POLICIES = {"full": jax.checkpoint_policies.nothing_saveable,
+             "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def remat_name(remat: bool | str) -> str:
+    """A remat setting as a policy name: True -> "full", False -> "none"; "none" | "full" | "save_dots"
+    (recompute nothing / everything / all but the weight matmuls' outputs in the backward pass)."""
+    if isinstance(remat, bool):
+        return "full" if remat else "none"
+    if remat not in REMAT:
+        raise ValueError(f"model.remat={remat!r}: expected one of {REMAT} (or a bool)")
+    return remat
+
+
+def stack_modules(make: Callable[[], nnx.Module], n: int) -> nnx.Module:
+    """n modules from `make()`, as one module whose Variables hold the n values stacked on a leading
+    axis [n, ...], with the logical axis name "layers" prepended to their `axes`. Under
+    `nnx.eval_shape` nothing is allocated."""
+    modules = [make() for _ in range(n)]
+    graphdef, _ = nnx.split(modules[0])
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(m) for m in modules])
+    for _, var in nnx.to_flat_state(stacked):
+        var.set_metadata(axes=("layers",) + tuple(var.get_metadata().get("axes") or ()))
+    return nnx.merge(graphdef, stacked)
+
+
+def run_layers(layers_: nnx.Module, carry, step: Callable, *, scanned: bool, remat: str):
+    """carry <- step(layer_i, carry, i) for i = 0 .. n-1; returns the last carry.
+
+    scanned: `layers_` is one module of stacked parameters (`stack_modules`), run by `jax.lax.scan`
+    (one compiled layer whatever the depth; i is traced); otherwise an `nnx.List`, a Python loop.
+    remat: each step under `jax.checkpoint` with that policy (`remat_name`). Functional on purpose
+    (split outside, merge inside the transformed function) rather than nnx.scan / nnx.remat: the
+    forward mutates no state, and nnx's graph transforms would try to write the Variables back, which
+    fails when they were merged from arrays of an outer trace (the frozen reference policy inside the
+    micro-batch scan).
+    """
+    def remat_(fn):
+        return fn if remat == "none" else jax.checkpoint(fn, policy=_POLICIES[remat])
+
+    if scanned:
+        graphdef, state = nnx.split(layers_)
+        n = jax.tree.leaves(state)[0].shape[0]
+        body = remat_(lambda carry, xs: (step(nnx.merge(graphdef, xs[0]), carry, xs[1]), None))
+        carry, _ = jax.lax.scan(body, carry, (state, jnp.arange(n, dtype=jnp.int32)))
+        return carry
+    for i, layer in enumerate(layers_):  # i stays a Python int (static) here
+        if remat == "none":
+            carry = step(layer, carry, i)
+        else:
+            graphdef, state = nnx.split(layer)
+            carry = remat_(lambda state, carry: step(nnx.merge(graphdef, state), carry, i))(state, carry)  # noqa: B023
+    return carry

@@ -44,21 +44,33 @@ def scatter_image_embeds(inputs_embeds: jax.Array, input_ids: jax.Array, image_e
     return jnp.where(is_image[:, None], gathered, inputs_embeds.reshape(-1, e)).reshape(b, length, e)
 
 
+OPTIONS = ("remat", "attention", "scan_layers")
+
+
+def model_options(model_config) -> dict:
+    """QwenVL's options among a config's `model` fields (absent ones keep QwenVL's defaults)."""
+    return {name: model_config[name] for name in OPTIONS if name in model_config}
+
+
 class QwenVL(nnx.Module):
     """Qwen2-VL / Qwen2.5-VL for conditional generation.
 
     Attributes: `vision` (VisionTower), `language` (embed_tokens, layers, norm), `lm_head` (only when
     the output projection is not tied to the embedding). dtype is the compute dtype, param_dtype the
-    storage dtype; remat recomputes each layer's activations in the backward pass.
+    storage dtype. Options (`model_options` reads them from a config): remat, the per-layer
+    recomputation policy ("none" | "full" | "save_dots", or a bool); attention, the implementation
+    (`layers.ATTENTION`; "auto" picks by backend and dtype); scan_layers, decoder layers and vision
+    blocks as stacked parameters run by `jax.lax.scan` (compile time independent of depth).
     """
 
-    def __init__(self, cfg: QwenVLConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False,
-                 rngs: nnx.Rngs):
+    def __init__(self, cfg: QwenVLConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool | str = False,
+                 attention: str = "auto", scan_layers: bool = False, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.config = cfg
         self.dtype = dtype
-        self.vision = VisionTower(cfg.vision, remat=remat, **kw)
-        self.language = LanguageModel(cfg, remat=remat, **kw)
+        options = dict(remat=remat, attention=attention, scan_layers=scan_layers)
+        self.vision = VisionTower(cfg.vision, **options, **kw)
+        self.language = LanguageModel(cfg, **options, **kw)
         if not cfg.tie_word_embeddings:
             self.lm_head = Dense(cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"), use_bias=False, **kw)
 

@@ -6,10 +6,12 @@
       --merger--> [P/m^2, out]  norm, fuse each run of m^2 patches, Linear-GELU-Linear
       (Qwen2.5-VL: permute back into input order)
 
-Attention is block-diagonal over segment ids (`vision_inputs.VisionInputs`): one segment per frame
+Attention is block-diagonal over segments (`vision_inputs.VisionInputs`): one segment per frame
 (transformers' `cu_seqlens`), and for Qwen2.5-VL one per window in all blocks not listed in
-`fullatt_block_indexes`. Rotary is 2-D: the first half of the rotated dims turn with the patch row,
-the second half with the column.
+`fullatt_block_indexes`. It runs on segments packed into fixed-length rows (`AttentionRows`: frames
+in rows of the frame budget, windows in rows of one window), so its cost is linear in the number of
+images and every layout under one patch budget shares one compiled program. Rotary is 2-D: the
+first half of the rotated dims turn with the patch row, the second half with the column.
 
                       Qwen2-VL                     Qwen2.5-VL
     norms             LayerNorm (eps 1e-6)         RMSNorm (eps 1e-6)
@@ -29,7 +31,7 @@ from flax import nnx
 
 from anatomy_r1_jax.models import layers
 from anatomy_r1_jax.models.conversion import Rule
-from anatomy_r1_jax.models.vision_inputs import VisionInputs, pad_pixel_values, vision_inputs
+from anatomy_r1_jax.models.vision_inputs import AttentionRows, VisionInputs, pad_pixel_values, vision_inputs
 from anatomy_r1_jax.sharding import constrain
 
 __all__ = ["VisionConfig", "VisionTower", "VisionInputs", "vision_inputs", "pad_pixel_values", "VISION_RULES"]
@@ -139,28 +141,41 @@ def rotary_cos_sin(position_ids: jax.Array, head_dim: int, theta: float) -> tupl
     return jnp.cos(angles), jnp.sin(angles)
 
 
-def segment_mask(segment_ids: jax.Array) -> jax.Array:
-    """[P] -> bool [1, 1, P, P]: patches attend within their own segment only (block-diagonal)."""
-    return (segment_ids[:, None] == segment_ids[None, :])[None, None]
+def row_attention(q: jax.Array, k: jax.Array, v: jax.Array, rows: AttentionRows,
+                  implementation: str = "reference") -> jax.Array:
+    """Attention within segments, computed on packed rows: q, k, v [P, H, D] -> [P, H, D].
+
+    Gathers the patches into rows [n, R, H, D] (empty slots read a zero row), attends inside each
+    row under the mask segment(query slot) == segment(key slot) != -1, and gathers the results back
+    (padding patches read a zero row). Cost n * R^2 per head instead of P^2.
+    """
+    def to_rows(x):
+        return jnp.concatenate([x, jnp.zeros_like(x[:1])])[rows.index]
+
+    seg = rows.segments
+    mask = ((seg[:, :, None] == seg[:, None, :]) & (seg >= 0)[:, None, :])[:, None]  # [n, 1, R, R]
+    out = layers.attention(to_rows(q), to_rows(k), to_rows(v), mask, implementation)
+    out = out.reshape((-1,) + out.shape[2:])
+    return jnp.concatenate([out, jnp.zeros_like(out[:1])])[rows.slots]
 
 
 class VisionAttention(nnx.Module):
     """Multi-head self-attention with a fused qkv projection ([E, 3E], columns in (3, heads, head_dim)
     order as in transformers) and 2-D rotary on q and k."""
 
-    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, attention: str = "auto", rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.qkv = layers.Dense(cfg.width, 3 * cfg.width, axes=("vision_embed", "vision_heads"), **kw)
         self.proj = layers.Dense(cfg.width, cfg.width, axes=("vision_heads", "vision_embed"), **kw)
         self.num_heads = cfg.num_heads
+        self.implementation = attention
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        """x [P, E]; cos, sin [P, 1, D]; mask bool [1, 1, P, P] -> [P, E]."""
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, rows: AttentionRows) -> jax.Array:
+        """x [P, E]; cos, sin [P, 1, D]; rows: the segments attention stays within -> [P, E]."""
         p = x.shape[0]
         q, k, v = jnp.moveaxis(self.qkv(x).reshape(p, 3, self.num_heads, -1), 1, 0)
         q, k = layers.apply_rotary(q, cos, sin), layers.apply_rotary(k, cos, sin)
-        out = layers.attention(q[None], k[None], v[None], mask)[0]
-        return self.proj(out.reshape(p, -1))
+        return self.proj(row_attention(q, k, v, rows, self.implementation).reshape(p, -1))
 
 
 class VisionMlp(nnx.Module):
@@ -198,15 +213,15 @@ def _norm(cfg: VisionConfig, dim: int, param_dtype) -> nnx.Module:
 class VisionBlock(nnx.Module):
     """Pre-norm transformer block: x += attn(norm1 x); x += mlp(norm2 x)."""
 
-    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, attention: str = "auto", rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm1 = _norm(cfg, cfg.width, param_dtype)
         self.norm2 = _norm(cfg, cfg.width, param_dtype)
-        self.attn = VisionAttention(cfg, **kw)
+        self.attn = VisionAttention(cfg, attention=attention, **kw)
         self.mlp = VisionMlp(cfg, **kw) if cfg.family == "qwen2_vl" else VisionGatedMlp(cfg, **kw)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        x = x + self.attn(self.norm1(x), cos, sin, mask)
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, rows: AttentionRows) -> jax.Array:
+        x = x + self.attn(self.norm1(x), cos, sin, rows)
         x = x + self.mlp(self.norm2(x))
         return constrain(x, ("patches", "vision_embed"))
 
@@ -232,14 +247,16 @@ class VisionTower(nnx.Module):
     """pixel_values [P, C*T*p*p] + VisionInputs -> image tokens [P/m^2, out_hidden_size] in
     transformers' output order (input order of the merged units), padding rows last."""
 
-    def __init__(self, cfg: VisionConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False,
-                 rngs: nnx.Rngs):
+    def __init__(self, cfg: VisionConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool | str = False,
+                 attention: str = "auto", scan_layers: bool = False, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.cfg = cfg
-        self.remat = remat
+        self.remat, self.scan_layers = layers.remat_name(remat), scan_layers
         # Conv3d with stride = kernel over one patch is a matmul over the flattened patch.
         self.patch_embed = layers.Dense(cfg.patch_dim, cfg.width, axes=(None, "vision_embed"), use_bias=False, **kw)
-        self.blocks = nnx.List([VisionBlock(cfg, **kw) for _ in range(cfg.depth)])
+        make = lambda: VisionBlock(cfg, attention=attention, **kw)  # noqa: E731
+        self.blocks = layers.stack_modules(make, cfg.depth) if scan_layers else nnx.List(
+            [make() for _ in range(cfg.depth)])
         self.merger = PatchMerger(cfg, **kw)
 
     def __call__(self, pixel_values: jax.Array, inputs: VisionInputs) -> jax.Array:
@@ -251,13 +268,17 @@ class VisionTower(nnx.Module):
             x = x.reshape(p // unit, unit, -1)[inputs.window_index].reshape(p, -1)
         x = constrain(x, ("patches", "vision_embed"))
         cos, sin = rotary_cos_sin(inputs.position_ids, cfg.head_dim, cfg.rope_theta)
-        full_mask = segment_mask(inputs.segment_ids)
-        window_mask = segment_mask(inputs.window_segment_ids) if cfg.uses_windows else full_mask
-
-        run = layers.remat_call if self.remat else (lambda block, *args: block(*args))
-        for i, block in enumerate(self.blocks):
-            full = not cfg.uses_windows or i in cfg.fullatt_block_indexes
-            x = run(block, x, cos, sin, full_mask if full else window_mask)
+        if not cfg.uses_windows:
+            step = lambda block, x, i: block(x, cos, sin, inputs.frame_rows)  # noqa: E731
+        elif self.scan_layers:  # i is traced: a cond picks the attention (both compiled, one runs)
+            full_blocks = jnp.asarray([i in cfg.fullatt_block_indexes for i in range(cfg.depth)])
+            step = lambda block, x, i: jax.lax.cond(  # noqa: E731
+                full_blocks[i], lambda: block(x, cos, sin, inputs.frame_rows),
+                lambda: block(x, cos, sin, inputs.window_rows))
+        else:
+            step = lambda block, x, i: block(  # noqa: E731
+                x, cos, sin, inputs.frame_rows if i in cfg.fullatt_block_indexes else inputs.window_rows)
+        x = layers.run_layers(self.blocks, x, step, scanned=self.scan_layers, remat=self.remat)
         out = self.merger(x)  # [U, out], compute order
         if cfg.uses_windows:
             out = out[inputs.reverse_index]

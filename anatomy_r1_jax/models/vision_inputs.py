@@ -14,10 +14,22 @@ Orders. *Input order* is the processor's. *Compute order* is the order the trans
 for Qwen2.5-VL the merged units are permuted window by window (`window_index`); for Qwen2-VL it is
 the input order. The tower un-permutes after the merger, so its output rows are in input order
 (the order the language model's image placeholder tokens consume them).
+
+Attention rows. Attention never spans segments (frames for full attention, windows for Qwen2.5-VL's
+window attention), so the tower does not attend over all P patches at once: the segments are packed,
+whole and in compute order, into a static number of fixed-length rows (next-fit), and attention runs
+per row, [rows, R, R] scores instead of [P, P]. The cost is linear in the number of images:
+    windows: R = the largest window ((window_size / patch_size)^2 patches), at most 2 * ceil(P / R) - 1
+             rows (next-fit: two consecutive rows hold more than R patches), so this never fails;
+    frames:  R = `frame_budget` (the most patches a query's images may have), ceil(P / R) rows. When
+             every query's frames together fit in R patches and P = queries * R, next-fit opens at most one
+             row per query, so the frames fit; otherwise `vision_inputs` says so. frame_budget None: one
+             row of all P patches (dense; any layout fits).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -25,6 +37,20 @@ from flax import struct
 
 if TYPE_CHECKING:
     from anatomy_r1_jax.models.vision import VisionConfig
+
+
+@struct.dataclass
+class AttentionRows:
+    """Segments packed into rows for attention (see the module docstring); n rows of R slots.
+
+    index:    [n, R] compute-order patch in each slot; P (one past the last patch) for an empty slot.
+    segments: [n, R] segment id of each slot, -1 when empty: a slot attends to slots of its own segment.
+    slots:    [P] flat slot (row * R + column) of each compute-order patch; n * R for padding patches.
+    """
+
+    index: np.ndarray
+    segments: np.ndarray
+    slots: np.ndarray
 
 
 @struct.dataclass
@@ -38,6 +64,8 @@ class VisionInputs:
     window_index:       [U] compute-order unit j holds input-order unit window_index[j] (identity for Qwen2-VL).
     reverse_index:      [U] the inverse permutation: input-order unit i sits at compute position reverse_index[i].
     token_valid:        [U] True for output rows that belong to a real image (padding rows come last).
+    frame_rows:         frames packed into rows of `frame_budget` patches (full attention).
+    window_rows:        windows packed into rows of one window (Qwen2.5-VL window attention; None for Qwen2-VL).
 
     Padding patches get a segment and a window id of their own, so they never attend to or
     from real patches; their outputs are garbage the caller ignores.
@@ -49,6 +77,8 @@ class VisionInputs:
     window_index: np.ndarray
     reverse_index: np.ndarray
     token_valid: np.ndarray
+    frame_rows: AttentionRows
+    window_rows: AttentionRows | None = None
 
     @property
     def num_patches(self) -> int:
@@ -95,11 +125,40 @@ def _window_ids(units: dict[str, np.ndarray], side: int) -> np.ndarray:
     return first[frame] + (units["row"] // side) * windows_w + units["col"] // side
 
 
-def vision_inputs(image_grid_thw: np.ndarray, cfg: "VisionConfig", patch_budget: int | None = None) -> VisionInputs:
+def attention_rows(segments: np.ndarray, total: int, length: int, capacity: int) -> AttentionRows | None:
+    """Packs the runs of equal ids in `segments [n_real]` (real patches, compute order) whole into
+    `capacity` rows of `length` slots, next-fit in order; None when they do not fit. `total` is P."""
+    starts = np.flatnonzero(np.diff(segments, prepend=-1)) if len(segments) else np.zeros(0, np.int64)
+    sizes = np.diff(np.append(starts, len(segments)))
+    first_slot = np.zeros(len(sizes), np.int64)
+    row, fill = 0, 0
+    for i, size in enumerate(sizes.tolist()):
+        if fill + size > length:
+            row, fill = row + 1, 0
+        first_slot[i] = row * length + fill
+        fill += size
+    if row >= capacity or (sizes > length).any():
+        return None
+    run = np.repeat(np.arange(len(sizes)), sizes)
+    slot_of_patch = first_slot[run] + np.arange(len(segments)) - starts[run]
+    index = np.full(capacity * length, total, np.int64)
+    index[slot_of_patch] = np.arange(len(segments))
+    seg = np.full(capacity * length, -1, np.int64)
+    seg[slot_of_patch] = segments
+    slots = np.full(total, capacity * length, np.int64)
+    slots[:len(segments)] = slot_of_patch
+    return AttentionRows(index=index.reshape(capacity, length).astype(np.int32),
+                         segments=seg.reshape(capacity, length).astype(np.int32), slots=slots.astype(np.int32))
+
+
+def vision_inputs(image_grid_thw: np.ndarray, cfg: "VisionConfig", patch_budget: int | None = None,
+                  frame_budget: int | None = None) -> VisionInputs:
     """Builds the tower inputs for images with grids `image_grid_thw [n, 3]` (t, h, w in patches).
 
     patch_budget: total patch rows the tower will see (the caller pads `pixel_values` to it with
     `pad_pixel_values`); a multiple of merge^2 and >= the real patch count. None = no padding.
+    frame_budget: the row length of full attention, at least the largest frame (module docstring);
+    the trainer passes its patches per query. None = the whole patch budget (one dense row).
     Qwen2.5-VL windows are `window_size / (patch_size * merge)` merged units on a side.
     """
     merge = cfg.spatial_merge_size
@@ -118,6 +177,7 @@ def vision_inputs(image_grid_thw: np.ndarray, cfg: "VisionConfig", patch_budget:
         if side < 1:
             raise ValueError(f"window_size={cfg.window_size} is smaller than one merged patch")
         window = _window_ids(units, side)
+        window_patches = (side * merge) ** 2
     else:
         window = units["frame"]
     # Padding units form one extra segment and one extra window of their own, at position (0, 0)
@@ -136,13 +196,27 @@ def vision_inputs(image_grid_thw: np.ndarray, cfg: "VisionConfig", patch_budget:
     # Patch (row, col) inside its frame: unit corner + offset inside the m x m block.
     within = np.tile(np.arange(unit), n_units)
     position_ids = np.stack([per_patch(row) * merge + within // merge, per_patch(col) * merge + within % merge], -1)
+    segment_ids, window_segment_ids = per_patch(frame), per_patch(window)
+    length = (total or unit) if frame_budget is None else int(frame_budget)
+    frame_rows = attention_rows(segment_ids[:real], total, length, max(1, -(-total // length)))
+    if frame_rows is None:
+        raise ValueError(f"the frames of image_grid_thw={grid.tolist()} do not fit {max(1, -(-total // length))} "
+                         f"rows of frame_budget={frame_budget} patches: give each query at most frame_budget "
+                         f"patches and patch_budget = queries * frame_budget (now {total})")
+    window_rows = None
+    if cfg.uses_windows:
+        window_rows = attention_rows(window_segment_ids[:real], total, window_patches,
+                                     max(1, 2 * -(-total // window_patches) - 1))
+        assert window_rows is not None, "next-fit always fits windows in 2 * ceil(P / R) - 1 rows"
     return VisionInputs(
         position_ids=position_ids.astype(np.int32),
-        segment_ids=per_patch(frame),
-        window_segment_ids=per_patch(window),
+        segment_ids=segment_ids,
+        window_segment_ids=window_segment_ids,
         window_index=window_index.astype(np.int32),
         reverse_index=reverse_index.astype(np.int32),
         token_valid=np.arange(n_units) < n_real,
+        frame_rows=frame_rows,
+        window_rows=window_rows,
     )
 
 
@@ -152,3 +226,49 @@ def pad_pixel_values(pixel_values: np.ndarray, num_patches: int) -> np.ndarray:
     if pixel_values.shape[0] > num_patches:
         raise ValueError(f"{pixel_values.shape[0]} patches exceed the budget of {num_patches}")
     return np.pad(pixel_values, ((0, num_patches - pixel_values.shape[0]), (0, 0)))
+
+
+def concat_vision_inputs(parts: "list[VisionInputs]") -> VisionInputs:
+    """The tower inputs of several batches' patches laid end to end (each part's padding stays at
+    its end): what a batch made of the parts' images in turn computes, up to where padding sits.
+    Frame and window ids of part k are shifted past those of parts < k, its unit indices by their
+    unit counts, its attention rows follow those of parts < k (`concat_attention_rows`). Multi-host
+    training joins the data shards' batches with it (train/distributed.py).
+    """
+    shifted, frames, windows, units = [], [], [], 0
+    frame_shift = window_shift = 0
+    for p in parts:
+        frames.append(frame_shift)
+        windows.append(window_shift)
+        shifted.append(p.replace(segment_ids=p.segment_ids + frame_shift,
+                                 window_segment_ids=p.window_segment_ids + window_shift,
+                                 window_index=p.window_index + units, reverse_index=p.reverse_index + units))
+        frame_shift += int(p.segment_ids.max(initial=-1)) + 1
+        window_shift += int(p.window_segment_ids.max(initial=-1)) + 1
+        units += len(p.window_index)
+    arrays = {f.name: np.concatenate([getattr(s, f.name) for s in shifted]) for f in dataclasses.fields(VisionInputs)
+              if f.name not in ("frame_rows", "window_rows")}
+    sizes = [p.num_patches for p in parts]
+    windowed = parts[0].window_rows is not None
+    return VisionInputs(**arrays, frame_rows=concat_attention_rows([p.frame_rows for p in parts], sizes, frames),
+                        window_rows=concat_attention_rows([p.window_rows for p in parts], sizes, windows)
+                        if windowed else None)
+
+
+def concat_attention_rows(parts: list[AttentionRows], patches: list[int], shifts: list[int]) -> AttentionRows:
+    """Rows of parts laid end to end: part k's patch indices move past the `patches` of parts < k,
+    its segment ids by `shifts[k]`, its slots past the rows of parts < k; every part's sentinels (P
+    for an empty slot, n * R for a padding patch) become the joined batch's."""
+    length = parts[0].index.shape[1]
+    total, rows = sum(patches), sum(r.index.shape[0] for r in parts)
+    index, segments, slots = [], [], []
+    patch_offset = row_offset = 0
+    for r, p, shift in zip(parts, patches, shifts):
+        n = r.index.shape[0]
+        index.append(np.where(r.index == p, total, r.index + patch_offset))
+        segments.append(np.where(r.segments < 0, -1, r.segments + shift))
+        slots.append(np.where(r.slots == n * length, rows * length, r.slots + row_offset * length))
+        patch_offset, row_offset = patch_offset + p, row_offset + n
+    return AttentionRows(index=np.concatenate(index).astype(np.int32),
+                         segments=np.concatenate(segments).astype(np.int32),
+                         slots=np.concatenate(slots).astype(np.int32))

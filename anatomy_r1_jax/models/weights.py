@@ -3,7 +3,9 @@
 Loading never holds two copies of the model: the module is built abstractly (`nnx.eval_shape`,
 no arrays), then each checkpoint tensor is read alone (memory-mapped), mapped by LANGUAGE_RULES +
 VISION_RULES, cast, and placed directly on its NamedSharding (from the parameters' logical `axes`
-and the sharding rules) before the next is read.
+and the sharding rules) before the next is read. With scanned layers a layer's tensor is written
+into its row of the stacked parameter, on the devices (`_set_row`); saving slices the rows out
+again, so the files have the same keys either way.
 
 Saving writes what transformers' `Qwen2VLForConditionalGeneration.from_pretrained` /
 `Qwen2_5_VLForConditionalGeneration.from_pretrained` read: config.json, generation_config.json,
@@ -12,6 +14,7 @@ and `model.safetensors` or `model-0000k-of-0000n.safetensors` + `model.safetenso
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Iterator
@@ -21,11 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from anatomy_r1_jax.models.config import QwenVLConfig
-from anatomy_r1_jax.models.conversion import TRANSFORMS, Rule, hf_name, match
+from anatomy_r1_jax.models.conversion import TRANSFORMS, Rule, hf_name, layer_path, match, stacked_path
 from anatomy_r1_jax.models.language import LANGUAGE_RULES
 from anatomy_r1_jax.models.qwen_vl import QwenVL
 from anatomy_r1_jax.models.vision import VISION_RULES
@@ -55,9 +59,20 @@ def _params(model: nnx.Module) -> Iterator[tuple[str, nnx.Param]]:
             yield ".".join(str(p) for p in path), node
 
 
-def abstract_model(cfg: QwenVLConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False) -> QwenVL:
-    """A QwenVL whose Variables hold ShapeDtypeStructs (no memory): a frame to load into or to study."""
-    return nnx.eval_shape(lambda: QwenVL(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=nnx.Rngs(0)))
+def abstract_model(cfg: QwenVLConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, **options) -> QwenVL:
+    """A QwenVL whose Variables hold ShapeDtypeStructs (no memory): a frame to load into or to study.
+    options: QwenVL's (remat, attention, scan_layers)."""
+    return nnx.eval_shape(lambda: QwenVL(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0), **options))
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_row(stack: jax.Array, row: jax.Array, index) -> jax.Array:
+    return jax.lax.dynamic_update_index_in_dim(stack, row, index, 0)
+
+
+def _stack_frame(shape, dtype, sharding) -> jax.Array:
+    """Zeros [layers, ...] made on the devices, each holding only its shard."""
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
 
 
 def _place(array: np.ndarray, sharding) -> jax.Array:
@@ -68,19 +83,21 @@ def _place(array: np.ndarray, sharding) -> jax.Array:
 
 
 def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None,
-                    rules: Rules | None = None, *, param_dtype=None, remat: bool = False) -> QwenVL:
+                    rules: Rules | None = None, *, param_dtype=None, **options) -> QwenVL:
     """Loads a hub-layout checkpoint directory into a QwenVL.
 
     dtype: compute dtype (also the storage dtype unless param_dtype is given). mesh / rules: place
     every parameter on `NamedSharding(mesh, spec from its logical axes under rules)` (rules None:
-    replicated); no mesh: the default device. Raises on a checkpoint key no rule maps, on a shape mismatch, and on parameters the
-    checkpoint lacks (naming the key and the file).
+    replicated); no mesh: the default device. options: QwenVL's (remat, attention, scan_layers).
+    Raises on a checkpoint key no rule maps, on a shape mismatch, and on parameters the checkpoint
+    lacks (naming the key and the file).
     """
     cfg = QwenVLConfig.from_dir(path)
     param_dtype = dtype if param_dtype is None else param_dtype
-    model = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat)
+    model = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, **options)
     params = dict(_params(model))
-    loaded: dict[str, str] = {}
+    loaded: dict[str, str] = {}  # our per-layer path -> file
+    stacks: dict[str, jax.Array] = {}  # stacked parameter -> its array, filled row by row
     for file in checkpoint_files(path):
         with safe_open(file, framework="numpy") as f:
             for key in f.keys():
@@ -88,26 +105,47 @@ def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, mesh: jax.shardi
                 if hit is None:
                     raise KeyError(f"checkpoint key {key!r} in {file} matches no weight rule")
                 ours, transform = hit
-                if ours not in params:
+                target, row = ours, None
+                if ours not in params and stacked_path(ours) and stacked_path(ours)[0] in params:
+                    target, row = stacked_path(ours)
+                if target not in params:
                     if ours == "lm_head.kernel" and cfg.tie_word_embeddings:
                         continue  # a tied checkpoint may still store the (identical) head
                     raise KeyError(f"checkpoint key {key!r} in {file} maps to {ours!r}, which the model lacks")
                 if ours in loaded:
                     raise KeyError(f"{ours!r} given twice: {key!r} in {file} and in {loaded[ours]}")
-                var = params[ours]
-                shape = tuple(var.get_value().shape)
+                var = params[target]
+                full_shape, var_dtype = tuple(var.get_value().shape), var.get_value().dtype
+                shape = full_shape if row is None else full_shape[1:]
                 array = TRANSFORMS[transform].to_ours(f.get_tensor(key), shape)
                 if tuple(array.shape) != shape:
                     raise ValueError(f"checkpoint key {key!r} in {file}: shape {tuple(array.shape)} after "
                                      f"{transform!r}, model {ours!r} expects {shape}")
                 sharding = None if mesh is None else state_shardings(var, mesh, rules or ())
-                var.set_value(_place(np.ascontiguousarray(array.astype(var.get_value().dtype)), sharding))
+                array = np.ascontiguousarray(array.astype(var_dtype))
+                if row is None:
+                    var.set_value(_place(array, sharding))
+                else:
+                    if target not in stacks:
+                        stacks[target] = _stack_frame(full_shape, var_dtype, sharding)
+                    row_sharding = None if sharding is None else NamedSharding(mesh, P(*sharding.spec[1:]))
+                    stacks[target] = _set_row(stacks[target], _place(array, row_sharding), row)
                 loaded[ours] = file
-    missing = [p for p in params if p not in loaded]
+    expected = [p for p, var in params.items() for p in _layer_paths(p, var)]
+    missing = [p for p in expected if p not in loaded]
     if missing:
         keys = [(hf_name(p, WEIGHT_RULES) or (p,))[0] for p in missing]
         raise KeyError(f"checkpoint {path} lacks {len(missing)} parameters, e.g. {keys[:5]}")
+    for target, array in stacks.items():
+        params[target].set_value(array)
     return model
+
+
+def _layer_paths(path: str, var) -> list[str]:
+    """The per-layer paths the checkpoint names for one parameter: itself, or one per stacked row."""
+    if "layers" not in tuple(var.get_metadata().get("axes") or ())[:1]:
+        return [path]
+    return [layer_path(path, i, WEIGHT_RULES) or f"{path}[{i}]" for i in range(var.get_value().shape[0])]
 
 
 def _hf_shape(cfg: QwenVLConfig, transform: str, shape: tuple) -> tuple | None:
@@ -136,12 +174,14 @@ def save_pretrained(model: QwenVL, path: str | os.PathLike, *, max_shard_bytes: 
     """
     cfg = model.config
     entries = []
-    for ours, var in _params(model):
-        named = hf_name(ours, WEIGHT_RULES)
-        if named is None:
-            raise KeyError(f"parameter {ours!r} has no weight rule (cannot name it in the checkpoint)")
+    for param, var in _params(model):
         value = var.get_value()
-        entries.append((named[0], named[1], ours, value, value.size * value.dtype.itemsize))
+        for i, ours in enumerate(_layer_paths(param, var)):
+            named = hf_name(ours, WEIGHT_RULES)
+            if named is None:
+                raise KeyError(f"parameter {ours!r} has no weight rule (cannot name it in the checkpoint)")
+            row = value if ours == param else value[i]
+            entries.append((named[0], named[1], ours, row, row.size * row.dtype.itemsize))
     shards: list[list] = [[]]
     size = 0
     for entry in entries:

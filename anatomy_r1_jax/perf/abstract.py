@@ -42,9 +42,10 @@ def with_shardings(tree, mesh: Mesh, rules):
 
 
 def abstract_params(cfg: QwenVLConfig, mesh: Mesh, rules, *, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-                    remat: bool = True, freeze_vision: bool = False):
-    """(graphdef, trainable params, frozen rest) as sharded ShapeDtypeStructs."""
-    model = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat)
+                    remat: bool | str = True, freeze_vision: bool = False, **options):
+    """(graphdef, trainable params, frozen rest) as sharded ShapeDtypeStructs; options: QwenVL's
+    (attention, scan_layers)."""
+    model = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, **options)
     graphdef, params, frozen = split_model(model, freeze_vision)
     return graphdef, with_shardings(params, mesh, rules), with_shardings(frozen, mesh, rules)
 

@@ -147,7 +147,8 @@ def image_prompts(cfg: QwenVLConfig, *, queries: int, group: int, prompt_length:
     ours = PromptBatch(
         input_ids=input_ids.astype(np.int32), attention_mask=mask.astype(np.int32), position_ids=pos.astype(np.int32),
         rope_deltas=deltas.astype(np.int32), pixel_values=pad_pixel_values(np.concatenate(pixels), queries * patches),
-        vision=vision_inputs(np.array([grid] * queries), cfg.vision, patch_budget=queries * patches),
+        vision=vision_inputs(np.array([grid] * queries), cfg.vision, patch_budget=queries * patches,
+                             frame_budget=patches),
         image_rows=np.array(image_rows, np.int32))
     hf = {"input_ids": input_ids, "attention_mask": mask,
           "mm_token_type_ids": (input_ids == cfg.image_token_id).astype(np.int64),

@@ -72,7 +72,7 @@ def shared_prefill(model, batch: PromptBatch, length: int, group_size: int = 1, 
     cache = model.init_cache(p, lp + length, cache_dtype)
     hidden, cache = model.forward(batch.input_ids, batch.position_ids, batch.attention_mask,
                                   image_embeddings(model, batch), cache)
-    cache = cache.replace(k=expand(cache.k), v=expand(cache.v), mask=expand(cache.mask))
+    cache = cache.map_rows(expand)
     rows = batch.replace(attention_mask=expand(batch.attention_mask), rope_deltas=expand(batch.rope_deltas))
     return hidden, cache, rows
 

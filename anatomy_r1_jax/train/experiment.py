@@ -20,7 +20,7 @@ from anatomy_r1_jax.data import read_records
 from anatomy_r1_jax.data import validation
 from anatomy_r1_jax.data.records import Record
 from anatomy_r1_jax.methods import similarity as sim_lib
-from anatomy_r1_jax.models import QwenVL, QwenVLConfig, load_pretrained
+from anatomy_r1_jax.models import QwenVL, QwenVLConfig, load_pretrained, model_options
 from anatomy_r1_jax.models.presets import matching_preset, tiny_hf_config
 from anatomy_r1_jax.train.precision import DTYPES
 
@@ -190,10 +190,10 @@ def build_model(config, tokenizer, mesh=None, rules=()) -> QwenVL:
     if not c.path and c.get("preset"):
         raise ValueError(f"config model.preset={c.preset!r} needs --config.model.path=<local HF checkpoint directory>")
     if c.path:
-        return load_pretrained(c.path, dtype=dtype, mesh=mesh, rules=rules, param_dtype=param_dtype, remat=c.remat)
+        return load_pretrained(c.path, dtype=dtype, mesh=mesh, rules=rules, param_dtype=param_dtype,
+                               **model_options(c))
     cfg = QwenVLConfig.from_hf(tiny_hf_config_for(tokenizer, c.family, **dict(c.tiny)))
-    model = QwenVL(cfg, dtype=dtype, param_dtype=param_dtype, remat=c.remat, rngs=nnx.Rngs(config.seed))
-    return model
+    return QwenVL(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(config.seed), **model_options(c))
 
 
 def tiny_hf_config_for(tokenizer, family: str, **tiny) -> dict:

@@ -42,40 +42,76 @@ def _rows_spec(ndim: int, row_dim: int, rows_axis, size: int, mesh: Mesh) -> P:
     return P(*spec)
 
 
-def batch_shardings(batch, mesh: Mesh, rules, micro_axis: bool = False):
-    """NamedShardings for a PromptBatch / TrainBatch (optionally with a leading micro-batch axis).
-
-    Rows go to the `batch` mesh axes; pixel values and per-patch vision inputs are split along
-    patches (each device encodes whole queries when queries divide evenly); gather indices
-    (`image_rows`, the window permutation) stay replicated.
-    """
-    rows_axis = _row_axes(mesh, rules)
+def _map_roles(batch, rows, replicated, micro_axis: bool):
+    """Applies rows(x, row_dim) to the per-row and per-patch leaves of a PromptBatch / TrainBatch
+    and replicated(x) to the gather indices (`image_rows`, the window permutation)."""
     lead = 1 if micro_axis else 0
-
-    def rows(x, row_dim=0):
-        if x is None:
-            return None
-        return NamedSharding(mesh, _rows_spec(x.ndim, row_dim + lead, rows_axis, x.shape[row_dim + lead], mesh))
-
-    def replicated(x):
-        return None if x is None else NamedSharding(mesh, P())
+    row = lambda x, row_dim=0: None if x is None else rows(x, row_dim + lead)  # noqa: E731
+    rep = lambda x: None if x is None else replicated(x)  # noqa: E731
 
     def prompt(pb: PromptBatch):
         vision = None
         if pb.vision is not None:
-            vision = jax.tree.map(replicated, pb.vision)
-            vision = vision.replace(position_ids=rows(pb.vision.position_ids), segment_ids=rows(pb.vision.segment_ids),
-                                    window_segment_ids=rows(pb.vision.window_segment_ids))
-        return PromptBatch(input_ids=rows(pb.input_ids), attention_mask=rows(pb.attention_mask),
-                           position_ids=rows(pb.position_ids, 1), rope_deltas=rows(pb.rope_deltas),
-                           pixel_values=rows(pb.pixel_values), vision=vision, image_rows=replicated(pb.image_rows))
+            vision = jax.tree.map(rep, pb.vision)
+            vision = vision.replace(position_ids=row(pb.vision.position_ids), segment_ids=row(pb.vision.segment_ids),
+                                    window_segment_ids=row(pb.vision.window_segment_ids))
+        return PromptBatch(input_ids=row(pb.input_ids), attention_mask=row(pb.attention_mask),
+                           position_ids=row(pb.position_ids, 1), rope_deltas=row(pb.rope_deltas),
+                           pixel_values=row(pb.pixel_values), vision=vision, image_rows=rep(pb.image_rows))
 
     if isinstance(batch, PromptBatch):
         return prompt(batch)
-    return TrainBatch(prompt=prompt(batch.prompt), completions=jax.tree.map(rows, batch.completions),
-                      rewards=rows(batch.rewards), categories=rows(batch.categories),
-                      similarity=rows(batch.similarity))
+    return TrainBatch(prompt=prompt(batch.prompt), completions=jax.tree.map(row, batch.completions),
+                      rewards=row(batch.rewards), categories=row(batch.categories), similarity=row(batch.similarity))
 
 
-def put_batch(batch, mesh: Mesh, rules, micro_axis: bool = False):
-    return jax.device_put(batch, batch_shardings(batch, mesh, rules, micro_axis))
+def _global_shape(x, row_dim: int, shard_count: int) -> tuple[int, ...]:
+    shape = list(np.shape(x))
+    shape[row_dim] *= shard_count
+    return tuple(shape)
+
+
+def _rows_sharding(x, row_dim: int, mesh: Mesh, rules, shard_count: int) -> NamedSharding:
+    size = _global_shape(x, row_dim, shard_count)[row_dim]
+    return NamedSharding(mesh, _rows_spec(x.ndim, row_dim, _row_axes(mesh, rules), size, mesh))
+
+
+def batch_shardings(batch, mesh: Mesh, rules, micro_axis: bool = False, shard_count: int = 1):
+    """NamedShardings for a PromptBatch / TrainBatch (optionally with a leading micro-batch axis).
+
+    Rows go to the `batch` mesh axes; pixel values and per-patch vision inputs are split along
+    patches (each device encodes whole queries when queries divide evenly); gather indices
+    (`image_rows`, the window permutation) stay replicated. With shard_count > 1 the batch holds
+    one data shard's rows and patches: the global arrays have shard_count times as many.
+    """
+    return _map_roles(batch, lambda x, row_dim: _rows_sharding(x, row_dim, mesh, rules, shard_count),
+                      lambda x: NamedSharding(mesh, P()), micro_axis)
+
+
+def put_batch(batch, mesh: Mesh, rules, micro_axis: bool = False, shard_count: int = 1):
+    """Host batch -> global arrays. shard_count 1: every process passes the whole batch (device_put).
+    Several data shards: every process passes its shard's rows and patches (train/distributed.py) and
+    the same gather indices; jax.make_array_from_process_local_data assembles the global arrays."""
+    if shard_count == 1:
+        return jax.device_put(batch, batch_shardings(batch, mesh, rules, micro_axis))
+
+    def rows(x, row_dim):
+        sharding, shape = _rows_sharding(x, row_dim, mesh, rules, shard_count), _global_shape(x, row_dim, shard_count)
+        if shard_count > 1 and sharding.spec[row_dim] is None:
+            raise ValueError(f"a batch of {shape[row_dim]} rows (or patches) does not split over the mesh axes of the "
+                             f"logical 'batch' axis ({_row_axes(mesh, rules)}): with {shard_count} data shards "
+                             f"(hosts), train.batch_size (queries) and the rows it makes must divide by them")
+        return jax.make_array_from_process_local_data(sharding, np.asarray(x), shape)
+
+    replicated = lambda x: jax.make_array_from_process_local_data(NamedSharding(mesh, P()), np.asarray(x))  # noqa: E731
+    return _map_roles(batch, rows, replicated, micro_axis)
+
+
+def shard_rows(batch, index: int, count: int, micro_axis: bool = False):
+    """The rows and patches of data shard `index` (of `count`) of a host batch; gather indices whole."""
+
+    def rows(x, row_dim):
+        n = x.shape[row_dim] // count
+        return np.take(x, np.arange(index * n, (index + 1) * n), axis=row_dim)
+
+    return _map_roles(batch, rows, lambda x: x, micro_axis)

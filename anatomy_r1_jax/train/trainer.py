@@ -5,6 +5,9 @@ Per GRPO step (B queries, G rollouts each, M micro-batches):
   -> rollout (jit) -> decode + rewards (host) -> update (jit, donated state) -> metrics.
 A supervised warm-up (config.sft.steps, tiny runs) precedes GRPO on the same step counter.
 Randomness is a pure function of (seed, step), so a killed run resumes exactly.
+Several processes (hosts): each reads and collates its data shard's queries; host-side decisions
+(GDQA variants, rewards, metrics) see the whole step on every process (train/distributed.py), and
+process 0 alone writes metrics and plots.
 """
 
 from __future__ import annotations
@@ -29,11 +32,11 @@ from anatomy_r1_jax.rl.batch import Completions, TrainBatch
 from anatomy_r1_jax.rl.rewards import compute_rewards
 from anatomy_r1_jax.rl.rollout import decode_completions
 from anatomy_r1_jax.rl.sampling import sampling_config
-from anatomy_r1_jax.train import experiment
+from anatomy_r1_jax.train import distributed, experiment
 from anatomy_r1_jax.train.checkpoint import Checkpointer
 from anatomy_r1_jax.train.metrics import MetricsWriter, plot_curves, read_metrics
 from anatomy_r1_jax.train.compiled import Programs, run_iterations
-from anatomy_r1_jax.train.partitioning import put_batch, split_model
+from anatomy_r1_jax.train.partitioning import put_batch, shard_rows, split_model
 from anatomy_r1_jax.train.precision import Precision
 from anatomy_r1_jax.train.schedules import phase_optimizers, phase_schedules
 from anatomy_r1_jax.train.step import StepConfig
@@ -58,16 +61,20 @@ class Trainer:
         c = config
         self.mesh = sharding.make_mesh([tuple(a) for a in c.mesh])
         self.rules = [tuple(r) for r in c.sharding_rules]
-        self.tokenizer = experiment.build_tokenizer(c, workdir)
+        self.shard = distributed.data_shard(self.mesh, self.rules)
+        with distributed.primary_first("tokenizer and data"):
+            self.tokenizer = experiment.build_tokenizer(c, workdir)
+            self.data = experiment.build_data(c, workdir)
         self.image_processor = experiment.build_image_processor(c, self.tokenizer)
-        self.data = experiment.validate_data(c, experiment.build_data(c, workdir), self.tokenizer,
-                                             self.image_processor, workdir)
+        self.data = experiment.validate_data(c, self.data, self.tokenizer, self.image_processor, workdir)
         with sharding.use_rules(self.mesh, self.rules):
             model = experiment.build_model(c, self.tokenizer, self.mesh, self.rules)
         self.model_cfg = model.config
-        with open(os.path.join(workdir, "config.json"), "w") as f:  # what is trained (family, preset)
-            f.write(experiment.trained_config(c, model.config).to_json_best_effort(indent=1))
-        self.sq = experiment.similarity_scores(c, self.data, model, self.tokenizer, workdir)
+        if distributed.is_primary():
+            with open(os.path.join(workdir, "config.json"), "w") as f:  # what is trained (family, preset)
+                f.write(experiment.trained_config(c, model.config).to_json_best_effort(indent=1))
+        with distributed.primary_first("similarity scores"):
+            self.sq = experiment.similarity_scores(c, self.data, model, self.tokenizer, workdir)
         self.sq_by_id = dict(zip((r.id for r in self.data.train), self.sq))
         self.category_index = {name: i for i, name in enumerate(self.data.categories)}
 
@@ -91,16 +98,24 @@ class Trainer:
                                               reference=c.rl.beta != 0)
         self._compile()
 
+        shards = self.shard.count
+        for name, size, parts in (("train.batch_size", c.train.batch_size, c.train.micro_batches * shards),
+                                  ("sft.batch_size", c.sft.batch_size, shards)):
+            if size % parts:
+                raise ValueError(f"config {name}={size} must be a multiple of {parts} (train.micro_batches x the "
+                                 f"{shards} data shards (hosts) of the mesh)")
+        shard = dict(shard_index=self.shard.index, shard_count=shards, workers=c.data.workers)
         # The warm-up's own pipeline only when there is a warm-up (its batch may not fit a small set).
-        self.pipeline_sft = QueryPipeline(self.data.train, batch_size=c.sft.batch_size,
+        self.pipeline_sft = QueryPipeline(self.data.train, batch_size=c.sft.batch_size // shards,
                                           image_processor=self.image_processor, order_fn=None, seed=c.seed + 1,
-                                          workers=c.data.workers) if c.sft.steps > 0 else None
+                                          shard_block=c.sft.batch_size // shards, **shard) if c.sft.steps > 0 else None
         span = c.train.steps * c.train.batch_size if c.curriculum.span == "run" else int(c.curriculum.span)
         order = functools.partial(curriculum_order, self.sq, schedule=c.curriculum.schedule,
                                   num_stages=c.curriculum.num_stages, seed=c.seed, span=span)
-        self.pipeline = QueryPipeline(self.data.train, batch_size=c.train.batch_size,
+        self.pipeline = QueryPipeline(self.data.train, batch_size=c.train.batch_size // shards,
                                       image_processor=self.image_processor,
-                                      order_fn=lambda epoch: order(epoch=epoch), seed=c.seed, workers=c.data.workers)
+                                      order_fn=lambda epoch: order(epoch=epoch), seed=c.seed,
+                                      shard_block=c.train.batch_size // c.train.micro_batches // shards, **shard)
         self.it = iter(self.pipeline)
         self.it_sft = iter(self.pipeline_sft) if self.pipeline_sft is not None else None
         self.ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=c.train.keep_checkpoints)
@@ -124,7 +139,25 @@ class Trainer:
 
     # ---- host-side pieces -------------------------------------------------------------------
     def _place(self, batch, micro_axis=False):
-        return put_batch(batch, self.mesh, self.rules, micro_axis)
+        return put_batch(batch, self.mesh, self.rules, micro_axis, self.shard.count)
+
+    def _shard_prompts(self, batch):
+        """This data shard's collated PromptBatch -> what `_place` takes: its rows and patches of the
+        batch all shards' prompts make together (frame and window ids shifted past earlier shards'),
+        and that batch's gather indices. Only the bookkeeping travels between hosts, not pixels."""
+        if self.shard.count == 1:
+            return batch
+        joined = self.collator.concat(self.shard.gather(batch.replace(pixel_values=batch.pixel_values[:, :1])))
+        return shard_rows(joined, self.shard.index, self.shard.count).replace(pixel_values=batch.pixel_values)
+
+    def _step_records(self, queries, micro_batches: int):
+        """The records of a step's queries on all data shards, in one process's order: micro-batch by
+        micro-batch, each the shards' parts in turn (the pipelines' shard_block layout)."""
+        if self.shard.count == 1:
+            return [q.record for q in queries]
+        parts = self.shard.gather(np.array([q.index for q in queries], np.int64))
+        per = len(queries) // micro_batches
+        return [self.data.train[i] for m in range(micro_batches) for part in parts for i in part[m * per:(m + 1) * per]]
 
     def decode(self, completions: Completions) -> list[str]:
         return decode_completions(self.tokenizer, completions.ids, completions.mask, self.sampling.eos_ids)
@@ -140,11 +173,12 @@ class Trainer:
 
         for start in range(0, len(records), rows):
             chunk = records[start: start + rows]
-            padded = chunk + [chunk[-1]] * (rows - len(chunk))
+            padded = self.shard.block(chunk + [chunk[-1]] * (rows - len(chunk)))
             batch = self.collator.prompts([[r] for r in padded],
                                           [preprocess_images(r, self.image_processor) for r in padded])
-            comp = self.rollout(self.state.params, self.state.frozen, self._place(batch), jax.random.key(rng_seed),
-                                self.greedy, 1, 1)
+            comp = distributed.to_host(self.rollout(self.state.params, self.state.frozen,
+                                                    self._place(self._shard_prompts(batch)),
+                                                    jax.random.key(rng_seed), self.greedy, 1, 1))
             texts = self.decode(comp)[: len(chunk)]
             _, per = compute_rewards(texts, chunk, {"format": 1.0, "accuracy": 1.0, self.accuracy_key: 1.0})
             correct += per[self.accuracy_key].sum()
@@ -172,7 +206,7 @@ class Trainer:
         ids, mask = self.collator.targets([self._sft_target(r) for r in records], self.eos_id)
         comp = Completions(ids=ids, mask=mask, logps=np.zeros(ids.shape, np.float32), lengths=mask.sum(-1))
         n = len(records)
-        tb = TrainBatch(prompt=batch, completions=comp, rewards=np.zeros((n,), np.float32),
+        tb = TrainBatch(prompt=self._shard_prompts(batch), completions=comp, rewards=np.zeros((n,), np.float32),
                         categories=self._categories(records), similarity=np.zeros((n,), np.float32))
         self.state, metrics = self.sft_step(self.state, self._place(_stack([tb]), micro_axis=True))
         return {"sft/loss": metrics["loss"], "grad_norm": metrics["grad_norm"]}
@@ -187,13 +221,15 @@ class Trainer:
         return next(s for s in range(1, g + 1) if all(grp[j] == grp[j % s] for grp in groups for j in range(g)))
 
     def _rollout_groups(self, groups, images, key, prompts_per_group: int):
-        """G sampled completions per query: groups [q][G] records (a query's variants), images [q];
-        the prompt batch holds the first `prompts_per_group` rows of each group (prefix sharing).
-        Returns (PromptBatch of q * S rows; Completions on the host, rows [q * G], decoded texts [q * G])."""
+        """G sampled completions per query: groups [q][G] records (a query's variants, all data
+        shards'), images [q / shards] (this shard's queries); the prompt batch holds the first
+        `prompts_per_group` rows of each of this shard's groups (prefix sharing). Returns (this
+        shard's PromptBatch of q / shards * S rows, as `_shard_prompts` gives it; Completions on the
+        host, rows [q * G]; their records and decoded texts [q * G])."""
         g, s = len(groups[0]), prompts_per_group
-        batch = self.collator.prompts([grp[:s] for grp in groups], images)
-        comp = jax.device_get(self.rollout(self.state.params, self.state.frozen, self._place(batch), key,
-                                           self.sampling, g, s))
+        batch = self._shard_prompts(self.collator.prompts([grp[:s] for grp in self.shard.block(groups)], images))
+        comp = distributed.to_host(self.rollout(self.state.params, self.state.frozen, self._place(batch), key,
+                                                self.sampling, g, s))
         return batch, comp, [r for grp in groups for r in grp], self.decode(comp)
 
     def calibrate_gdqa(self) -> float:
@@ -217,16 +253,18 @@ class Trainer:
         key = jax.random.key(c.seed + 1_000_003)
         per_micro = c.train.batch_size // c.train.micro_batches
         ids, rewards = [], []
-        for step in tqdm(range(steps), desc="GDQA calibration", leave=False):
+        local = per_micro // self.shard.count
+        for step in tqdm(range(steps), desc="GDQA calibration", leave=False, disable=not distributed.is_primary()):
             queries = next(self.it)
-            for i in range(0, len(queries), per_micro):
-                chunk = queries[i:i + per_micro]
-                groups = [[q.record] * g for q in chunk]
-                _, _, rows, texts = self._rollout_groups(groups, [q.images for q in chunk],
-                                                         jax.random.fold_in(key, step * len(queries) + i),
+            records = self._step_records(queries, c.train.micro_batches)
+            for m, i in enumerate(range(0, len(records), per_micro)):
+                chunk = records[i:i + per_micro]
+                groups = [[r] * g for r in chunk]
+                _, _, rows, texts = self._rollout_groups(groups, [q.images for q in queries[m * local:(m + 1) * local]],
+                                                         jax.random.fold_in(key, step * len(records) + i),
                                                          self._prompts_per_group(groups))
                 rewards.append(compute_rewards(texts, rows, dict(c.rl.rewards))[0])
-                ids += [q.record.id for q in chunk]
+                ids += [r.id for r in chunk]
         self.it.set_state(resume_at)
         hard = self.gdqa.calibrate(ids, np.concatenate(rewards), g)
         log.info("GDQA calibration: %d of %d upcoming queries marked hard", hard, len(ids))
@@ -235,32 +273,34 @@ class Trainer:
     def grpo_iteration(self, step: int) -> dict:
         c, g = self.config, self.group_size
         t0 = time.perf_counter()
-        queries = next(self.it)
+        queries = next(self.it)  # this data shard's
         rng = np.random.default_rng([c.seed, step])
         key = jax.random.fold_in(jax.random.key(c.seed), step)
         m = c.train.micro_batches
-        per_micro = len(queries) // m
+        records = self._step_records(queries, m)  # all shards'
+        per_micro, local = len(records) // m, len(queries) // m
         micro, rows_all, texts_all = [], [], []
-        chunks = [queries[i * per_micro:(i + 1) * per_micro] for i in range(m)]
-        groups_all = [[assign_group_variants(q.record, g, self.gdqa, rng) for q in chunk] for chunk in chunks]
-        triggered = sum(self.gdqa.is_triggered(q.record.id) for q in queries)
+        chunks = [records[i * per_micro:(i + 1) * per_micro] for i in range(m)]
+        groups_all = [[assign_group_variants(r, g, self.gdqa, rng) for r in chunk] for chunk in chunks]
+        triggered = sum(self.gdqa.is_triggered(r.id) for r in records)
         s = self._prompts_per_group([grp for groups in groups_all for grp in groups])  # one S for all micro-batches
-        for i, (chunk, groups) in enumerate(zip(chunks, groups_all)):
-            batch, comp, rows, texts = self._rollout_groups(groups, [q.images for q in chunk],
+        for i, groups in enumerate(groups_all):
+            batch, comp, rows, texts = self._rollout_groups(groups, [q.images for q in queries[i * local:(i + 1) * local]],
                                                             jax.random.fold_in(key, i), s)
             micro.append((batch, comp, rows))
             rows_all += rows
             texts_all += texts
         t_rollout = time.perf_counter() - t0
         rewards, per = compute_rewards(texts_all, rows_all, dict(c.rl.rewards))
-        ids = [q.record.id for q in queries]
-        self.gdqa.observe(ids, rewards, g)
+        self.gdqa.observe([r.id for r in records], rewards, g)
         batches = []
         for i, (batch, comp, rows) in enumerate(micro):
             sl = slice(i * per_micro * g, (i + 1) * per_micro * g)
-            batches.append(TrainBatch(prompt=batch, completions=comp, rewards=rewards[sl],
-                                      categories=self._categories(rows),
-                                      similarity=np.array([self.sq_by_id.get(r.id, np.nan) for r in rows], np.float32)))
+            similarity = np.array([self.sq_by_id.get(r.id, np.nan) for r in rows], np.float32)
+            batches.append(TrainBatch(prompt=batch, completions=jax.tree.map(self.shard.block, comp),
+                                      rewards=self.shard.block(rewards[sl]),
+                                      categories=self.shard.block(self._categories(rows)),
+                                      similarity=self.shard.block(similarity)))
         tb = self._place(_stack(batches), micro_axis=True)
         self.state, metrics = run_iterations(self.grpo_step, self.old_logps, self.state, tb, c.rl.num_iterations)
         metrics = jax.device_get(metrics)
@@ -268,9 +308,9 @@ class Trainer:
         out = {
             "reward/total": float(rewards.mean()), "reward/format": float(per["format"].mean()),
             "reward/accuracy": float(per[self.accuracy_key].mean()),
-            "sq_mean": float(np.mean([self.sq_by_id[q.record.id] for q in queries])),
+            "sq_mean": float(np.mean([self.sq_by_id[r.id] for r in records])),
             "completion_length": tokens / len(rows_all), "tokens_per_second": tokens / max(t_rollout, 1e-9),
-            "gdqa_triggered": triggered / len(queries), "prompts_per_group": float(s),
+            "gdqa_triggered": triggered / len(records), "prompts_per_group": float(s),
             "step_seconds": time.perf_counter() - t0,
         }
         for k in ("loss", "kl", "clip_fraction", "entropy", "grad_norm", "invalid_gradient_ratio", "update_skipped"):
@@ -306,24 +346,30 @@ class Trainer:
         Whatever ends it (also an exception), in-flight checkpoint saves finish before it returns,
         so no half-written step is left behind."""
         start = self.restore()
-        writer = MetricsWriter(self.workdir, resume_step=start if start else None)
+        writer = MetricsWriter(self.workdir, resume_step=start if start else None) if distributed.is_primary() else None
         try:
-            self._loop(start, writer)
+            rows = self._loop(start, writer)
         finally:
             self.ckpt.close()
-            writer.close()
+            if writer is not None:
+                writer.close()
             self.it.close()
             if self.it_sft is not None:
                 self.it_sft.close()
+        if writer is None:  # processes other than 0 return this session's rows
+            return rows
         rows = read_metrics(writer.path)
         plot_curves([r for r in rows if r.get("phase") == 1.0] or rows, os.path.join(self.workdir, "curves.png"),
                     CURVES, title="GRPO")
         return rows
 
-    def _loop(self, start: int, writer: MetricsWriter) -> None:
+    def _loop(self, start: int, writer: MetricsWriter | None) -> list[dict]:
+        """Steps start..end; metrics rows of this session (written by process 0 only)."""
         c = self.config
+        rows = []
         total = c.sft.steps + c.train.steps
-        bar = tqdm(range(start, total), initial=start, total=total, desc="train", dynamic_ncols=True)
+        bar = tqdm(range(start, total), initial=start, total=total, desc="train", dynamic_ncols=True,
+                   disable=writer is None)
         for step in bar:
             sft = step < c.sft.steps
             if step == c.sft.steps and step > 0:
@@ -344,7 +390,11 @@ class Trainer:
             if due and self.data.eval:  # no eval metrics without eval records
                 out.update(self.evaluate(self.data.eval))
             out = {k: float(v) for k, v in out.items()}
-            writer.write(done, {"phase": 0.0 if sft else 1.0, **out})
+            out = {"phase": 0.0 if sft else 1.0, **out}
+            rows.append({"step": done, **out})
+            if writer is not None:
+                writer.write(done, out)
             bar.set_postfix({k: f"{out[k]:.3f}" for k in ("sft/loss", "reward/total", "eval/accuracy") if k in out})
             if done % c.train.checkpoint_every == 0 or last:
                 self.ckpt.save(done, self.state, self._meta())
+        return rows
