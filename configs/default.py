@@ -85,7 +85,7 @@ def get_config(arg=None):
         batch_size=8,  # queries per GRPO step (rows = batch_size * group_size)
         micro_batches=1,
         steps=60,
-        log_every=1,
+        log_every=1,  # a metrics.jsonl row every N steps (and at every evaluation and the last step)
         eval_every=20,
         checkpoint_every=20,
         keep_checkpoints=2,

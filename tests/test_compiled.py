@@ -42,6 +42,13 @@ def test_update_is_traced_under_the_rules_and_compiles_once():
     assert update._cache_size() == 1
     opt_leaves = [x for x in jax.tree.leaves(state.opt_state) if x.ndim == 0]
     assert opt_leaves and all(x.sharding.is_fully_replicated for x in opt_leaves)
+    # The phase switch (warm-up -> GRPO): fresh AdamW state, same shardings, no recompilation.
+    assert any(np.abs(np.asarray(x)).max() > 0 for x in jax.tree.leaves(state.opt_state) if x.ndim)
+    fresh = programs.reset_optimizer(tx, cfg.precision, state)
+    assert all(not np.asarray(x).any() for x in jax.tree.leaves(fresh.opt_state) if x.dtype != bool)
+    assert jax.tree.map(lambda x: x.sharding, fresh) == jax.tree.map(lambda x: x.sharding, state)
+    update(fresh, batch)
+    assert update._cache_size() == 1
 
 
 def _masked(x, mask):

@@ -392,7 +392,8 @@ class Trainer:
             out = {k: float(v) for k, v in out.items()}
             out = {"phase": 0.0 if sft else 1.0, **out}
             rows.append({"step": done, **out})
-            if writer is not None:
+            logged = done % c.train.log_every == 0 or due or calibration or last
+            if writer is not None and logged:
                 writer.write(done, out)
             bar.set_postfix({k: f"{out[k]:.3f}" for k in ("sft/loss", "reward/total", "eval/accuracy") if k in out})
             if done % c.train.checkpoint_every == 0 or last:
