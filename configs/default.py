@@ -67,9 +67,10 @@ def get_config(arg=None):
         aggregation="token-mean",
         advantage="grpo",
         num_iterations=1,
+        # Weight of every registered reward (rl/rewards.py; 0 = off), e.g. --config.rl.rewards.accuracy=1.0.
         # The paper scores the exact letter ("accuracy"); a tiny model made from scratch is scored on
         # naming the structure ("accuracy_lenient" accepts the option text), see sft.answer.
-        rewards=dict(format=1.0, accuracy_lenient=1.0),
+        rewards=dict(format=1.0, accuracy=0.0, accuracy_lenient=1.0),
     )
 
     # The rest of the precision policy (train/precision.py): the dtype gradients are accumulated in, AdamW's

@@ -84,7 +84,8 @@ class Trainer:
         self.sampling = sampling_config(c, self.model_cfg, self.tokenizer, self.collator.pad_id)
         self.eos_id = self.sampling.eos_ids[0]
         self.greedy = dataclasses.replace(self.sampling, greedy=True)
-        self.accuracy_key = next((k for k in c.rl.rewards if k.startswith("accuracy")), "accuracy")
+        # The accuracy reward the run trains on (the first with a non-zero weight) is its reported accuracy.
+        self.accuracy_key = next((k for k, w in c.rl.rewards.items() if k.startswith("accuracy") and w), "accuracy")
         self.gdqa = GDQAState(trigger=c.gdqa.trigger, num_variants=c.gdqa.num_variants, kinds=tuple(c.gdqa.kinds))
 
         # State: trainable params (+ frozen rest), a frozen reference copy when beta > 0, AdamW (and
