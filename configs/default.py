@@ -67,9 +67,10 @@ def get_config(arg=None):
         aggregation="token-mean",
         advantage="grpo",
         num_iterations=1,
+        # Weight of every registered reward (rl/rewards.py; 0 = off), e.g. --config.rl.rewards.accuracy=1.0.
         # The paper scores the exact letter ("accuracy"); a tiny model made from scratch is scored on
         # naming the structure ("accuracy_lenient" accepts the option text), see sft.answer.
-        rewards=dict(format=1.0, accuracy_lenient=1.0),
+        rewards=dict(format=1.0, accuracy=0.0, accuracy_lenient=1.0),
     )
 
     # The rest of the precision policy (train/precision.py): the dtype gradients are accumulated in, AdamW's
@@ -77,13 +78,15 @@ def get_config(arg=None):
     c.optim = dict(lr=2e-4, warmup_steps=5, schedule="cosine", weight_decay=0.0, grad_clip=1.0, b1=0.9, b2=0.99,
                    grad_dtype="float32", moment_dtype="float32", master_weights=False)
 
-    c.sft = dict(steps=700, lr=2e-3, batch_size=32, target="think", answer="text", warmup_steps=20)
+    # Each phase has its own schedule (train/schedules.py: "constant", "linear", "cosine"; warmup_steps 0 =
+    # none) counted from its first step, and its own AdamW state (GRPO starts with fresh moments).
+    c.sft = dict(steps=700, lr=2e-3, batch_size=32, target="think", answer="text", warmup_steps=20, schedule="constant")
 
     c.train = dict(
         batch_size=8,  # queries per GRPO step (rows = batch_size * group_size)
         micro_batches=1,
         steps=60,
-        log_every=1,
+        log_every=1,  # a metrics.jsonl row every N steps (and at every evaluation and the last step)
         eval_every=20,
         checkpoint_every=20,
         keep_checkpoints=2,

@@ -72,7 +72,7 @@ def real_model(c: ml_collections.ConfigDict, name: str) -> ml_collections.Config
     c.optim.update(lr=1e-5, warmup_steps=10, weight_decay=0.0, grad_clip=1.0, b1=0.9, b2=0.999)
     c.sft.steps = 0
     c.sft.answer = "letter"
-    c.rl.rewards = dict(format=1.0, accuracy=1.0)  # the authors' exact-letter accuracy
+    c.rl.rewards.update(format=1.0, accuracy=1.0, accuracy_lenient=0.0)  # the authors' exact-letter accuracy
     c.data.prompt_length = 1024
     # Patches per query (14x14 px each): larger images are resized to fit (data.max_pixels = 0), here
     # to at most 1296 patches (e.g. 504x504 px); ssg_vqa.py and omnimedvqa.py size it to their frames.

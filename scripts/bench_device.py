@@ -24,7 +24,6 @@ The device's name is printed with every figure.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
 import time
@@ -40,17 +39,19 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from anatomy_r1_jax import sharding  # noqa: E402
 from anatomy_r1_jax.models import QwenVL, QwenVLConfig  # noqa: E402
 from anatomy_r1_jax.models.presets import preset_hf_config  # noqa: E402
 from anatomy_r1_jax.perf import flops, report, workloads  # noqa: E402
 from anatomy_r1_jax.perf.memory import compiled_memory  # noqa: E402
 from anatomy_r1_jax.perf.timing import time_interleaved  # noqa: E402
 from anatomy_r1_jax.rl.batch import TrainBatch  # noqa: E402
-from anatomy_r1_jax.rl.rollout import generate  # noqa: E402
 from anatomy_r1_jax.rl.sampling import SamplingConfig  # noqa: E402
+from anatomy_r1_jax.train.compiled import Programs  # noqa: E402
 from anatomy_r1_jax.train.partitioning import split_model  # noqa: E402
-from anatomy_r1_jax.train.precision import Precision, init_optimizer  # noqa: E402
-from anatomy_r1_jax.train.step import StepConfig, TrainState, make_optimizer, train_step  # noqa: E402
+from anatomy_r1_jax.train.precision import Precision  # noqa: E402
+from anatomy_r1_jax.train.step import StepConfig, make_optimizer  # noqa: E402
+from configs.default import get_config  # noqa: E402
 
 PRESET_SIZES = {"3b": "qwen2_5_vl_3b", "7b": "qwen2_5_vl_7b"}
 
@@ -85,19 +86,21 @@ def measure(args) -> dict:
     tx = make_optimizer(1e-6, grad_clip=1.0, b2=0.99)
     # The real-model configs' policy for bf16 (fp32 gradients, moments and master copy).
     policy = Precision(weights=args.dtype, compute=args.dtype, master_weights=args.dtype != "float32")
-    master, opt_state = jax.jit(functools.partial(init_optimizer, tx, policy))(params)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
-                       ref_params=jax.tree.map(jnp.copy, params), opt_state=opt_state, master=master)
+    # Compiled as the trainer compiles them (train/compiled.py), on one device.
+    programs = Programs.create(graphdef, sharding.make_mesh([("data", 1)], devices=jax.devices()[:1]),
+                               get_config().sharding_rules)
+    state = programs.init_state(tx, policy, params, frozen, reference=True)
+    params, frozen = state.params, state.frozen
     step_cfg = StepConfig(group_size=args.group, beta=0.04, temperature=0.9, logp_chunk=args.logp_chunk,
                           precision=policy)
-    update = jax.jit(functools.partial(train_step, graphdef, tx, step_cfg), donate_argnums=0)
+    update = programs.update(tx, step_cfg, state)
 
     no_eos = tuple(cfg.eos_token_ids) + (cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id,
                                          cfg.vision_end_token_id)
     sampling = lambda new: SamplingConfig(max_new_tokens=new, temperature=0.9, top_k=50, top_p=0.9,  # noqa: E731
                                           eos_ids=(), pad_id=0, forbidden_ids=no_eos)
-    rollout = jax.jit(lambda p, f, b, k, sc: generate(nnx.merge(graphdef, p, f), b, k, sc, cache_dtype=model.dtype,
-                                                      group_size=args.group), static_argnums=4)
+    compiled_rollout = programs.rollout(cache_dtype=model.dtype)
+    rollout = lambda p, f, b, k, sc: compiled_rollout(p, f, b, k, sc, args.group, 1)  # noqa: E731
     keys = iter(jax.random.split(jax.random.key(0), 100_000))
     rewards = jnp.asarray(np.random.default_rng(0).integers(0, 3, n).astype(np.float32))
 

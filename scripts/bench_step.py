@@ -23,7 +23,6 @@ the compiled step's `memory_analysis()` (per device: arguments, temporaries, pea
 from __future__ import annotations
 
 import copy
-import functools
 import os
 import sys
 import tempfile
@@ -41,13 +40,17 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from anatomy_r1_jax import sharding  # noqa: E402
 from anatomy_r1_jax.perf import profile, report, workloads  # noqa: E402
 from anatomy_r1_jax.perf.memory import compiled_memory  # noqa: E402
 from anatomy_r1_jax.perf.timing import time_interleaved  # noqa: E402
+from anatomy_r1_jax.train.compiled import Programs  # noqa: E402
 from anatomy_r1_jax.train.partitioning import split_model  # noqa: E402
-from anatomy_r1_jax.train.step import StepConfig, TrainState, make_optimizer, train_step  # noqa: E402
+from anatomy_r1_jax.train.step import StepConfig, make_optimizer  # noqa: E402
+from configs.default import get_config  # noqa: E402
 
 DEFAULT_CASES = ("tiny,8,8,160,24", "100m,2,4,128,32")
+RULES = [tuple(r) for r in get_config().sharding_rules]
 HP = dict(lr=1e-5, b1=0.9, b2=0.99, grad_clip=1.0, beta=0.04, eps=0.2, temperature=0.9, logp_chunk=32)
 
 
@@ -62,11 +65,12 @@ def our_update(model, group: int):
     graphdef, params, frozen = split_model(model, freeze_vision=False)
     params, frozen = jax.tree.map(jnp.copy, (params, frozen))  # the step donates its state; the model stays usable
     tx = make_optimizer(HP["lr"], grad_clip=HP["grad_clip"], b1=HP["b1"], b2=HP["b2"])
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
-                       ref_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params))
+    # Compiled as the trainer compiles it (train/compiled.py), on the default device.
+    programs = Programs.create(graphdef, sharding.make_mesh([("data", 1)], devices=jax.devices()[:1]), RULES)
     cfg = StepConfig(group_size=group, beta=HP["beta"], temperature=HP["temperature"], eps_low=HP["eps"],
                      eps_high=HP["eps"], logp_chunk=HP["logp_chunk"])
-    return jax.jit(functools.partial(train_step, graphdef, tx, cfg), donate_argnums=0), state
+    state = programs.init_state(tx, cfg.precision, params, frozen, reference=True)
+    return programs.update(tx, cfg, state), state
 
 
 class OurStepper:

@@ -21,7 +21,6 @@ A strategy is a (mesh, rules) pair of data (STRATEGIES below); `--config FILE` a
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib.util
 import os
 import sys
@@ -76,7 +75,6 @@ if ARGS is not None:
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from anatomy_r1_jax import sharding  # noqa: E402
 from anatomy_r1_jax.models import QwenVL, QwenVLConfig  # noqa: E402
@@ -84,9 +82,10 @@ from anatomy_r1_jax.models.presets import preset_hf_config  # noqa: E402
 from anatomy_r1_jax.perf import abstract, hlo, report, workloads  # noqa: E402
 from anatomy_r1_jax.perf.memory import bytes_per_device, compiled_memory  # noqa: E402
 from anatomy_r1_jax.perf.timing import time_interleaved  # noqa: E402
-from anatomy_r1_jax.train.partitioning import place_state, put_batch, split_model  # noqa: E402
+from anatomy_r1_jax.train.compiled import Programs  # noqa: E402
+from anatomy_r1_jax.train.partitioning import put_batch, split_model  # noqa: E402
 from anatomy_r1_jax.train.precision import BF16  # noqa: E402
-from anatomy_r1_jax.train.step import StepConfig, TrainState, make_optimizer, train_step  # noqa: E402
+from anatomy_r1_jax.train.step import StepConfig, make_optimizer  # noqa: E402
 
 MIB = 2**20
 
@@ -134,24 +133,18 @@ def measured(strategies: dict, devices: int, size: str, case: str, reps: int) ->
     runs, rows = {}, {}
     for name, (axes, rules) in strategies.items():
         mesh = build_mesh(axes, devices)
-        with sharding.use_rules(mesh, rules):
-            params, frozen = place_state(params0, mesh, rules), place_state(frozen0, mesh, rules)
-            # Moments are States of the params' Variables: place_state gives them the params' shardings
-            # (a plain jax.jit(tx.init) output would sit on one device).
-            opt_state = place_state(tx.init(params), mesh, rules)
-            step0 = jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(mesh, P()))
-            state = TrainState(step=step0, params=params, frozen=frozen,
-                               ref_params=jax.tree.map(jnp.copy, params), opt_state=opt_state)
-            batch = put_batch(batch_np, mesh, rules, micro_axis=True)
-            step = jax.jit(functools.partial(train_step, graphdef, tx, step_cfg),
-                           out_shardings=(jax.tree.map(lambda x: x.sharding, state), None), donate_argnums=0)
-            compiled = step.lower(state, batch).compile()
+        # The state and the update as the trainer builds them (train/compiled.py: traced under the rules).
+        programs = Programs.create(graphdef, mesh, rules)
+        state = programs.init_state(tx, step_cfg.precision, params0, frozen0, reference=True)
+        params, frozen, opt_state = state.params, state.frozen, state.opt_state
+        batch = put_batch(batch_np, mesh, rules, micro_axis=True)
+        step = programs.update(tx, step_cfg, state)
+        compiled = step.lower(state, batch).compile()
         mem = compiled_memory(compiled)
         holder = {"state": state}
 
-        def run(step=step, holder=holder, batch=batch, mesh=mesh, rules=rules):
-            with sharding.use_rules(mesh, rules):
-                holder["state"], metrics = step(holder["state"], batch)
+        def run(step=step, holder=holder, batch=batch):
+            holder["state"], metrics = step(holder["state"], batch)
             return metrics
 
         loss = float(run()["loss"])
@@ -216,8 +209,8 @@ def compile_preset(cfg, mesh, rules, tx, batch_np, micro):
         batch = abstract.abstract_batch(stacked(batch_np, micro), mesh, rules)
         step_cfg = StepConfig(group_size=batch_np.rewards.shape[1], beta=0.04, temperature=0.9, logp_chunk=128,
                               precision=BF16)
-        step = jax.jit(functools.partial(train_step, graphdef, tx, step_cfg), donate_argnums=0)
-        return compiled_memory(step.lower(state, batch).compile())
+    step = Programs.create(graphdef, mesh, rules).update(tx, step_cfg, state)
+    return compiled_memory(step.lower(state, batch).compile())
 
 
 def presets_table(names, strategies, devices, compile_step, batch_spec) -> str:

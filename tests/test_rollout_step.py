@@ -16,6 +16,7 @@ from anatomy_r1_jax.models.vision_inputs import pad_pixel_values, vision_inputs
 from anatomy_r1_jax.rl.batch import Completions, PromptBatch, TrainBatch
 from anatomy_r1_jax.rl.rollout import generate
 from anatomy_r1_jax.rl.sampling import SamplingConfig, sample_token
+from anatomy_r1_jax.train.compiled import Programs
 from anatomy_r1_jax.train.logprobs import completion_logps
 from anatomy_r1_jax.train.partitioning import place_state, put_batch, split_model
 from anatomy_r1_jax.train.step import StepConfig, TrainState, make_optimizer, train_step
@@ -133,31 +134,34 @@ def _stack(items):
     return jax.tree.map(lambda *xs: np.stack(xs), *items)
 
 
+def one_device_mesh():
+    return sharding.make_mesh([("data", 1)], devices=jax.devices()[:1])
+
+
 def _run_steps(mesh, batches, steps, cfg, micro=1, remat=False, grad_norms=None):
+    """`steps` updates compiled the way the trainer compiles them (train/compiled.py), on `mesh`
+    (None: one device)."""
+    mesh = one_device_mesh() if mesh is None else mesh
     model = make_model(seed=3, remat=remat)
     graphdef, params, frozen = split_model(model, freeze_vision=False)
-    if mesh is not None:
-        params, frozen = place_state(params, mesh, RULES), place_state(frozen, mesh, RULES)
+    programs = Programs.create(graphdef, mesh, RULES)
     tx = make_optimizer(1e-2, grad_clip=1.0)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
-                       ref_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params))
-    step_fn = jax.jit(functools.partial(train_step, graphdef, tx, cfg), donate_argnums=0)
+    state = programs.init_state(tx, cfg.precision, params, frozen, reference=True)
+    step_fn = programs.update(tx, cfg, state)
     losses = []
-    ctx = sharding.use_rules(mesh, RULES)
-    with ctx:
-        for i in range(steps):
-            b = batches[i % len(batches)]
-            if micro > 1:  # split whole groups into micro-batches
-                n = b.rewards.shape[0] // micro
-                parts = [jax.tree.map(lambda x: x, _slice_batch(b, j * n, (j + 1) * n)) for j in range(micro)]
-                stacked = _stack(parts)
-            else:
-                stacked = _stack([b])
-            stacked = put_batch(stacked, mesh, RULES, micro_axis=True) if mesh is not None else stacked
-            state, metrics = step_fn(state, stacked)
-            losses.append(float(metrics["loss"]))
-            if grad_norms is not None:
-                grad_norms.append(float(metrics["grad_norm"]))
+    for i in range(steps):
+        b = batches[i % len(batches)]
+        if micro > 1:  # split whole groups into micro-batches
+            n = b.rewards.shape[0] // micro
+            parts = [jax.tree.map(lambda x: x, _slice_batch(b, j * n, (j + 1) * n)) for j in range(micro)]
+            stacked = _stack(parts)
+        else:
+            stacked = _stack([b])
+        state, metrics = step_fn(state, put_batch(stacked, mesh, RULES, micro_axis=True))
+        losses.append(float(metrics["loss"]))
+        if grad_norms is not None:
+            grad_norms.append(float(metrics["grad_norm"]))
+    assert step_fn._cache_size() == 1  # one compilation for every step
     return np.array(losses), state, metrics
 
 
@@ -199,7 +203,7 @@ def test_sharded_fsdp_tensor_equals_single_device():
 
 
 def test_sft_objective_learns_and_nonfinite_updates_are_skipped():
-    cfg = StepConfig(objective="sft", group_size=1, beta=0.0, temperature=1.0, logp_chunk=6)
+    cfg = StepConfig(objective="sft", advantage="none", group_size=1, beta=0.0, temperature=1.0, logp_chunk=6)
     losses, state, _ = _run_steps(None, [_train_batch(seed=0)], 15, cfg)
     assert losses[-1] < 0.5 * losses[0]
     # A NaN reward makes the GRPO gradient non-finite: the update is skipped, params unchanged.

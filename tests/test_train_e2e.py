@@ -14,7 +14,7 @@ TINY = ["--config.sft.steps=2", "--config.train.steps=4", "--config.train.batch_
         "--config.data.eval_size=4", "--config.data.synthetic.n=60", "--config.rl.max_completion_length=32",
         "--config.model.tiny.hidden_size=32", "--config.model.tiny.intermediate_size=64",
         "--config.model.tiny.num_hidden_layers=1", "--config.gdqa.trigger=off"]
-TIMING = ("step_seconds", "tokens_per_second")
+TIMING = ("step_seconds", "tokens_per_second", "time")
 
 
 def _train(workdir, *extra, wait=True):
@@ -40,6 +40,9 @@ def test_train_writes_metrics_plots_checkpoints_and_resumes_after_sigkill(tmp_pa
     _train(uninterrupted)
     rows = _metrics(uninterrupted)
     assert [r["step"] for r in rows] == list(range(1, 7))
+    with open(os.path.join(uninterrupted, "metrics.jsonl")) as f:
+        times = [json.loads(line)["time"] for line in f]
+    assert times == sorted(times) and times[-1] - times[0] < 600  # wall-clock seconds
     grpo = [r for r in rows if r["phase"] == 1.0]
     for key in ("reward/total", "reward/format", "reward/accuracy", "invalid_gradient_ratio", "sq_mean", "kl",
                 "clip_fraction", "completion_length", "entropy", "loss"):

@@ -4,7 +4,7 @@
       -> images preprocessed once per question -> collate (static shapes; a question's n samples
          are one group sharing its image encoding)
       -> rows put on the mesh's data axes (partitioning.put_batch)
-      -> one compiled `generate` per mode (greedy [B rows], sampled [B*n rows]), reused by every
+      -> one compiled `generate` per mode (train/compiled.py) (greedy [B rows], sampled [B*n rows]), reused by every
          batch and every checkpoint of the same shapes -> decode -> score (scoring.py)
 
 The compiled programs are ahead-of-time `Compiled` objects: a batch of other shapes or shardings
@@ -22,15 +22,15 @@ from typing import Sequence
 
 import jax
 import numpy as np
-from flax import nnx
 from tqdm import tqdm
 
 from anatomy_r1_jax import sharding
 from anatomy_r1_jax.data.collate import BatchShape, Collator, preprocess_images
 from anatomy_r1_jax.data.records import Record
 from anatomy_r1_jax.evaluation.scoring import score, summarize
-from anatomy_r1_jax.rl.rollout import decode_completions, generate
+from anatomy_r1_jax.rl.rollout import decode_completions
 from anatomy_r1_jax.rl.sampling import SamplingConfig, sampling_config
+from anatomy_r1_jax.train.compiled import Programs
 from anatomy_r1_jax.train.partitioning import put_batch
 
 log = logging.getLogger(__name__)
@@ -125,15 +125,12 @@ class Evaluator:
         key = (self.graphdef, cfg, tuple(self.rules), treedef,
                tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves))
         if key not in _PROGRAMS:
-            graphdef = self.graphdef
-
-            def run(params, frozen, batch, rng):
+            def count_trace():
                 self.traces += 1
-                return generate(nnx.merge(graphdef, params, frozen), batch, rng, cfg)
 
             t0 = time.perf_counter()
-            with sharding.use_rules(self.mesh, self.rules):
-                _PROGRAMS[key] = jax.jit(run).lower(params, frozen, batch, rng).compile()
+            program = Programs.create(self.graphdef, self.mesh, self.rules).generate(cfg, on_trace=count_trace)
+            _PROGRAMS[key] = program.lower(params, frozen, batch, rng).compile()
             self.timing.compile += time.perf_counter() - t0
         self._compiled[mode] = _PROGRAMS[key]
         return _PROGRAMS[key]

@@ -57,6 +57,13 @@ def drgrpo_advantages(rewards: jax.Array, group_size: int) -> jax.Array:
     return group_advantages(rewards, group_size, scale=False)
 
 
+@register_advantage("none")
+def no_advantages(rewards: jax.Array, group_size: int) -> jax.Array:
+    """All zeros: objectives that learn from targets, not rewards (the supervised warm-up)."""
+    del group_size
+    return jnp.zeros_like(rewards, jnp.float32)
+
+
 def invalid_group_mask(rewards: jax.Array, group_size: int) -> jax.Array:
     """[P] bool: True where every reward of the group is equal (all advantages 0: no gradient)."""
     g = _grouped(rewards, group_size)

@@ -4,7 +4,12 @@ Shapes: logps, old_logps, ref_logps, mask [B, T] (completion tokens; mask 1 on r
 advantages [B] (one per sequence). Log-probs are those of the sampled tokens, computed from
 logits / temperature (METHOD.md section 2).
 
-A registered policy loss returns `LossParts(numerator, denominator, metric_sums)`. Over
+Every registered policy loss ("grpo", "gpg", "sft") has one signature,
+
+    fn(logps, old_logps, ref_logps, advantages, mask, *, eps_low, eps_high, beta, aggregation,
+       max_completion_length, valid_fraction) -> LossParts(numerator, denominator, metric_sums)
+
+(each ignores the hyper-parameters it has no use for), so the update calls any of them alike. Over
 micro-batches m of one batch,
 
     loss = sum_m numerator_m / sum_m denominator_m,   grad = sum_m grad(numerator_m) / sum_m den_m
@@ -114,6 +119,7 @@ def grpo_loss_parts(
     beta: float = 0.04,
     aggregation: str = "token-mean",
     max_completion_length: int | None = None,
+    valid_fraction: jax.Array | float = 1.0,
 ) -> LossParts:
     """Clipped GRPO surrogate with a k3 KL penalty.
 
@@ -123,8 +129,10 @@ def grpo_loss_parts(
 
     With num_iterations = 1 pass old_logps = stop_gradient(logps): ratio == 1, the clip is
     inactive and grad = aggregation of (-A + beta * (1 - exp(ref - logp))) * grad(logp).
-    `beta` is a Python float; ref_logps may be None when beta == 0.
+    `beta` is a Python float; ref_logps may be None when beta == 0. valid_fraction is unused (one
+    signature for every policy loss).
     """
+    del valid_fraction
     logps, old_logps, ref_logps, adv, mask = _prepare(logps, old_logps, ref_logps, advantages, mask)
     kl = _kl_term(logps, ref_logps, beta)
     ratio = jnp.exp(logps - old_logps)
@@ -156,6 +164,8 @@ def gpg_loss_parts(
     beta: float = 0.0,
     aggregation: str = "token-mean",
     max_completion_length: int | None = None,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
 ) -> LossParts:
     """GPG baseline: plain policy gradient rescaled by the fraction of informative groups.
 
@@ -165,8 +175,10 @@ def gpg_loss_parts(
 
     valid_fraction is the fraction of groups of the *whole batch* whose rewards are not all equal
     (`advantages.valid_group_fraction(rewards, G)`); compute it once per batch and pass the same
-    value to every micro-batch so accumulation stays exact. old_logps only feeds the ratio metric.
+    value to every micro-batch so accumulation stays exact. old_logps only feeds the ratio metric;
+    eps_low / eps_high are unused (one signature for every policy loss).
     """
+    del eps_low, eps_high
     logps, old_logps, ref_logps, adv, mask = _prepare(logps, old_logps, ref_logps, advantages, mask)
     kl = _kl_term(logps, ref_logps, beta)
     per_token = -logps * adv
@@ -185,6 +197,28 @@ def gpg_loss_parts(
         "clip_high": zero,
     }
     return LossParts(alpha * num, den, sums)
+
+
+@register_policy_loss("sft")
+def sft_loss_parts(logps: jax.Array, old_logps: jax.Array | None, ref_logps: jax.Array | None,
+                   advantages: jax.Array, mask: jax.Array, *, beta: float = 0.0, aggregation: str = "token-mean",
+                   **unused) -> LossParts:
+    """Supervised warm-up: negative log-likelihood of the target tokens.
+
+    l    = -logp                                                       [B, T]
+    loss = aggregation(l, mask)          (token-mean: sum_bt -logp*m / sum_bt m)
+
+    Advantages, old and reference log-probs are unused (the same signature as every policy loss);
+    beta must be 0 (no reference policy in the warm-up).
+    """
+    del old_logps, advantages, unused  # valid_fraction, max_completion_length, eps_low, eps_high
+    if beta != 0 or ref_logps is not None:
+        raise ValueError("the sft objective has no reference policy: use beta=0")
+    logps, _, _, _, mask = _prepare(logps, None, None, jnp.zeros(mask.shape[:1]), mask)
+    num, den = AGGREGATIONS.get(aggregation)(-logps, mask)
+    zero = jnp.zeros((), jnp.float32)
+    sums = {"tokens": jnp.sum(mask), "kl": zero, "ratio": jnp.sum(mask), "clip_low": zero, "clip_high": zero}
+    return LossParts(num, den, sums)
 
 
 def sum_loss_parts(parts: list[LossParts]) -> LossParts:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from typing import Iterable
 
 import numpy as np
@@ -16,7 +17,7 @@ def _scalar(v):
 
 
 class MetricsWriter:
-    """Appends one JSON object per step to `{workdir}/metrics.jsonl` and mirrors scalars to
+    """Appends one JSON object per logged step (train.log_every) to `{workdir}/metrics.jsonl` and mirrors scalars to
     TensorBoard. On resume, lines of steps after the restored checkpoint are dropped so the file
     equals that of an uninterrupted run."""
 
@@ -31,7 +32,9 @@ class MetricsWriter:
         self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, metrics: dict) -> None:
-        row = {"step": int(step)}
+        """One row: the step, the wall-clock time it was written (Unix seconds: start-up and
+        throughput over time need no outside clock) and the scalar metrics."""
+        row = {"step": int(step), "time": time.time()}
         for k, v in metrics.items():
             s = _scalar(v) if not isinstance(v, (float, int)) else float(v)
             if s is not None:

@@ -35,7 +35,7 @@ from anatomy_r1_jax.train.precision import Precision
 class StepConfig:
     """Static settings of the update (hashable)."""
 
-    objective: str = "grpo"  # a registered policy loss ("grpo", "gpg") or "sft"
+    objective: str = "grpo"  # a registered policy loss (rl/losses.py: "grpo", "gpg", "sft")
     group_size: int = 8
     advantage: str = "grpo"
     temperature: float = 0.9
@@ -47,6 +47,7 @@ class StepConfig:
     logp_chunk: int = 128
     num_categories: int = 1
     precision: Precision = Precision()
+    old_logps: str = "current"  # "current": stop_gradient(logps) (ratio 1); "batch": batch.completions.logps
 
 
 @flax.struct.dataclass
@@ -85,48 +86,36 @@ def _keep_update_dtype(inner: optax.GradientTransformation) -> optax.GradientTra
     return optax.GradientTransformation(inner.init, update)
 
 
-def _sft_parts(logps, mask):
-    """Supervised warm-up: token-mean negative log-likelihood as (numerator, denominator)."""
-    mask = mask.astype(jnp.float32)
-    zero = jnp.zeros((), jnp.float32)
-    return losses.LossParts(-jnp.sum(logps * mask), jnp.sum(mask),
-                            {"tokens": jnp.sum(mask), "kl": zero, "ratio": jnp.sum(mask), "clip_low": zero,
-                             "clip_high": zero})
-
-
 def _loss_parts(cfg: StepConfig, logps, old_logps, ref_logps, advantages, mask, valid_fraction):
-    if cfg.objective == "sft":
-        return _sft_parts(logps, mask)
-    kw = dict(beta=cfg.beta, aggregation=cfg.aggregation, max_completion_length=cfg.max_completion_length)
-    if cfg.objective == "gpg":
-        kw["valid_fraction"] = valid_fraction
-    else:
-        kw.update(eps_low=cfg.eps_low, eps_high=cfg.eps_high)
-    return losses.POLICY_LOSSES.get(cfg.objective)(logps, old_logps, ref_logps, advantages, mask, **kw)
+    """The configured objective (rl/losses.py POLICY_LOSSES: one signature for all)."""
+    return losses.POLICY_LOSSES.get(cfg.objective)(
+        logps, old_logps, ref_logps, advantages, mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta,
+        aggregation=cfg.aggregation, max_completion_length=cfg.max_completion_length, valid_fraction=valid_fraction)
 
 
 def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: StepConfig, state: TrainState,
-               batch: TrainBatch, old_logps: jax.Array | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One update. batch arrays are [M, n, ...] (pixel values [M, P, D]); old_logps [M, n, T] or None
-    (num_iterations == 1: old = stop_gradient(logps), so the ratio is 1)."""
+               batch: TrainBatch) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One update. batch arrays are [M, n, ...] (pixel values [M, P, D]).
+
+    Old log-probs (the ratio's denominator): cfg.old_logps == "batch" reads them from
+    batch.completions.logps (num_iterations > 1: computed once before the iterations, so iterations
+    2..N have ratio != 1 and the clip acts); "current" uses stop_gradient(logps) (one iteration:
+    ratio 1, the on-policy gradient)."""
     m, n = batch.rewards.shape
     g = cfg.group_size
     rewards = batch.rewards.reshape(-1)
-    if cfg.objective == "sft":
-        advantages = jnp.zeros_like(rewards)
-    else:
-        advantages = adv_lib.ADVANTAGES.get(cfg.advantage)(rewards, g)
-    invalid = adv_lib.invalid_group_mask(rewards, g) if cfg.objective != "sft" else jnp.zeros((m * n // g,), bool)
+    advantages = adv_lib.ADVANTAGES.get(cfg.advantage)(rewards, g)
+    invalid = adv_lib.invalid_group_mask(rewards, g)
     valid_fraction = 1.0 - jnp.mean(invalid.astype(jnp.float32))
     advantages = advantages.reshape(m, n)
 
     def micro(carry, xs):
         grad_acc, parts_acc, entropy_acc = carry
-        mb, adv_m, old_m = xs
+        mb, adv_m = xs
 
         ids, mask = mb.completions.ids, mb.completions.mask
         ref = None
-        if cfg.beta != 0 and cfg.objective != "sft":
+        if cfg.beta != 0:
             # Outside jax.grad: no gradient flows to the reference, and nnx.remat inside the grad trace
             # cannot update Variables merged from outer-trace state.
             ref_model = nnx.merge(graphdef, state.ref_params, state.frozen)
@@ -135,7 +124,7 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: St
         def numerator(params):
             model = nnx.merge(graphdef, params, state.frozen)
             logps, entropy = completion_logps(model, mb.prompt, ids, mask, cfg.temperature, cfg.logp_chunk, g)
-            old = jax.lax.stop_gradient(logps) if old_m is None else old_m
+            old = mb.completions.logps if cfg.old_logps == "batch" else jax.lax.stop_gradient(logps)
             parts = _loss_parts(cfg, logps, old, ref, adv_m, mask, valid_fraction)
             ent = jnp.sum(jax.lax.stop_gradient(entropy) * mask)
             return parts.numerator, (parts, ent)
@@ -150,7 +139,7 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: St
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, policy.grad_dtype), state.params)
     zero = jnp.zeros((), jnp.float32)
     parts0 = losses.LossParts(zero, zero, {k: zero for k in ("tokens", "kl", "ratio", "clip_low", "clip_high")})
-    xs = (batch, advantages, old_logps)
+    xs = (batch, advantages)
     (grads, parts, entropy), _ = jax.lax.scan(micro, (zeros, parts0, zero), xs)
     den = jnp.maximum(parts.denominator, 1e-8)
     grads = jax.tree.map(lambda x: (x / den).astype(x.dtype), grads)
@@ -163,22 +152,22 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: St
                "entropy": entropy / jnp.maximum(parts.metric_sums["tokens"], 1.0),
                "update_skipped": 1 - opt_state.last_finite.astype(jnp.int32),
                **losses.finalize_metrics(parts.metric_sums)}
-    if cfg.objective != "sft":
-        cats = batch.categories.reshape(-1)[::g]
-        bad, total = adv_lib.invalid_counts_by_category(invalid, jnp.maximum(cats, 0), cfg.num_categories)
-        metrics.update({"invalid_gradient_ratio": 1.0 - valid_fraction, "invalid_groups_by_category": bad,
-                        "groups_by_category": total, "advantage_abs_mean": jnp.mean(jnp.abs(advantages))})
+    cats = batch.categories.reshape(-1)[::g]
+    bad, total = adv_lib.invalid_counts_by_category(invalid, jnp.maximum(cats, 0), cfg.num_categories)
+    metrics.update({"invalid_gradient_ratio": 1.0 - valid_fraction, "invalid_groups_by_category": bad,
+                    "groups_by_category": total, "advantage_abs_mean": jnp.mean(jnp.abs(advantages))})
     return new_state, metrics
 
 
 def policy_logps(graphdef: nnx.GraphDef, state: TrainState, batch: TrainBatch, temperature: float,
                  chunk: int = 128, group_size: int = 1) -> jax.Array:
-    """[M, n, T] log-probs of the batch's completions under the current policy (old_logps for
-    num_iterations > 1)."""
+    """[M, n, T] log-probs of the batch's completions under the current policy (the old log-probs of
+    num_iterations > 1, computed once before the iterations; masked tokens 0)."""
 
     def one(mb):
         model = nnx.merge(graphdef, state.params, state.frozen)
-        return completion_logps(model, mb.prompt, mb.completions.ids, mb.completions.mask, temperature, chunk,
-                                group_size)[0]
+        logps = completion_logps(model, mb.prompt, mb.completions.ids, mb.completions.mask, temperature, chunk,
+                                 group_size)[0]
+        return logps * mb.completions.mask
 
     return jax.lax.map(one, batch)

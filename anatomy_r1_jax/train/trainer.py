@@ -19,11 +19,7 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from anatomy_r1_jax import sharding
@@ -34,14 +30,16 @@ from anatomy_r1_jax.methods.augmentation import GDQAState, assign_group_variants
 from anatomy_r1_jax.methods.curriculum import curriculum_order
 from anatomy_r1_jax.rl.batch import Completions, TrainBatch
 from anatomy_r1_jax.rl.rewards import compute_rewards
-from anatomy_r1_jax.rl.rollout import decode_completions, generate
+from anatomy_r1_jax.rl.rollout import decode_completions
 from anatomy_r1_jax.rl.sampling import sampling_config
 from anatomy_r1_jax.train import distributed, experiment
 from anatomy_r1_jax.train.checkpoint import Checkpointer
 from anatomy_r1_jax.train.metrics import MetricsWriter, plot_curves, read_metrics
-from anatomy_r1_jax.train.partitioning import place_state, put_batch, shard_rows, split_model
-from anatomy_r1_jax.train.precision import Precision, init_optimizer
-from anatomy_r1_jax.train.step import StepConfig, TrainState, make_optimizer, train_step
+from anatomy_r1_jax.train.compiled import Programs, run_iterations
+from anatomy_r1_jax.train.partitioning import put_batch, shard_rows, split_model
+from anatomy_r1_jax.train.precision import Precision
+from anatomy_r1_jax.train.schedules import phase_optimizers, phase_schedules
+from anatomy_r1_jax.train.step import StepConfig
 
 log = logging.getLogger(__name__)
 
@@ -51,18 +49,6 @@ CURVES = ("reward/total", "reward/format", "reward/accuracy", "eval/accuracy", "
 
 def _stack(items):
     return jax.tree.map(lambda *xs: np.stack(xs), *items)
-
-
-def _schedule(config) -> optax.Schedule:
-    """SFT warm-up (constant after warm-up) then GRPO (warm-up + cosine) on one step counter."""
-    s, o = config.sft, config.optim
-    grpo = optax.warmup_cosine_decay_schedule(0.0, o.lr, max(o.warmup_steps, 1),
-                                              max(config.train.steps, o.warmup_steps + 1), end_value=0.1 * o.lr)
-    if s.steps <= 0:
-        return grpo
-    sft = optax.join_schedules([optax.linear_schedule(0.0, s.lr, max(s.warmup_steps, 1)),
-                                optax.constant_schedule(s.lr)], [max(s.warmup_steps, 1)])
-    return optax.join_schedules([sft, grpo], [s.steps])
 
 
 class Trainer:
@@ -98,27 +84,20 @@ class Trainer:
         self.sampling = sampling_config(c, self.model_cfg, self.tokenizer, self.collator.pad_id)
         self.eos_id = self.sampling.eos_ids[0]
         self.greedy = dataclasses.replace(self.sampling, greedy=True)
-        self.accuracy_key = next((k for k in c.rl.rewards if k.startswith("accuracy")), "accuracy")
+        # The accuracy reward the run trains on (the first with a non-zero weight) is its reported accuracy.
+        self.accuracy_key = next((k for k, w in c.rl.rewards.items() if k.startswith("accuracy") and w), "accuracy")
         self.gdqa = GDQAState(trigger=c.gdqa.trigger, num_variants=c.gdqa.num_variants, kinds=tuple(c.gdqa.kinds))
 
         # State: trainable params (+ frozen rest), a frozen reference copy when beta > 0, AdamW (and
         # a float32 master copy of params when the precision policy keeps one).
+        # Each phase (warm-up, GRPO) has its own schedule and optimizer state (train/schedules.py).
         self.graphdef, params, frozen = split_model(model, c.model.freeze_vision)
-        params = place_state(params, self.mesh, self.rules)
-        frozen = place_state(frozen, self.mesh, self.rules)
-        self.tx = make_optimizer(_schedule(c), weight_decay=c.optim.weight_decay, grad_clip=c.optim.grad_clip,
-                                 b1=c.optim.b1, b2=c.optim.b2)
-        master, opt_state = jax.jit(functools.partial(init_optimizer, self.tx, self.precision))(params)
-        ref = jax.tree.map(jnp.copy, params) if c.rl.beta != 0 else None
-        state = TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen, ref_params=ref,
-                           opt_state=opt_state, master=master)
-        # The step counter and the optimizer's counters live on one device: replicate them on the mesh
-        # (the update's out_shardings must all span the mesh, and on several hosts they must be global).
-        replicated = NamedSharding(self.mesh, P())
-        state_sharding = jax.tree.map(lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else replicated,
-                                      state)
-        self.state = jax.device_put(state, state_sharding)
-        self._compile(state_sharding)
+        self.programs = Programs.create(self.graphdef, self.mesh, self.rules)
+        self.schedules, self.tx = phase_schedules(c), phase_optimizers(c)
+        first = "sft" if c.sft.steps > 0 else "grpo"
+        self.state = self.programs.init_state(self.tx[first], self.precision, params, frozen,
+                                              reference=c.rl.beta != 0)
+        self._compile()
 
         shards = self.shard.count
         for name, size, parts in (("train.batch_size", c.train.batch_size, c.train.micro_batches * shards),
@@ -143,23 +122,21 @@ class Trainer:
         self.ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=c.train.keep_checkpoints)
 
     # ---- compiled functions ------------------------------------------------------------------
-    def _compile(self, state_sharding):
-        c, g = self.config, self.graphdef
+    def _compile(self):
+        """The update of each phase, the old log-probs (num_iterations > 1) and the rollout, all
+        built by train/compiled.py (traced under the sharding rules, compiled once)."""
+        c = self.config
         common = dict(temperature=c.rl.temperature, logp_chunk=c.train.logp_chunk,
                       num_categories=max(1, len(self.data.categories)), precision=self.precision)
         grpo = StepConfig(objective=c.rl.loss, group_size=self.group_size, advantage=c.rl.advantage,
                           eps_low=c.rl.eps_low, eps_high=c.rl.eps_high, beta=c.rl.beta, aggregation=c.rl.aggregation,
-                          max_completion_length=c.rl.max_completion_length, **common)
-        sft = StepConfig(objective="sft", group_size=1, beta=0.0, **{**common, "temperature": 1.0})
-        step = lambda cfg: jax.jit(functools.partial(train_step, g, self.tx, cfg),  # noqa: E731
-                                   out_shardings=(state_sharding, None), donate_argnums=0)
-        self.grpo_step, self.sft_step = step(grpo), step(sft)
-
-        def rollout(params, frozen, batch, rng, cfg, group_size, prompts_per_group):
-            return generate(nnx.merge(g, params, frozen), batch, rng, cfg, group_size=group_size,
-                            prompts_per_group=prompts_per_group)
-
-        self.rollout = jax.jit(rollout, static_argnums=(4, 5, 6))
+                          max_completion_length=c.rl.max_completion_length,
+                          old_logps="batch" if c.rl.num_iterations > 1 else "current", **common)
+        sft = StepConfig(objective="sft", advantage="none", group_size=1, beta=0.0, **{**common, "temperature": 1.0})
+        self.grpo_step = self.programs.update(self.tx["grpo"], grpo, self.state)
+        self.sft_step = self.programs.update(self.tx["sft"], sft, self.state)
+        self.old_logps = self.programs.old_logps(grpo)
+        self.rollout = self.programs.rollout()
 
     # ---- host-side pieces -------------------------------------------------------------------
     def _place(self, batch, micro_axis=False):
@@ -326,8 +303,7 @@ class Trainer:
                                       categories=self.shard.block(self._categories(rows)),
                                       similarity=self.shard.block(similarity)))
         tb = self._place(_stack(batches), micro_axis=True)
-        for _ in range(c.rl.num_iterations):
-            self.state, metrics = self.grpo_step(self.state, tb)
+        self.state, metrics = run_iterations(self.grpo_step, self.old_logps, self.state, tb, c.rl.num_iterations)
         metrics = jax.device_get(metrics)
         tokens = sum(int(np.asarray(b[1].mask).sum()) for b in micro)
         out = {
@@ -397,15 +373,18 @@ class Trainer:
                    disable=writer is None)
         for step in bar:
             sft = step < c.sft.steps
-            if step == c.sft.steps and step > 0 and self.state.ref_params is not None:
-                # GRPO's reference policy is the policy it starts from: the warmed-up one.
-                self.state = self.state.replace(ref_params=jax.tree.map(jnp.copy, self.state.params))
+            if step == c.sft.steps and step > 0:
+                # GRPO's reference policy is the policy it starts from: the warmed-up one; its
+                # optimizer starts afresh (moments 0, its own schedule from its step 0).
+                self.state = self.programs.copy_params(self.state)
+                self.state = self.programs.reset_optimizer(self.tx["grpo"], self.precision, self.state)
             calibration = {}
             if (step == c.sft.steps and c.gdqa.calibration and self.gdqa.trigger == "adaptive"
                     and not self.gdqa.calibrated):
                 calibration = {"gdqa/calibration_hard": self.calibrate_gdqa()}
             out = self.sft_iteration(step) if sft else self.grpo_iteration(step)
             out.update(calibration)
+            out["lr"] = self.schedules["sft" if sft else "grpo"](step if sft else step - c.sft.steps)
             done = step + 1
             last = done == total
             due = (not sft and (done - c.sft.steps) % c.train.eval_every == 0) or last or (sft and done == c.sft.steps)
@@ -414,7 +393,8 @@ class Trainer:
             out = {k: float(v) for k, v in out.items()}
             out = {"phase": 0.0 if sft else 1.0, **out}
             rows.append({"step": done, **out})
-            if writer is not None:
+            logged = done % c.train.log_every == 0 or due or calibration or last
+            if writer is not None and logged:
                 writer.write(done, out)
             bar.set_postfix({k: f"{out[k]:.3f}" for k in ("sft/loss", "reward/total", "eval/accuracy") if k in out})
             if done % c.train.checkpoint_every == 0 or last:

@@ -1,0 +1,159 @@
+"""Where the compiled functions are built: the update, the old log-probs, the rollout and answering.
+
+Every function here is traced inside `sharding.use_rules(mesh, rules)` (the context is entered in
+the traced body, so whenever jax traces it, the models' activation constraints are active) and
+compiled with the train state's shardings as in- and outputs:
+
+    state shardings   params / frozen / reference / master: each Variable's logical axes -> rules;
+                      AdamW moments: their parameter's; step and optimizer counters: replicated
+    update            (state, batch [M, n, ...]) -> (state, metrics)   donated state, metrics replicated
+    old log-probs     (state, batch) -> [M, n, T]                       (num_iterations > 1)
+    rollout           (params, frozen, prompts, rng, sampling, G, S) -> Completions
+    generate          (params, frozen, prompts, rng) -> Completions    (one sampling config; evaluation)
+
+The trainer, the evaluator, the benchmarks and the tests build their programs here, so a test of
+the sharded update tests the program training runs. Batches are placed by
+`partitioning.put_batch` (rows on the mesh axes of the logical `batch` axis) before the call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from anatomy_r1_jax import sharding
+from anatomy_r1_jax.rl.batch import TrainBatch
+from anatomy_r1_jax.rl.rollout import generate
+from anatomy_r1_jax.rl.sampling import SamplingConfig
+from anatomy_r1_jax.train.partitioning import place_state
+from anatomy_r1_jax.train.precision import Precision, init_optimizer
+from anatomy_r1_jax.train.step import StepConfig, TrainState, policy_logps, train_step
+
+
+def _traced_under_rules(fn: Callable, mesh, rules) -> Callable:
+    """`fn` whose body runs inside `use_rules(mesh, rules)` (active at trace time, wherever jit traces)."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with sharding.use_rules(mesh, rules):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+@dataclasses.dataclass(frozen=True)
+class Programs:
+    """The compiled functions of one model (graphdef) on one mesh under one set of logical rules."""
+
+    graphdef: nnx.GraphDef
+    mesh: jax.sharding.Mesh
+    rules: tuple
+
+    @classmethod
+    def create(cls, graphdef, mesh, rules) -> "Programs":
+        return cls(graphdef, mesh, tuple(tuple(r) for r in rules))
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P())
+
+    # ---- the train state ----------------------------------------------------------------------
+    def init_state(self, tx: optax.GradientTransformation, precision: Precision, params, frozen, *,
+                   reference: bool) -> TrainState:
+        """The initial TrainState, every leaf placed: params / frozen on their rules' shardings, a
+        reference copy (when `reference`), the master copy and AdamW moments on their parameter's
+        sharding, step and counters replicated int32. The update's outputs have exactly these
+        shardings and types, so it compiles once."""
+        params, frozen = place_state(params, self.mesh, self.rules), place_state(frozen, self.mesh, self.rules)
+        master, opt_state = self.init_optimizer(tx, precision, params)
+        ref = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=_shardings(params))(params) if reference \
+            else None
+        step = jax.device_put(jnp.zeros((), jnp.int32), self.replicated)
+        return TrainState(step=step, params=params, frozen=frozen, ref_params=ref, opt_state=opt_state, master=master)
+
+    def init_optimizer(self, tx: optax.GradientTransformation, precision: Precision, params):
+        """(master, opt_state) of placed `params` (precision.init_optimizer), placed: moments and the
+        master copy like their parameter, everything else replicated."""
+        init = functools.partial(init_optimizer, tx, precision)
+        abstract_master, abstract_opt = jax.eval_shape(init, params)
+        param_sh = _shardings(params)
+        master_sh = None if abstract_master is None else param_sh
+        opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_sh,
+                                       transform_non_params=lambda _: self.replicated)
+        return jax.jit(init, out_shardings=(master_sh, opt_sh))(params)
+
+    def reset_optimizer(self, tx: optax.GradientTransformation, precision: Precision, state: TrainState) -> TrainState:
+        """`state` with a fresh optimizer (moments 0, schedule count 0) for the next phase; the
+        master copy restarts from the current weights."""
+        master, opt_state = self.init_optimizer(tx, precision, state.params)
+        return state.replace(master=master, opt_state=opt_state)
+
+    def copy_params(self, state: TrainState) -> TrainState:
+        """`state` whose reference policy is a copy of its current params (no-op without one)."""
+        if state.ref_params is None:
+            return state
+        ref = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=_shardings(state.params))(state.params)
+        return state.replace(ref_params=ref)
+
+    # ---- the update ---------------------------------------------------------------------------
+    def update(self, tx: optax.GradientTransformation, cfg: StepConfig, state: TrainState):
+        """Jitted `(state, batch) -> (state, metrics)` (train/step.py train_step), the state donated
+        and kept on `state`'s shardings, metrics replicated."""
+        state_sh = _shardings(state)
+        step = _traced_under_rules(functools.partial(train_step, self.graphdef, tx, cfg), self.mesh, self.rules)
+        return jax.jit(step, in_shardings=(state_sh, None), out_shardings=(state_sh, self.replicated),
+                       donate_argnums=0)
+
+    def old_logps(self, cfg: StepConfig):
+        """Jitted `(state, batch) -> [M, n, T]`: the batch's completion log-probs under the current
+        policy at cfg.temperature (step.policy_logps), rows sharded like the batch."""
+        fn = lambda state, batch: policy_logps(self.graphdef, state, batch, cfg.temperature,  # noqa: E731
+                                               cfg.logp_chunk, cfg.group_size)
+        return jax.jit(_traced_under_rules(fn, self.mesh, self.rules))
+
+    # ---- generation ---------------------------------------------------------------------------
+    def rollout(self, cache_dtype=jnp.float32):
+        """Jitted `(params, frozen, prompts, rng, sampling, group_size, prompts_per_group) ->
+        Completions` (rl/rollout.py generate, its KV cache in `cache_dtype`; the last three static)."""
+
+        def run(params, frozen, batch, rng, cfg, group_size, prompts_per_group):
+            return generate(nnx.merge(self.graphdef, params, frozen), batch, rng, cfg, cache_dtype=cache_dtype,
+                            group_size=group_size, prompts_per_group=prompts_per_group)
+
+        return jax.jit(_traced_under_rules(run, self.mesh, self.rules), static_argnums=(4, 5, 6))
+
+    def generate(self, cfg: SamplingConfig, on_trace: Callable[[], None] | None = None):
+        """Jitted `(params, frozen, prompts, rng) -> Completions` for one sampling config, one row
+        per prompt (what evaluation answers with); `on_trace` is called each time it is traced."""
+
+        def run(params, frozen, batch, rng):
+            if on_trace is not None:
+                on_trace()
+            return generate(nnx.merge(self.graphdef, params, frozen), batch, rng, cfg)
+
+        return jax.jit(_traced_under_rules(run, self.mesh, self.rules))
+
+
+def _shardings(tree):
+    return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def run_iterations(update, old_logps, state: TrainState, batch: TrainBatch, num_iterations: int):
+    """`num_iterations` PPO-style epochs of `update` over one rollout's batch. With more than one,
+    the old log-probs are computed once, before the first (`old_logps(state, batch)`), and carried in
+    batch.completions.logps, so the importance ratio of iterations 2..N is pi_now / pi_rollout and
+    the clip acts (the update must be built with StepConfig(old_logps="batch")). Returns the state
+    and the last iteration's metrics."""
+    if num_iterations > 1:
+        batch = batch.replace(completions=batch.completions.replace(logps=old_logps(state, batch)))
+    metrics = None
+    for _ in range(num_iterations):
+        state, metrics = update(state, batch)
+    return state, metrics
