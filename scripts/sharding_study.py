@@ -2,7 +2,8 @@
 
     python scripts/sharding_study.py [--devices 8] [--strategy data --strategy fsdp ...]
         [--config configs/default.py] [--measure-size small] [--reps 3]
-        [--presets qwen2_5_vl_3b,qwen2_5_vl_7b] [--compile-presets] [--skip-measured]
+        [--presets qwen2_5_vl_3b,qwen2_5_vl_7b] [--compile-presets fsdp,...] [--programs update,rollout]
+        [--preset-shape paper|old|Q,G,S,M,Lp,T,HxW] [--attention chunked] [--remat full] [--skip-measured]
 
 A strategy is a (mesh, rules) pair of data (STRATEGIES below); `--config FILE` adds the `mesh` and
 `sharding_rules` of a config file's `get_config()` as one more. Two parts:
@@ -14,8 +15,9 @@ A strategy is a (mesh, rules) pair of data (STRATEGIES below); `--config FILE` a
    strategies interleaved). The loss column must agree across strategies.
 2. Abstract, for real shapes (no weights): per-device bytes of params (bf16), grads (bf16), AdamW
    moments (fp32) and the GRPO reference copy (bf16) from each parameter's sharding, against one
-   80 GB GPU, 8 of them, and a TPU v5e-8 (16 GB per chip). With `--compile-presets` the update is
-   also compiled on ShapeDtypeStructs (remat, bf16 compute) and its memory_analysis() reported.
+   80 GB GPU, 8 of them, and a TPU v5e-8 (16 GB per chip). With `--compile-presets STRATEGIES` the
+   update and the rollout are compiled on ShapeDtypeStructs (scanned layers, remat, per-frame vision,
+   prefix sharing at `--preset-shape`): lowering / compile seconds and memory_analysis() per device.
 """
 
 from __future__ import annotations
