@@ -36,9 +36,7 @@ require_torch()  # one line naming a missing package
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from flax import nnx  # noqa: E402
 
 from anatomy_r1_jax import sharding  # noqa: E402
 from anatomy_r1_jax.perf import profile, report, workloads  # noqa: E402

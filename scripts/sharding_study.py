@@ -2,7 +2,8 @@
 
     python scripts/sharding_study.py [--devices 8] [--strategy data --strategy fsdp ...]
         [--config configs/default.py] [--measure-size small] [--reps 3]
-        [--presets qwen2_5_vl_3b,qwen2_5_vl_7b] [--compile-presets] [--skip-measured]
+        [--presets qwen2_5_vl_3b,qwen2_5_vl_7b] [--compile-presets fsdp,...] [--programs update,rollout]
+        [--preset-shape paper|old|Q,G,S,M,Lp,T,HxW] [--attention chunked] [--remat full] [--skip-measured]
 
 A strategy is a (mesh, rules) pair of data (STRATEGIES below); `--config FILE` adds the `mesh` and
 `sharding_rules` of a config file's `get_config()` as one more. Two parts:
@@ -14,16 +15,19 @@ A strategy is a (mesh, rules) pair of data (STRATEGIES below); `--config FILE` a
    strategies interleaved). The loss column must agree across strategies.
 2. Abstract, for real shapes (no weights): per-device bytes of params (bf16), grads (bf16), AdamW
    moments (fp32) and the GRPO reference copy (bf16) from each parameter's sharding, against one
-   80 GB GPU, 8 of them, and a TPU v5e-8 (16 GB per chip). With `--compile-presets` the update is
-   also compiled on ShapeDtypeStructs (remat, bf16 compute) and its memory_analysis() reported.
+   80 GB GPU, 8 of them, and a TPU v5e-8 (16 GB per chip). With `--compile-presets STRATEGIES` the
+   update and the rollout are compiled on ShapeDtypeStructs (scanned layers, remat, per-frame vision,
+   prefix sharing at `--preset-shape`): lowering / compile seconds and memory_analysis() per device.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
 
@@ -35,16 +39,24 @@ DEFAULT_RULES = [("batch", ("data", "fsdp")), ("embed", "fsdp"), ("vision_embed"
                  ("vision_mlp", "tensor"), ("heads", "tensor"), ("vision_heads", "tensor"), ("kv_heads", "tensor"),
                  ("vocab", "tensor")]
 TENSOR_RULES = [r for r in DEFAULT_RULES if r[1] == "tensor"]
+FSDP_RULES = [("batch", "fsdp"), ("embed", "fsdp"), ("vision_embed", "fsdp")]
 
 # name -> (mesh, logical rules); -1 takes the remaining devices.
 STRATEGIES = {
     "single": ([("data", 1)], DEFAULT_RULES),
     "data": ([("data", -1)], [("batch", "data")]),
-    "fsdp": ([("fsdp", -1)], [("batch", "fsdp"), ("embed", "fsdp"), ("vision_embed", "fsdp")]),
+    "fsdp": ([("fsdp", -1)], FSDP_RULES),
     "tensor": ([("tensor", -1)], TENSOR_RULES),
     "mixed": ([("data", -1), ("fsdp", 2), ("tensor", 2)], DEFAULT_RULES),
+    "fsdp_tensor": ([("fsdp", -1), ("tensor", 2)], FSDP_RULES + TENSOR_RULES),
+    "data_fsdp": ([("data", 2), ("fsdp", -1)], [("batch", ("data", "fsdp"))] + FSDP_RULES[1:]),
 }
 DEFAULT_STRATEGIES = ("single", "data", "fsdp", "tensor", "mixed")
+# old: the first study's batch (8 micro-batches of one query's 8 rows, a prompt row per completion;
+# its "2048 patches" made a 44 x 46 = 2024-patch grid). paper: configs/ssg_vqa.py (480x854 frames ->
+# 34 x 60 = 2040 patches, prompt_length 1024, micro_batches 4), prefix sharing as the trainer runs it.
+PRESET_SHAPES = {"old": "8,8,8,8,768,512,44x46", "paper": "8,8,1,4,1024,512,34x60"}
+PROGRAMS = ("update", "rollout")
 GB = 1e9  # accelerator capacities are quoted in decimal gigabytes
 CAPACITIES = {"80 GB GPU": 80 * GB, "v5e chip (16 GB)": 16 * GB}
 
@@ -59,9 +71,15 @@ def parse_args(argv=None):
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--presets", default="qwen2_5_vl_3b,qwen2_5_vl_7b")
     parser.add_argument("--compile-presets", default="",
-                        help="comma-separated strategies whose real-size update is compiled abstractly (slow)")
-    parser.add_argument("--preset-batch", default="8,8,768,512,2048",
-                        help="rows per micro-batch, micro-batches, prompt length, completion length, patches/query")
+                        help="comma-separated strategies whose real-size programs are compiled abstractly (slow)")
+    parser.add_argument("--programs", default="update,rollout", help=f"programs to compile, of {PROGRAMS}")
+    parser.add_argument("--preset-shape", default="paper",
+                        help=f"`Q,G,S,M,Lp,T,HxW` (PresetShape) or a name of {sorted(PRESET_SHAPES)}")
+    parser.add_argument("--attention", default="chunked",
+                        help="model.attention of the compiled models (the study's CPU default: chunked, what "
+                             "`auto` does not pick on CPU; use `auto` on an accelerator)")
+    parser.add_argument("--remat", default="full", help="model.remat of the compiled models")
+    parser.add_argument("--no-scan", dest="scan_layers", action="store_false", help="layers as a Python loop")
     parser.add_argument("--skip-measured", action="store_true")
     return parser.parse_args(argv)
 
@@ -75,6 +93,8 @@ if ARGS is not None:
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from anatomy_r1_jax import sharding  # noqa: E402
 from anatomy_r1_jax.models import QwenVL, QwenVLConfig  # noqa: E402
@@ -82,6 +102,7 @@ from anatomy_r1_jax.models.presets import preset_hf_config  # noqa: E402
 from anatomy_r1_jax.perf import abstract, hlo, report, workloads  # noqa: E402
 from anatomy_r1_jax.perf.memory import bytes_per_device, compiled_memory  # noqa: E402
 from anatomy_r1_jax.perf.timing import time_interleaved  # noqa: E402
+from anatomy_r1_jax.rl.sampling import SamplingConfig  # noqa: E402
 from anatomy_r1_jax.train.compiled import Programs  # noqa: E402
 from anatomy_r1_jax.train.partitioning import put_batch, split_model  # noqa: E402
 from anatomy_r1_jax.train.precision import BF16  # noqa: E402
@@ -122,7 +143,7 @@ def measured(strategies: dict, devices: int, size: str, case: str, reps: int) ->
     queries, group, lp, t = map(int, case.split(","))
     config = workloads.size_config(size)
     cfg = QwenVLConfig.from_hf(config)
-    model = QwenVL(cfg, rngs=__import__("flax").nnx.Rngs(0))
+    model = QwenVL(cfg, rngs=nnx.Rngs(0))
     prompts, _ = workloads.image_prompts(cfg, queries=queries, group=group, prompt_length=lp)
     batch_np = workloads.train_batch(prompts, workloads.random_completions(cfg, queries * group, t))
     tx = make_optimizer(1e-5, grad_clip=1.0, b2=0.99)
@@ -166,61 +187,109 @@ def measured(strategies: dict, devices: int, size: str, case: str, reps: int) ->
 
 
 # ---- 2. abstract, real shapes ----------------------------------------------------------------------
-def preset_batch(cfg: QwenVLConfig, spec: str):
-    """(NumPy TrainBatch for one micro-batch, micro-batch count) of the preset study's shape."""
-    rows, micro, lp, t, patches = map(int, spec.split(","))
-    side = int(np.sqrt(patches))
-    side -= side % 2
-    grid = (1, side, patches // side - (patches // side) % 2)
-    prompts, _ = workloads.image_prompts(cfg, queries=1, group=rows, prompt_length=lp, grid=grid)
-    return workloads.train_batch(prompts, workloads.random_completions(cfg, rows, t)), micro
+@dataclasses.dataclass(frozen=True)
+class PresetShape:
+    """A step's shape for the compiled study: Q queries x G completions, S prompt rows per group
+    (prefix sharing: 1; G = one prompt row per completion), M micro-batches of Q / M queries, prompt
+    length Lp, T completion tokens, one image of grid h x w patches per query."""
+
+    queries: int
+    group: int
+    prompts_per_group: int
+    micro_batches: int
+    prompt_length: int
+    completion_length: int
+    grid: tuple[int, int]
+
+    @classmethod
+    def parse(cls, text: str) -> "PresetShape":
+        """`old`, `paper`, or `Q,G,S,M,Lp,T,HxW`."""
+        text = PRESET_SHAPES.get(text, text)
+        *numbers, grid = text.split(",")
+        return cls(*map(int, numbers), tuple(map(int, grid.split("x"))))
+
+    def __str__(self) -> str:
+        return (f"{self.queries} queries x G {self.group}, S={self.prompts_per_group}, {self.micro_batches} "
+                f"micro-batches, prompt {self.prompt_length}, completion {self.completion_length}, image "
+                f"{self.grid[0]}x{self.grid[1]} patches")
 
 
-def stacked(batch, micro: int):
-    return jax.tree.map(lambda x: np.broadcast_to(x, (micro,) + x.shape[1:]), batch)
 
 
-def preset_rows(name: str, strategies: dict, devices: int, compile_step: tuple, batch_spec: str):
+def preset_batch(cfg: QwenVLConfig, shape: PresetShape):
+    """NumPy TrainBatch [M, ...] of one micro-batch broadcast M times: Q / M queries, S prompt rows
+    per group (frame budget = the image's patches, as the collator gives it), Q / M * G completions."""
+    q = shape.queries // shape.micro_batches
+    prompts, _ = workloads.image_prompts(cfg, queries=q, group=shape.prompts_per_group,
+                                         prompt_length=shape.prompt_length, grid=(1, *shape.grid))
+    batch = workloads.train_batch(prompts, workloads.random_completions(cfg, q * shape.group,
+                                                                         shape.completion_length))
+    return jax.tree.map(lambda x: np.broadcast_to(x, (shape.micro_batches,) + x.shape[1:]), batch)
+
+
+def analytic_rows(name: str, strategies: dict, devices: int):
     cfg = QwenVLConfig.from_hf(preset_hf_config(name))
-    tx = make_optimizer(1e-5, grad_clip=1.0, b2=0.99)
-    batch_np, micro = preset_batch(cfg, batch_spec) if compile_step else (None, 0)
     rows = []
     for sname, (axes, rules) in strategies.items():
         mesh = build_mesh(axes, devices)
-        graphdef, params, frozen = abstract.abstract_params(cfg, mesh, rules)
+        _, params, frozen = abstract.abstract_params(cfg, mesh, rules)
         fp = abstract.state_footprint(params)
         frozen_bytes = bytes_per_device(frozen)
         row = [name, sname, mesh_text(mesh), fp.params / GB, fp.grads / GB, fp.moments / GB, fp.reference / GB,
                fp.total / GB]
-        row += ["yes" if fp.total + frozen_bytes < cap else "no" for cap in CAPACITIES.values()]
-        if compile_step and sname in compile_step:
-            mem = compile_preset(cfg, mesh, rules, tx, batch_np, micro)
-            row += [f"{mem.argument / GB:.1f}", f"{mem.temp / GB:.1f}", f"{mem.peak / GB:.1f}"]
-        elif compile_step:
-            row += ["-"] * 3
-        rows.append(row)
+        rows.append(row + ["yes" if fp.total + frozen_bytes < cap else "no" for cap in CAPACITIES.values()])
     return rows
 
 
-def compile_preset(cfg, mesh, rules, tx, batch_np, micro):
-    """CompiledMemory (per device) of the update compiled on ShapeDtypeStructs (bf16 params, fp32 moments)."""
+def lower_update(cfg, mesh, rules, shape: PresetShape, model_kw: dict):
+    """The GRPO update (train/step.py) lowered on ShapeDtypeStructs: bf16 params and compute, bf16
+    grads, fp32 AdamW moments, the reference copy, the vision tower trainable."""
+    tx = make_optimizer(1e-5, grad_clip=1.0, b2=0.99)
     with sharding.use_rules(mesh, rules):
-        graphdef, state = abstract.abstract_train_state(cfg, mesh, rules, tx, moment_dtype=jnp.float32)
-        batch = abstract.abstract_batch(stacked(batch_np, micro), mesh, rules)
-        step_cfg = StepConfig(group_size=batch_np.rewards.shape[1], beta=0.04, temperature=0.9, logp_chunk=128,
-                              precision=BF16)
-    step = Programs.create(graphdef, mesh, rules).update(tx, step_cfg, state)
-    return compiled_memory(step.lower(state, batch).compile())
+        graphdef, state = abstract.abstract_train_state(cfg, mesh, rules, tx, moment_dtype=jnp.float32, **model_kw)
+        batch = abstract.abstract_batch(preset_batch(cfg, shape), mesh, rules)
+        step_cfg = StepConfig(group_size=shape.group, beta=0.04, temperature=0.9, logp_chunk=128, precision=BF16,
+                              max_completion_length=shape.completion_length)
+    return Programs.create(graphdef, mesh, rules).update(tx, step_cfg, state).lower(state, batch)
 
 
-def presets_table(names, strategies, devices, compile_step, batch_spec) -> str:
-    header = ["model", "strategy", "mesh", "params GB/dev (bf16)", "grads GB/dev (bf16)",
-              "AdamW moments GB/dev (fp32)", "reference GB/dev (bf16)", "state total GB/dev",
-              *(f"fits {k}" for k in CAPACITIES)]
-    if compile_step:
-        header += ["compiled arguments GB/dev", "compiled temporaries GB/dev", "compiled peak GB/dev"]
-    rows = [r for name in names for r in preset_rows(name, strategies, devices, compile_step, batch_spec)]
-    return report.markdown_table(header, rows)
+def lower_rollout(cfg, mesh, rules, shape: PresetShape, model_kw: dict):
+    """One micro-batch's rollout as the trainer jits it (rl/rollout.generate: shared prefill of the
+    S prompt rows per group, KV cache expanded to G rows, T decode steps), on ShapeDtypeStructs."""
+    with sharding.use_rules(mesh, rules):
+        graphdef, params, frozen = abstract.abstract_params(cfg, mesh, rules, **model_kw)
+        prompt = jax.tree.map(lambda x: x[0], preset_batch(cfg, shape).prompt)
+        prompt = abstract.abstract_batch(prompt, mesh, rules, micro_axis=False)
+        key = jax.eval_shape(lambda: jax.random.key(0))
+        key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, P()))
+        sampling = SamplingConfig(max_new_tokens=shape.completion_length, eos_ids=(cfg.vocab_size - 1,))
+    return Programs.create(graphdef, mesh, rules).rollout().lower(params, frozen, prompt, key, sampling, shape.group,
+                                                                  shape.prompts_per_group)
+
+
+LOWER = {"update": lower_update, "rollout": lower_rollout}
+
+
+def compiled_rows(names, strategies, devices, shape: PresetShape, programs, model_kw: dict):
+    """One row per (model, strategy, program): lowering and compile seconds, per-device compiled
+    memory. Printed as each compile ends (a long study keeps what it finished)."""
+    for name in names:
+        cfg = QwenVLConfig.from_hf(preset_hf_config(name))
+        for sname, (axes, rules) in strategies.items():
+            mesh = build_mesh(axes, devices)
+            for program in programs:
+                t0 = time.perf_counter()
+                lowered = LOWER[program](cfg, mesh, rules, shape, model_kw)
+                t1 = time.perf_counter()
+                mem = compiled_memory(lowered.compile())
+                t2 = time.perf_counter()
+                row = [name, sname, mesh_text(mesh), program, f"{t1 - t0:.0f}", f"{t2 - t1:.0f}",
+                       f"{mem.argument / GB:.1f}", f"{mem.temp / GB:.1f}", f"{mem.peak / GB:.1f}"]
+                print("| " + " | ".join(map(str, row)) + " |", flush=True)
+
+
+COMPILED_HEADER = ["model", "strategy", "mesh", "program", "lower s", "compile s", "arguments GB/dev",
+                   "temporaries GB/dev", "peak GB/dev"]
 
 
 def main(args):
@@ -241,14 +310,22 @@ def main(args):
     if names:
         print("Analytic per-device state (no activations): params and grads bf16, AdamW moments fp32, reference "
               "copy bf16 (GRPO beta > 0), from each parameter's sharding under the strategy; the vision tower "
-              "trainable. `fits` compares the state total (+ any frozen part) with one device's memory.")
-        if args.compile_presets:
-            print(f"Compiled: the update lowered on ShapeDtypeStructs (remat, bf16 compute, fp32 moments) for "
-                  f"micro-batch rows, micro-batches, prompt, completion, patches = {args.preset_batch}; peak = "
-                  "arguments + outputs + temporaries - aliased, from XLA:CPU's buffer assignment.")
-        print()
-        compiled = tuple(n for n in args.compile_presets.split(",") if n)
-        print(presets_table(names, strategies, args.devices, compiled, args.preset_batch))
+              "trainable. `fits` compares the state total (+ any frozen part) with one device's memory.\n")
+        header = ["model", "strategy", "mesh", "params GB/dev (bf16)", "grads GB/dev (bf16)",
+                  "AdamW moments GB/dev (fp32)", "reference GB/dev (bf16)", "state total GB/dev",
+                  *(f"fits {k}" for k in CAPACITIES)]
+        print(report.markdown_table(header, [r for n in names for r in analytic_rows(n, strategies, args.devices)]))
+    compiled = [n for n in args.compile_presets.split(",") if n]
+    if names and compiled:
+        shape = PresetShape.parse(args.preset_shape)
+        model_kw = dict(remat=args.remat, attention=args.attention, scan_layers=args.scan_layers)
+        print(f"\nCompiled on ShapeDtypeStructs (bf16 params and compute, bf16 grads, fp32 AdamW moments, reference "
+              f"copy, vision trainable; model {model_kw}): {shape}. Update: the whole step (M micro-batches); "
+              "rollout: one micro-batch's generate. Memory per device from XLA:CPU's buffer assignment; peak = "
+              "arguments + outputs + temporaries - aliased.\n")
+        print("| " + " | ".join(COMPILED_HEADER) + " |\n|" + "---|" * len(COMPILED_HEADER), flush=True)
+        compiled_rows(names, {k: strategies.get(k) or STRATEGIES[k] for k in compiled}, args.devices, shape,
+                      [p for p in args.programs.split(",") if p], model_kw)
     print("\nLoad average at the end: {:.1f} / {:.1f} / {:.1f}".format(*os.getloadavg()))
 
 

@@ -87,3 +87,27 @@ def test_abstract_update_compiles_with_memory_analysis():
     moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim]
     assert moments and all(x.dtype == np.float32 for x in moments)
     assert hlo.total(hlo.collective_stats(compiled.as_text()))[0] > 0
+
+
+def test_sharding_study_programs_share_prefixes_and_budget_frames():
+    """The real-shape study's batches and rollout: S prompt rows per group, the frame budget of one
+    query's image, the rollout lowered abstractly from Q * S prompt rows to Q * G completions."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import sharding_study as study
+
+    paper = study.PresetShape.parse("paper")
+    assert (paper.prompts_per_group, paper.grid) == (1, (34, 60)) and paper.grid[0] * paper.grid[1] == 2040
+    cfg = QwenVLConfig.from_hf(workloads.size_config("tiny", family="qwen2_5_vl"))
+    shape = study.PresetShape.parse("4,4,1,2,48,8,4x8")  # 2 micro-batches of 2 queries, S = 1
+    batch = study.preset_batch(cfg, shape)
+    assert batch.prompt.input_ids.shape == (2, 2, 48) and batch.completions.ids.shape == (2, 8, 8)
+    assert batch.prompt.pixel_values.shape[1] == 2 * 32 and batch.prompt.vision.frame_rows.index.shape[1:] == (2, 32)
+    mesh = study.build_mesh([("fsdp", -1)], 2)
+    kw = dict(remat="full", attention="chunked", scan_layers=True)
+    for s in (1, 4):
+        lowered = study.lower_rollout(cfg, mesh, study.FSDP_RULES, study.PresetShape.parse(f"4,4,{s},2,48,8,4x8"), kw)
+        assert lowered.args_info[0][2].input_ids.shape == (2 * s, 48)
+        assert lowered.out_info.ids.shape == (8, 8)
