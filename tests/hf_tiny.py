@@ -78,3 +78,13 @@ def multimodal_batch(config: dict, *, grids=((1, 6, 8), (1, 4, 6)), text_lengths
 
 def torch_inputs(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()}
+
+
+def hf_image_logits(hf, ids: np.ndarray, pixel_values: np.ndarray, grid_thw: np.ndarray) -> np.ndarray:
+    """transformers' logits [B, L, V] for unpadded image prompts `ids [B, L]` (mm_token_type_ids
+    marks the image placeholders)."""
+    ids_t = torch.from_numpy(ids)
+    mm = torch.from_numpy((ids == hf.config.image_token_id).astype(np.int64))
+    with torch.no_grad():
+        return hf(input_ids=ids_t, attention_mask=torch.ones_like(ids_t), pixel_values=torch.from_numpy(pixel_values),
+                  image_grid_thw=torch.from_numpy(grid_thw), mm_token_type_ids=mm).logits.numpy()

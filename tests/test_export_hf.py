@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from safetensors.numpy import load_file
 
 from anatomy_r1_jax.data import chat_messages, read_records
 from anatomy_r1_jax.data.collate import IMAGE_PAD, BatchShape, Collator, preprocess_images
@@ -29,6 +28,7 @@ from anatomy_r1_jax.evaluation.run_config import config_for_checkpoints
 from anatomy_r1_jax.train import experiment
 from anatomy_r1_jax.train.checkpoint import Checkpointer
 from anatomy_r1_jax.train.step import TrainState, make_optimizer
+from hf_tiny import hf_image_logits
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-4
@@ -140,11 +140,7 @@ def test_transformers_loads_the_export_with_the_same_logits(exported):
     params, frozen = restore_model_state(setup, str(exported["run"] / "checkpoints" / "12"))
     model = nnx.merge(setup.graphdef, params, frozen)
     ours = np.asarray(model(ids, np.ones_like(ids), feats.pixel_values, feats.grid_thw))
-    mm = (ids == hf.config.image_token_id).astype(np.int64)
-    with torch.no_grad():
-        ref = hf(input_ids=torch.from_numpy(ids), attention_mask=torch.ones_like(torch.from_numpy(ids)),
-                 pixel_values=torch.from_numpy(feats.pixel_values), image_grid_thw=torch.from_numpy(feats.grid_thw),
-                 mm_token_type_ids=torch.from_numpy(mm)).logits.numpy()
+    ref = hf_image_logits(hf, ids, feats.pixel_values, feats.grid_thw)
     assert np.abs(ref).max() > 1.0, "weights too small to exercise the layers"
     diff = float(np.abs(ours - ref).max())
     assert diff <= TOL, f"max |logits diff| {diff:.3g}"

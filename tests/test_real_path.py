@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from anatomy_r1_jax.train import experiment
-from hf_tiny import HF_CLASSES, widen_
+from hf_tiny import HF_CLASSES, hf_image_logits, widen_
 
 ROOT = Path(__file__).resolve().parents[1]
 RELEASED = Path("/work/shared/data/anatomy_r1/GRPO.json")
@@ -141,11 +141,7 @@ def test_train_resume_evaluate_export_on_the_real_path(user):
     ours = load_pretrained(export)
     ids = np.asarray([Collator(tokenizer, ours.config, BatchShape(1024, 8, 2040)).prompt_ids(record, feats.grid_thw)])
     logits = np.asarray(ours(ids, np.ones_like(ids), feats.pixel_values, feats.grid_thw))
-    mm = (ids == hf.config.image_token_id).astype(np.int64)
-    with torch.no_grad():
-        ref = hf(input_ids=torch.from_numpy(ids), attention_mask=torch.ones_like(torch.from_numpy(ids)),
-                 pixel_values=torch.from_numpy(feats.pixel_values), image_grid_thw=torch.from_numpy(feats.grid_thw),
-                 mm_token_type_ids=torch.from_numpy(mm)).logits.numpy()
+    ref = hf_image_logits(hf, ids, feats.pixel_values, feats.grid_thw)
     assert np.abs(ref).max() > 1.0
     diff = float(np.abs(logits - ref).max())
     assert diff <= 1e-4, f"max |logits diff| {diff:.3g}"

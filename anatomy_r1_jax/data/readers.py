@@ -355,23 +355,25 @@ def read_records(
         records.append(record)
     if skipped:
         report = Path(report_path) if report_path is not None else default_report_path(path)
-        report.parent.mkdir(parents=True, exist_ok=True)
-        with open(report, "w", encoding="utf-8") as handle:
-            for entry in skipped:
-                handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        write_jsonl(skipped, report)
         logger.warning("%s: skipped %d of %d records; reasons in %s", path, len(skipped), len(items), report)
     logger.info("%s: read %d %s records", path, len(records), fmt)
     return records
 
 
-def write_records(records: list[Record], path: str | os.PathLike) -> Path:
-    """Write Records as the project's JSONL (one Record.to_json per line, UTF-8)."""
+def write_jsonl(rows, path: str | os.PathLike) -> Path:
+    """Write JSON objects one per line (UTF-8), creating the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record.to_json(), ensure_ascii=False) + "\n")
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
     return path
+
+
+def write_records(records: list[Record], path: str | os.PathLike) -> Path:
+    """Write Records as the project's JSONL (one Record.to_json per line, UTF-8)."""
+    return write_jsonl((record.to_json() for record in records), path)
 
 
 def write_class_similarity(path: str | os.PathLike, classes: list[str], matrix, note: str = "") -> Path:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import json
 import logging
 import os
 from pathlib import Path
@@ -39,7 +38,7 @@ from PIL import Image
 
 from anatomy_r1_jax.data import prompts
 from anatomy_r1_jax.data.collate import prompt_ids, prompt_text
-from anatomy_r1_jax.data.readers import DataError
+from anatomy_r1_jax.data.readers import DataError, write_jsonl
 from anatomy_r1_jax.data.records import Record
 from anatomy_r1_jax.methods.augmentation import question_rephrasings
 
@@ -258,12 +257,7 @@ def find_problems(
 
 def write_report(problems: Sequence[Problem], path: str | os.PathLike) -> Path:
     """One JSON object per problem: {"file", "id", "reason"}."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for p in problems:
-            f.write(json.dumps({"file": p.file, "id": p.record_id, "reason": p.reason}, ensure_ascii=False) + "\n")
-    return path
+    return write_jsonl(({"file": p.file, "id": p.record_id, "reason": p.reason} for p in problems), path)
 
 
 def drop_or_raise(
