@@ -34,7 +34,7 @@ def _metrics(workdir):
 
 def test_train_writes_metrics_plots_checkpoints_and_resumes_after_sigkill(tmp_path):
     """One uninterrupted run (metrics, plots, checkpoints), then the same run killed with SIGKILL
-    after its 4th checkpoint and restarted: the metrics equal the uninterrupted run's. (One test, so
+    after its 3rd checkpoint and restarted: the metrics equal the uninterrupted run's. (One test, so
     that pytest-xdist workers do not each make the uninterrupted run.)"""
     uninterrupted = str(tmp_path / "full")
     _train(uninterrupted)
@@ -54,16 +54,22 @@ def test_train_writes_metrics_plots_checkpoints_and_resumes_after_sigkill(tmp_pa
     assert os.listdir(os.path.join(uninterrupted, "tensorboard"))
     assert "6" in os.listdir(os.path.join(uninterrupted, "checkpoints"))
 
-    workdir = str(tmp_path / "killed")
-    proc = _train(workdir, wait=False)
-    ckpt = os.path.join(workdir, "checkpoints", "4")
-    deadline = time.time() + 500
-    while not os.path.exists(ckpt) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    assert proc.poll() is None, "run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert len(_metrics(workdir)) < 6
+    # Killed once its first GRPO step's checkpoint (3) is complete. Steps 4-6 of this tiny model take
+    # about a second, so under load the run may finish before the kill lands: then kill a fresh run.
+    for attempt in range(3):
+        workdir = str(tmp_path / f"killed{attempt}")
+        proc = _train(workdir, wait=False)
+        ckpt = os.path.join(workdir, "checkpoints", "3")
+        deadline = time.time() + 500
+        while not os.path.exists(ckpt) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert proc.returncode in (0, -signal.SIGKILL), proc.stderr.read().decode()[-4000:]
+        if proc.returncode == -signal.SIGKILL and len(_metrics(workdir)) < 6:
+            break
+    else:
+        raise AssertionError("the run finished before it could be killed, three times")
     _train(workdir)
     assert _metrics(workdir) == _metrics(uninterrupted)
 
