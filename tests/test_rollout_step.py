@@ -232,12 +232,11 @@ def test_dynamic_sampling_drop_trains_on_the_valid_groups_alone():
     assert len(set(b.rewards[:4].tolist())) > 1
     cfg = StepConfig(group_size=4, beta=0.04, temperature=0.9, logp_chunk=3)
     drop = dataclasses.replace(cfg, drop_invalid_groups=True)
-    dropped, state_d, m_d = _run_steps(None, [b], 2, drop)
-    alone, state_a, _ = _run_steps(None, [_slice_batch(b, 0, 4)], 2, cfg)
+    norms_d, norms_a = [], []
+    dropped, _, m_d = _run_steps(None, [b], 2, drop, grad_norms=norms_d)
+    alone, _, _ = _run_steps(None, [_slice_batch(b, 0, 4)], 2, cfg, grad_norms=norms_a)
     np.testing.assert_allclose(dropped, alone, rtol=1e-5, atol=1e-7)  # without drop: about half (diluted)
-    # Adam's 1e-2 steps: equal to well within a step (m / sqrt(v) amplifies rounding where grads ~ 0)
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=5e-5),
-                 state_d.params, state_a.params)
+    np.testing.assert_allclose(norms_d, norms_a, rtol=1e-4)
     assert float(m_d["invalid_gradient_ratio"]) == 0.5
 
 
