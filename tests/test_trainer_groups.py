@@ -205,13 +205,20 @@ def test_dynamic_resample_rerolls_the_same_prompts_for_bounded_rounds(trainer, m
 
 
 def test_each_phase_applies_its_own_learning_rate(trainer, monkeypatch):
-    """Constant schedules, no warm-up: AdamW's first step moves each weight by at most lr (|m / sqrt v|
-    = 1 on step 1), and the largest move is lr to within eps. Warm-up lr 1e-3, GRPO lr 1e-5 with a
-    fresh optimizer: the measured largest moves must be those."""
+    """Constant schedules, no warm-up: AdamW's first step moves every weight with a gradient well
+    above eps by lr (|m / sqrt v| = 1 on step 1). Warm-up lr 1e-3, then GRPO lr 1e-5 with fresh
+    moments: the largest move and the typical (median) move of each phase must be its lr. (Moments
+    carried over from the warm-up would give GRPO's weights moves of about 0.5 - 1 lr.)"""
 
-    def largest_move(before, after):
-        return max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-                   for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before)))
+    def moves(before, after):
+        return np.concatenate([np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).ravel()
+                               for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before))])
+
+    def check(delta, lr):
+        moved = delta[delta > 0.1 * lr]
+        assert len(moved) > 0.5 * len(delta)
+        assert delta.max() == pytest.approx(lr, rel=0.02)
+        assert np.median(moved) == pytest.approx(lr, rel=0.02)
 
     def varied(call, k, prompt):  # half "A", half "B": a group has an advantage unless neither is right
         return f"<think>{call}</think><answer>{'A' if k % 2 else 'B'}</answer>"
@@ -220,8 +227,8 @@ def test_each_phase_applies_its_own_learning_rate(trainer, monkeypatch):
     before = jax.device_get(trainer.state.params)
     trainer.sft_iteration(0)
     after_sft = jax.device_get(trainer.state.params)
-    assert largest_move(before, after_sft) == pytest.approx(1e-3, rel=0.02)
+    check(moves(before, after_sft), 1e-3)
     trainer._begin_grpo()
     out = trainer.grpo_iteration(1)
     assert out["grad_norm"] > 0 and out["invalid_gradient_ratio"] < 1.0
-    assert largest_move(after_sft, jax.device_get(trainer.state.params)) == pytest.approx(1e-5, rel=0.02)
+    check(moves(after_sft, jax.device_get(trainer.state.params)), 1e-5)
