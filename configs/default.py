@@ -71,6 +71,11 @@ def get_config(arg=None):
         # The paper scores the exact letter ("accuracy"); a tiny model made from scratch is scored on
         # naming the structure ("accuracy_lenient" accepts the option text), see sft.answer.
         rewards=dict(format=1.0, accuracy=0.0, accuracy_lenient=1.0),
+        # DAPO-style dynamic sampling of groups whose rewards are all equal (methods/reroll.py): "off";
+        # "resample" (re-rolled with fresh samples in the step, up to max_resample_rounds rounds); "drop"
+        # (zero weight in the loss, which is normalised by the valid groups).
+        dynamic_sampling="off",
+        max_resample_rounds=1,
     )
 
     # The rest of the precision policy (train/precision.py): the dtype gradients are accumulated in, AdamW's
@@ -102,11 +107,14 @@ def get_config(arg=None):
     c.curriculum = dict(backend="matrix", matrix="", schedule="staged", num_stages=4, span="run")
     # calibration (adaptive trigger): "auto" = a pass of G plain rollouts over the GRPO run's queries
     # before its first step; or an evaluate.py result of the base model on the training records with
-    # --samples G; or "" (none). Queries whose G rewards all agree start out triggered. Without it the
+    # --samples G; or "" (none). Queries whose G rewards all agree and are not all correct start out
+    # triggered (and leave the hard set once a group of theirs diverges). Without it the
     # adaptive trigger only fires on a query's second visit, i.e. never within one epoch.
     # calibration_steps: batches the "auto" pass covers (0: the run's steps, at most one epoch).
+    # trigger: "adaptive" | "always" | "off" | "online" (no variants up front: a group whose rewards come out
+    # all equal is re-rolled over its variants within the step, before the update, up to max_rerolls rounds).
     c.gdqa = dict(trigger="adaptive", kinds=("rephrase", "permute"), num_variants=4, calibration="auto",
-                  calibration_steps=0)
+                  calibration_steps=0, max_rerolls=1)
 
     c.mesh = [("data", -1)]
     c.sharding_rules = [("batch", ("data", "fsdp")), ("embed", "fsdp"), ("vision_embed", "fsdp"),

@@ -1,19 +1,23 @@
-"""Shared pieces of the configs: the four ablation arms and real-model presets.
+"""Shared pieces of the configs: the ablation arms and real-model presets.
 
-An arm is the pair (curriculum schedule, GDQA trigger):
-  grpo       = (none,   off)       plain GRPO, the paper's baseline
-  asc        = (staged, off)       Anatomical Similarity Curriculum only
-  gdqa       = (none,   adaptive)  Group Diversity Question Augmentation only
-  anatomy_r1 = (staged, adaptive)  both (the paper's method)
+An arm is the triple (curriculum schedule, GDQA trigger, dynamic sampling):
+  grpo         = (none,   off,      off)       plain GRPO, the paper's baseline
+  grpo_dynamic = (none,   off,      resample)  GRPO + DAPO-style dynamic sampling (all-equal groups re-rolled)
+  asc          = (staged, off,      off)       Anatomical Similarity Curriculum only
+  gdqa         = (none,   adaptive, off)       Group Diversity Question Augmentation, calibrated trigger
+  gdqa_online  = (none,   online,   off)       GDQA, all-equal groups re-rolled over their variants in the step
+  anatomy_r1   = (staged, adaptive, off)       ASC + GDQA (the paper's method)
 """
 
 import ml_collections
 
 ARMS = {
-    "grpo": ("none", "off"),
-    "asc": ("staged", "off"),
-    "gdqa": ("none", "adaptive"),
-    "anatomy_r1": ("staged", "adaptive"),
+    "grpo": ("none", "off", "off"),
+    "grpo_dynamic": ("none", "off", "resample"),
+    "asc": ("staged", "off", "off"),
+    "gdqa": ("none", "adaptive", "off"),
+    "gdqa_online": ("none", "online", "off"),
+    "anatomy_r1": ("staged", "adaptive", "off"),
 }
 
 
@@ -32,7 +36,7 @@ def apply_method(c: ml_collections.ConfigDict, method: str) -> ml_collections.Co
     if method not in ARMS:
         raise ValueError(f"unknown method {method!r}; expected one of {sorted(ARMS)}")
     c.method = method
-    c.curriculum.schedule, c.gdqa.trigger = ARMS[method]
+    c.curriculum.schedule, c.gdqa.trigger, c.rl.dynamic_sampling = ARMS[method]
     return c
 
 

@@ -8,9 +8,9 @@ real Qwen2-VL / Qwen2.5-VL checkpoint from a local directory:
 
 model: qwen2_vl_2b | qwen2_5_vl_3b | qwen2_5_vl_7b (memory estimates in configs/methods.py:
 7B needs fsdp over 8 x 80 GB GPUs or a TPU v5e-8; 3B and 2B fit one 80 GB GPU).
-method: grpo | asc | gdqa | anatomy_r1. S(q) comes from the policy's own embeddings (no matrix is
-published for SSG-VQA); pass --config.curriculum.backend=matrix --config.curriculum.matrix=FILE
-to use a class-similarity file instead.
+method: an arm of configs/methods.py ARMS (grpo, asc, gdqa, anatomy_r1, ...). S(q) comes from the
+policy's own embeddings (no matrix is published for SSG-VQA); pass --config.curriculum.backend=matrix
+--config.curriculum.matrix=FILE to use a class-similarity file instead.
 """
 
 from configs import default, methods

@@ -1,8 +1,9 @@
-"""The synthetic benchmark with one of the four ablation arms:
+"""The synthetic benchmark with one of the ablation arms:
 
     python train.py --config configs/synthetic.py:method=asc --workdir runs/asc
 
-method: grpo | asc | gdqa | anatomy_r1 (default). Everything else is configs/default.py.
+method: an arm of configs/methods.py ARMS (grpo, grpo_dynamic, asc, gdqa, gdqa_online, anatomy_r1
+(default)). Everything else is configs/default.py.
 """
 
 from configs import default, methods

@@ -1,4 +1,4 @@
-"""The ASC / GDQA ablation on the synthetic benchmark: grpo, asc, gdqa, anatomy_r1 x seeds.
+"""The ASC / GDQA ablation on the synthetic benchmark: the arms of configs/methods.py x seeds.
 
     python scripts/ablation.py --out runs/ablation --seeds 0,1,2 [--set train.steps=60 ...]
 
@@ -31,8 +31,9 @@ check_installed()  # one line naming a missing package
 import numpy as np  # noqa: E402
 
 from anatomy_r1_jax.train.metrics import read_metrics  # noqa: E402
+from configs.methods import ARMS as METHOD_ARMS  # noqa: E402
 
-ARMS = ("grpo", "asc", "gdqa", "anatomy_r1")
+ARMS = tuple(METHOD_ARMS)  # every arm of configs/methods.py (the one table of arms)
 
 
 def _train(workdir: str, arm: str, seed: int, overrides: list[str]) -> None:
@@ -143,6 +144,9 @@ def main():
     p.add_argument("--report", default=os.path.join(ROOT, "docs", "results"))
     a = p.parse_args()
     seeds = [int(s) for s in a.seeds.split(",")]
+    unknown = sorted(set(a.arms.split(",")) - set(ARMS))
+    if unknown:
+        p.error(f"--arms: unknown {unknown}; the arms of configs/methods.py are {','.join(ARMS)}")
     runs = {arm: [run_arm(arm, s, a.out, a.set) for s in seeds] for arm in a.arms.split(",")}
     table, stats = summarize(runs)
     os.makedirs(a.report, exist_ok=True)

@@ -107,10 +107,17 @@ def test_triggers_and_state_round_trip(tmp_path):
     state.observe(["a"], np.array([1, 0, 0, 0]), 4)  # its variants made the group informative
     assert not state.is_triggered("a")
     assert not state.calibrated
-    assert state.calibrate(["c", "d"], np.array([0, 0, 0, 1, 0, 1]), 3) == 1
-    assert state.hard_ids == {"c"} and state.is_triggered("c") and state.calibrated
-    state.observe(["c"], np.array([1, 0, 0]), 3)
-    assert state.is_triggered("c")  # calibration-hard stays triggered
+    # c: all wrong (hard); d: mixed; e: all right (easy, not hard); f: all-equal total reward, one right
+    rewards = np.array([1, 1, 1, 1, 2, 1, 2, 2, 2, 1, 1, 1])
+    correct = np.array([0, 0, 0, 0, 1, 0, 1, 1, 1, 0, 1, 0])
+    assert state.calibrate(["c", "d", "e", "f"], rewards, correct, 3) == 2
+    assert state.hard_ids == {"c", "f"} and state.is_triggered("c") and state.calibrated
+    assert not state.is_triggered("e")
+    state.observe(["c"], np.array([1, 1, 1]), 3)
+    assert state.is_triggered("c")  # still all-equal: stays hard
+    # the hard set decays: a query whose group diverges leaves it, and is no longer triggered
+    state.observe(["c", "f"], np.array([1, 0, 0, 1, 1, 1]), 3)
+    assert state.hard_ids == {"f"} and not state.is_triggered("c") and state.is_triggered("f")
 
     path = tmp_path / "gdqa.json"
     state.save(path)
@@ -174,8 +181,9 @@ def test_calibration_from_an_evaluation_result(tmp_path):
     path = tmp_path / "base_on_train.json"
     path.write_text(json.dumps({"settings": {"samples": 3}, "records": [o.to_json() for o in outcomes]}))
     state = aug.GDQAState(trigger="adaptive")
-    assert state.calibrate_from_evaluation(path, [r.id for r in records]) == 2
-    assert state.hard_ids == {"q0", "q1"} and not state.is_triggered("q2")
+    assert state.calibrate_from_evaluation(path, [r.id for r in records]) == 1
+    # all wrong is hard; all right is easy (no variants spent on it); mixed has signal
+    assert state.hard_ids == {"q1"} and not state.is_triggered("q0") and not state.is_triggered("q2")
 
     with pytest.raises(ValueError, match="q2.*not a training record"):
         aug.GDQAState().calibrate_from_evaluation(path, ["q0", "q1"])

@@ -1,6 +1,7 @@
 """Rollout engine and GRPO update: KV-cache decoding agrees with the teacher-forced forward, sampling
 filters behave, the update is exact under micro-batching and under FSDP x tensor sharding."""
 
+import dataclasses
 import functools
 
 import jax
@@ -219,6 +220,24 @@ def test_sft_objective_learns_and_nonfinite_updates_are_skipped():
     st, metrics = jax.jit(functools.partial(train_step, graphdef, tx, grpo))(st, _stack([bad]))
     assert int(metrics["update_skipped"]) == 1
     jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, st.params))
+
+
+def test_dynamic_sampling_drop_trains_on_the_valid_groups_alone():
+    """StepConfig(drop_invalid_groups=True) (rl.dynamic_sampling="drop"): a group with all-equal
+    rewards has zero weight, KL term included, and the loss is normalised by the valid groups'
+    tokens; two steps on [valid group, all-equal group] equal two steps on the valid group alone.
+    Without drop the all-equal group's tokens dilute the loss (and its KL pulls)."""
+    b = _train_batch(seed=0)
+    b = b.replace(rewards=np.concatenate([b.rewards[:4], np.ones(4, np.float32)]))
+    assert len(set(b.rewards[:4].tolist())) > 1
+    cfg = StepConfig(group_size=4, beta=0.04, temperature=0.9, logp_chunk=3)
+    drop = dataclasses.replace(cfg, drop_invalid_groups=True)
+    norms_d, norms_a = [], []
+    dropped, _, m_d = _run_steps(None, [b], 2, drop, grad_norms=norms_d)
+    alone, _, _ = _run_steps(None, [_slice_batch(b, 0, 4)], 2, cfg, grad_norms=norms_a)
+    np.testing.assert_allclose(dropped, alone, rtol=1e-5, atol=1e-7)  # without drop: about half (diluted)
+    np.testing.assert_allclose(norms_d, norms_a, rtol=1e-4)
+    assert float(m_d["invalid_gradient_ratio"]) == 0.5
 
 
 def _shared(b: TrainBatch, queries=2) -> TrainBatch:

@@ -13,7 +13,12 @@ made before batching, from three kinds of change:
 - "template": another instruction template (`Record.prompt_variant`, one of data.prompts.VARIANTS).
 
 Variants keep the query's id (same query: same S(q), same GDQA state entry). Variant 0 is the query
-itself. The trigger decides which queries get variants ("adaptive", "always", "off").
+itself. The trigger decides which queries get variants before the rollout ("adaptive", "always",
+"off"); "online" gives none before it and re-rolls a group whose rewards came out all equal with
+its variants within the same step (methods/reroll.py).
+
+The hard set (queries a calibration pass found all-equal and not all-correct: no accuracy signal
+because the policy always fails them) decays: a query leaves it once one of its groups diverges.
 """
 
 from __future__ import annotations
@@ -205,14 +210,29 @@ def off_trigger(state: "GDQAState", record_id: str) -> bool:
     return False
 
 
+@register_trigger("online")
+def online_trigger(state: "GDQAState", record_id: str) -> bool:
+    """No variants before the rollout: a group that comes out all-equal is re-rolled with its
+    variants in the same step, before the update (methods/reroll.py, gdqa.max_rerolls rounds)."""
+    del state, record_id
+    return False
+
+
+def all_equal_groups(rewards: np.ndarray, group_size: int) -> np.ndarray:
+    """[P] bool: whether each group of G rewards (rewards [P * G], groups contiguous) is all equal
+    (every advantage 0: no gradient)."""
+    grouped = np.asarray(rewards, np.float64).reshape(-1, group_size)
+    return np.all(grouped == grouped[:, :1], axis=1)
+
+
 @dataclasses.dataclass
 class GDQAState:
     """Which queries get variants. Host-side, JSON-serialisable for checkpoints.
 
     trigger: a TRIGGERS name; num_variants: distinct variants a triggered group is spread over
     (capped at G); kinds: the variant kinds used; hard_ids: queries a calibration pass marked
-    hard; last_all_equal: per query id, whether its last group's rewards were all equal;
-    calibrated: whether the run's calibration pass has been done.
+    hard that have not diverged since; last_all_equal: per query id, whether its last group's
+    rewards were all equal; calibrated: whether the run's calibration pass has been done.
     """
 
     trigger: str = "adaptive"
@@ -234,20 +254,26 @@ class GDQAState:
         self.hard_ids.update(record_ids)
 
     def observe(self, record_ids: Sequence[str], rewards: np.ndarray, group_size: int) -> np.ndarray:
-        """Record each group's outcome. rewards [P * G] (groups contiguous), record_ids [P].
+        """Record each group's outcome. rewards [P * G] (groups contiguous), record_ids [P]. A query
+        whose group diverged (rewards not all equal) leaves the hard set.
 
         Returns the [P] bool all-equal mask.
         """
-        grouped = np.asarray(rewards, np.float64).reshape(len(record_ids), group_size)
-        all_equal = np.all(grouped == grouped[:, :1], axis=1)
+        all_equal = all_equal_groups(rewards, group_size)
+        if len(all_equal) != len(record_ids):
+            raise ValueError(f"{len(record_ids)} queries but {len(all_equal)} groups of {group_size} rewards")
         for rid, eq in zip(record_ids, all_equal):
             self.last_all_equal[rid] = bool(eq)
+        self.hard_ids.difference_update(rid for rid, eq in zip(record_ids, all_equal) if not eq)
         return all_equal
 
-    def calibrate(self, record_ids: Sequence[str], rewards: np.ndarray, group_size: int) -> int:
-        """Mark as hard the queries whose calibration group had all-equal rewards; returns how many."""
-        grouped = np.asarray(rewards, np.float64).reshape(len(record_ids), group_size)
-        hard = [rid for rid, g in zip(record_ids, grouped) if np.all(g == g[0])]
+    def calibrate(self, record_ids: Sequence[str], rewards: np.ndarray, correct: np.ndarray, group_size: int) -> int:
+        """Mark as hard the queries whose calibration group had all-equal rewards and was not
+        all-correct (all right is easy, not hard: METHOD.md section 7 augments difficult queries).
+        rewards, correct [P * G] (correct: the accuracy reward > 0); returns how many were marked."""
+        all_equal = all_equal_groups(rewards, group_size)
+        all_correct = np.all(np.asarray(correct, bool).reshape(-1, group_size), axis=1)
+        hard = [rid for rid, eq, ok in zip(record_ids, all_equal, all_correct, strict=True) if eq and not ok]
         self.mark_hard(hard)
         self.calibrated = True
         return len(hard)
@@ -261,8 +287,8 @@ class GDQAState:
                                    calibrated=old.calibrated)
 
     def calibrate_from_evaluation(self, path: str | os.PathLike, train_ids: Iterable[str]) -> int:
-        """Marks hard the training queries whose sampled answers in an evaluation result all scored
-        the same (all right or all wrong: a group without accuracy signal). `path` is the JSON that
+        """Marks hard the training queries whose sampled answers in an evaluation result were all
+        wrong (no accuracy signal, and not easy; all right is easy, see `calibrate`). `path` is the JSON that
         `scripts/evaluate.py --samples G` writes for the base model on the training records. Returns
         how many were marked. Raises ValueError naming the file when it has no samples or holds a
         record id that is not in the training set."""
@@ -276,7 +302,7 @@ class GDQAState:
         for i, rec in enumerate(result["records"]):
             if rec["id"] not in known:
                 raise ValueError(f"{path}: record {i} (id {rec['id']!r}) is not a training record")
-            if rec["samples_correct"] in (0, samples):
+            if rec["samples_correct"] == 0:
                 hard.append(rec["id"])
         self.mark_hard(hard)
         self.calibrated = True
@@ -315,16 +341,19 @@ class GDQAState:
             return cls.from_json(json.load(f))
 
 
+def spread_variants(record: Record, group_size: int, state: GDQAState, rng: np.random.Generator) -> list[Record]:
+    """A group of G records over n = min(G, num_variants) variants from `make_variants`, assigned
+    round-robin (rollout j gets variant j mod n; variant 0 is `record`)."""
+    n = max(1, min(group_size, state.num_variants))
+    variants = make_variants(record, n, rng, kinds=state.kinds)
+    return [variants[j % n] for j in range(group_size)]
+
+
 def assign_group_variants(
     record: Record, group_size: int, trigger_state: GDQAState, rng: np.random.Generator
 ) -> list[Record]:
-    """The G records a query's rollouts are conditioned on.
-
-    Triggered: min(G, num_variants) variants from `make_variants`, assigned round-robin
-    (rollout j gets variant j mod n). Untriggered: G copies of the record.
-    """
+    """The G records a query's rollouts are conditioned on: `spread_variants` when the trigger
+    fires, else G copies of the record."""
     if not trigger_state.is_triggered(record.id):
         return [record] * group_size
-    n = max(1, min(group_size, trigger_state.num_variants))
-    variants = make_variants(record, n, rng, kinds=trigger_state.kinds)
-    return [variants[j % n] for j in range(group_size)]
+    return spread_variants(record, group_size, trigger_state, rng)

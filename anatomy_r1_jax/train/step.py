@@ -5,6 +5,7 @@ loss numerators are summed over a `lax.scan` and divided by the summed denominat
 equals the full-batch gradient exactly (losses are (numerator, denominator) pairs).
 
     A      = advantage_fn(rewards [M*n], G)               (groups contiguous)
+    mask   = completion mask [* valid group, when cfg.drop_invalid_groups]
     grad   = sum_m grad(num_m(params)) / sum_m den_m      (accumulated in the policy's grads dtype)
     params = optax update (clip by global norm, AdamW, schedule), skipped when non-finite
 
@@ -48,6 +49,9 @@ class StepConfig:
     num_categories: int = 1
     precision: Precision = Precision()
     old_logps: str = "current"  # "current": stop_gradient(logps) (ratio 1); "batch": batch.completions.logps
+    # DAPO-style dynamic sampling "drop": groups with all-equal rewards get zero weight (their tokens
+    # leave the loss, its KL term and its denominator, so the loss is normalised by the valid groups).
+    drop_invalid_groups: bool = False
 
 
 @flax.struct.dataclass
@@ -108,12 +112,14 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: St
     invalid = adv_lib.invalid_group_mask(rewards, g)
     valid_fraction = 1.0 - jnp.mean(invalid.astype(jnp.float32))
     advantages = advantages.reshape(m, n)
+    keep = jnp.repeat(~invalid, g).reshape(m, n) if cfg.drop_invalid_groups else jnp.ones((m, n), bool)
 
     def micro(carry, xs):
         grad_acc, parts_acc, entropy_acc = carry
-        mb, adv_m = xs
+        mb, adv_m, keep_m = xs
 
         ids, mask = mb.completions.ids, mb.completions.mask
+        loss_mask = mask * keep_m[:, None].astype(mask.dtype)
         ref = None
         if cfg.beta != 0:
             # Outside jax.grad: no gradient flows to the reference, and nnx.remat inside the grad trace
@@ -125,8 +131,8 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: St
             model = nnx.merge(graphdef, params, state.frozen)
             logps, entropy = completion_logps(model, mb.prompt, ids, mask, cfg.temperature, cfg.logp_chunk, g)
             old = mb.completions.logps if cfg.old_logps == "batch" else jax.lax.stop_gradient(logps)
-            parts = _loss_parts(cfg, logps, old, ref, adv_m, mask, valid_fraction)
-            ent = jnp.sum(jax.lax.stop_gradient(entropy) * mask)
+            parts = _loss_parts(cfg, logps, old, ref, adv_m, loss_mask, valid_fraction)
+            ent = jnp.sum(jax.lax.stop_gradient(entropy) * loss_mask)
             return parts.numerator, (parts, ent)
 
         grads, (parts, ent) = jax.grad(numerator, has_aux=True)(state.params)
@@ -139,7 +145,7 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: St
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, policy.grad_dtype), state.params)
     zero = jnp.zeros((), jnp.float32)
     parts0 = losses.LossParts(zero, zero, {k: zero for k in ("tokens", "kl", "ratio", "clip_low", "clip_high")})
-    xs = (batch, advantages)
+    xs = (batch, advantages, keep)
     (grads, parts, entropy), _ = jax.lax.scan(micro, (zeros, parts0, zero), xs)
     den = jnp.maximum(parts.denominator, 1e-8)
     grads = jax.tree.map(lambda x: (x / den).astype(x.dtype), grads)

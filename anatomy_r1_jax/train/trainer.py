@@ -2,7 +2,8 @@
 
 Per GRPO step (B queries, G rollouts each, M micro-batches):
   queries (Grain, curriculum order) -> GDQA variants per group -> collate (fixed shapes)
-  -> rollout (jit) -> decode + rewards (host) -> update (jit, donated state) -> metrics.
+  -> rollout (jit) -> decode + rewards (host) -> [re-roll all-equal groups: GDQA online /
+  dynamic sampling, same shapes] -> update (jit, donated state) -> metrics.
 A supervised warm-up (config.sft.steps, tiny runs) precedes GRPO on the same step counter.
 Randomness is a pure function of (seed, step), so a killed run resumes exactly.
 Several processes (hosts): each reads and collates its data shard's queries; host-side decisions
@@ -28,6 +29,7 @@ from anatomy_r1_jax.data.pipeline import QueryPipeline
 from anatomy_r1_jax.data import prompts
 from anatomy_r1_jax.methods.augmentation import GDQAState, assign_group_variants
 from anatomy_r1_jax.methods.curriculum import curriculum_order
+from anatomy_r1_jax.methods.reroll import REGROUPS, MicroRollout, RerollStats, reroll_policy, reroll_zero_variance
 from anatomy_r1_jax.rl.batch import Completions, TrainBatch
 from anatomy_r1_jax.rl.rewards import compute_rewards
 from anatomy_r1_jax.rl.rollout import decode_completions
@@ -87,6 +89,7 @@ class Trainer:
         # The accuracy reward the run trains on (the first with a non-zero weight) is its reported accuracy.
         self.accuracy_key = next((k for k, w in c.rl.rewards.items() if k.startswith("accuracy") and w), "accuracy")
         self.gdqa = GDQAState(trigger=c.gdqa.trigger, num_variants=c.gdqa.num_variants, kinds=tuple(c.gdqa.kinds))
+        self.reroll = reroll_policy(c)  # GDQA online / dynamic sampling: all-equal groups re-rolled in the step
 
         # State: trainable params (+ frozen rest), a frozen reference copy when beta > 0, AdamW (and
         # a float32 master copy of params when the precision policy keeps one).
@@ -131,7 +134,8 @@ class Trainer:
         grpo = StepConfig(objective=c.rl.loss, group_size=self.group_size, advantage=c.rl.advantage,
                           eps_low=c.rl.eps_low, eps_high=c.rl.eps_high, beta=c.rl.beta, aggregation=c.rl.aggregation,
                           max_completion_length=c.rl.max_completion_length,
-                          old_logps="batch" if c.rl.num_iterations > 1 else "current", **common)
+                          old_logps="batch" if c.rl.num_iterations > 1 else "current",
+                          drop_invalid_groups=c.rl.dynamic_sampling == "drop", **common)
         sft = StepConfig(objective="sft", advantage="none", group_size=1, beta=0.0, **{**common, "temperature": 1.0})
         self.grpo_step = self.programs.update(self.tx["grpo"], grpo, self.state)
         self.sft_step = self.programs.update(self.tx["sft"], sft, self.state)
@@ -221,16 +225,22 @@ class Trainer:
             return g
         return next(s for s in range(1, g + 1) if all(grp[j] == grp[j % s] for grp in groups for j in range(g)))
 
+    def _prompt_batch(self, groups, images, prompts_per_group: int):
+        """This shard's PromptBatch of `groups` [q][G] (all data shards' groups; images [q / shards],
+        this shard's queries): the first `prompts_per_group` rows of each of this shard's groups
+        (prefix sharing), q / shards * S rows as `_shard_prompts` gives them."""
+        s = prompts_per_group
+        return self._shard_prompts(self.collator.prompts([grp[:s] for grp in self.shard.block(groups)], images))
+
     def _rollout_groups(self, groups, images, key, prompts_per_group: int):
         """G sampled completions per query: groups [q][G] records (a query's variants, all data
-        shards'), images [q / shards] (this shard's queries); the prompt batch holds the first
-        `prompts_per_group` rows of each of this shard's groups (prefix sharing). Returns (this
-        shard's PromptBatch of q / shards * S rows, as `_shard_prompts` gives it; Completions on the
-        host, rows [q * G]; their records and decoded texts [q * G])."""
-        g, s = len(groups[0]), prompts_per_group
-        batch = self._shard_prompts(self.collator.prompts([grp[:s] for grp in self.shard.block(groups)], images))
+        shards'), images [q / shards] (this shard's queries). Returns (this shard's PromptBatch,
+        see `_prompt_batch`; Completions on the host, rows [q * G]; their records and decoded texts
+        [q * G])."""
+        g = len(groups[0])
+        batch = self._prompt_batch(groups, images, prompts_per_group)
         comp = distributed.to_host(self.rollout(self.state.params, self.state.frozen, self._place(batch), key,
-                                                self.sampling, g, s))
+                                                self.sampling, g, prompts_per_group))
         return batch, comp, [r for grp in groups for r in grp], self.decode(comp)
 
     def calibrate_gdqa(self) -> float:
@@ -239,9 +249,10 @@ class Trainer:
         the training records. "auto": the current policy rolls out G plain samples for each query of
         the GRPO run ahead (train.steps batches, in the curriculum order the run will use, at most
         one epoch or gdqa.calibration_steps batches; the data iterator is rewound afterwards).
-        Queries whose G rewards are all equal are marked hard, so the adaptive trigger fires on
-        their first visit. Returns the fraction marked hard (of the queries rolled out for "auto", of
-        the training records for a FILE)."""
+        Queries whose G rewards are all equal and not all correct are marked hard, so the adaptive
+        trigger fires on their first visit (they leave the hard set once a group of theirs diverges).
+        Returns the fraction marked hard (of the queries rolled out for "auto", of the training
+        records for a FILE)."""
         c, g = self.config, self.group_size
         if c.gdqa.calibration != "auto":
             hard = self.gdqa.calibrate_from_evaluation(c.gdqa.calibration, [r.id for r in self.data.train])
@@ -253,7 +264,7 @@ class Trainer:
         resume_at = self.it.get_state()
         key = jax.random.key(c.seed + 1_000_003)
         per_micro = c.train.batch_size // c.train.micro_batches
-        ids, rewards = [], []
+        ids, rewards, correct = [], [], []
         local = per_micro // self.shard.count
         for step in tqdm(range(steps), desc="GDQA calibration", leave=False, disable=not distributed.is_primary()):
             queries = next(self.it)
@@ -264,14 +275,21 @@ class Trainer:
                 _, _, rows, texts = self._rollout_groups(groups, [q.images for q in queries[m * local:(m + 1) * local]],
                                                          jax.random.fold_in(key, step * len(records) + i),
                                                          self._prompts_per_group(groups))
-                rewards.append(compute_rewards(texts, rows, dict(c.rl.rewards))[0])
+                total, per = compute_rewards(texts, rows, dict(c.rl.rewards))
+                rewards.append(total)
+                correct.append(per[self.accuracy_key] > 0)
                 ids += [r.id for r in chunk]
         self.it.set_state(resume_at)
-        hard = self.gdqa.calibrate(ids, np.concatenate(rewards), g)
+        hard = self.gdqa.calibrate(ids, np.concatenate(rewards), np.concatenate(correct), g)
         log.info("GDQA calibration: %d of %d upcoming queries marked hard", hard, len(ids))
         return hard / max(len(ids), 1)
 
-    def grpo_iteration(self, step: int) -> dict:
+    def _grpo_batches(self, step: int) -> tuple[list[TrainBatch], dict]:
+        """A GRPO step's host side: its queries -> GDQA variants -> rollout per micro-batch ->
+        rewards -> re-rolls of all-equal groups (GDQA online / dynamic sampling, methods/reroll.py)
+        -> the M TrainBatches of the update (host arrays; row p * G + j of micro-batch i is the
+        j-th rollout of its group p, its reward and record aligned; S prompt rows per group, one
+        S for the whole step) and the step's metrics."""
         c, g = self.config, self.group_size
         t0 = time.perf_counter()
         queries = next(self.it)  # this data shard's
@@ -280,40 +298,67 @@ class Trainer:
         m = c.train.micro_batches
         records = self._step_records(queries, m)  # all shards'
         per_micro, local = len(records) // m, len(queries) // m
-        micro, rows_all, texts_all = [], [], []
+        images = [[q.images for q in queries[i * local:(i + 1) * local]] for i in range(m)]
         chunks = [records[i * per_micro:(i + 1) * per_micro] for i in range(m)]
         groups_all = [[assign_group_variants(r, g, self.gdqa, rng) for r in chunk] for chunk in chunks]
         triggered = sum(self.gdqa.is_triggered(r.id) for r in records)
         s = self._prompts_per_group([grp for groups in groups_all for grp in groups])  # one S for all micro-batches
+        score = lambda texts, rows: compute_rewards(texts, rows, dict(c.rl.rewards))[0]  # noqa: E731
+        micro = []
         for i, groups in enumerate(groups_all):
-            batch, comp, rows, texts = self._rollout_groups(groups, [q.images for q in queries[i * local:(i + 1) * local]],
-                                                            jax.random.fold_in(key, i), s)
-            micro.append((batch, comp, rows))
-            rows_all += rows
-            texts_all += texts
+            batch, comp, rows, texts = self._rollout_groups(groups, images[i], jax.random.fold_in(key, i), s)
+            micro.append(MicroRollout(groups, comp, texts, score(texts, rows), prompt=batch))
         t_rollout = time.perf_counter() - t0
-        rewards, per = compute_rewards(texts_all, rows_all, dict(c.rl.rewards))
-        self.gdqa.observe([r.id for r in records], rewards, g)
+        tokens_rolled = sum(int(np.asarray(mr.completions.mask).sum()) for mr in micro)
+        out = {}
+        if self.reroll is not None:
+            stats = RerollStats()
+            regroup = functools.partial(REGROUPS.get(self.reroll.regroup), state=self.gdqa, rng=rng)
+            for i in range(m):
+                rollout = functools.partial(self._reroll_rollout, images[i], jax.random.fold_in(key, i))
+                micro[i], st = reroll_zero_variance(micro[i], group_size=g, rounds=self.reroll.rounds,
+                                                    regroup=regroup, rollout=rollout, score=score)
+                stats += st
+            out.update(stats.metrics(self.reroll.prefix))
+        rows_all = [r for mr in micro for grp in mr.groups for r in grp]
+        rewards, per = compute_rewards([t for mr in micro for t in mr.texts], rows_all, dict(c.rl.rewards))
+        self.gdqa.observe([grp[0].id for mr in micro for grp in mr.groups], rewards, g)
+        s_final = self._prompts_per_group([grp for mr in micro for grp in mr.groups])
         batches = []
-        for i, (batch, comp, rows) in enumerate(micro):
-            sl = slice(i * per_micro * g, (i + 1) * per_micro * g)
+        for i, mr in enumerate(micro):
+            prompt = mr.prompt if mr.prompt is not None and s_final == s else \
+                self._prompt_batch(mr.groups, images[i], s_final)
+            rows = [r for grp in mr.groups for r in grp]
             similarity = np.array([self.sq_by_id.get(r.id, np.nan) for r in rows], np.float32)
-            batches.append(TrainBatch(prompt=batch, completions=jax.tree.map(self.shard.block, comp),
-                                      rewards=self.shard.block(rewards[sl]),
+            batches.append(TrainBatch(prompt=prompt, completions=jax.tree.map(self.shard.block, mr.completions),
+                                      rewards=self.shard.block(rewards[i * per_micro * g:(i + 1) * per_micro * g]),
                                       categories=self.shard.block(self._categories(rows)),
                                       similarity=self.shard.block(similarity)))
-        tb = self._place(_stack(batches), micro_axis=True)
-        self.state, metrics = run_iterations(self.grpo_step, self.old_logps, self.state, tb, c.rl.num_iterations)
-        metrics = jax.device_get(metrics)
-        tokens = sum(int(np.asarray(b[1].mask).sum()) for b in micro)
-        out = {
+        tokens = sum(int(np.asarray(mr.completions.mask).sum()) for mr in micro)
+        out.update({
             "reward/total": float(rewards.mean()), "reward/format": float(per["format"].mean()),
             "reward/accuracy": float(per[self.accuracy_key].mean()),
             "sq_mean": float(np.mean([self.sq_by_id[r.id] for r in records])),
-            "completion_length": tokens / len(rows_all), "tokens_per_second": tokens / max(t_rollout, 1e-9),
-            "gdqa_triggered": triggered / len(records), "prompts_per_group": float(s),
-            "step_seconds": time.perf_counter() - t0,
-        }
+            "completion_length": tokens / len(rows_all), "tokens_per_second": tokens_rolled / max(t_rollout, 1e-9),
+            "gdqa_triggered": triggered / len(records), "prompts_per_group": float(s_final),
+        })
+        return batches, out
+
+    def _reroll_rollout(self, images, key, groups, round_index: int):
+        """A re-roll's rollout of one micro-batch's groups (methods/reroll.py): (host Completions,
+        texts), its own key per round."""
+        _, comp, _, texts = self._rollout_groups(groups, images, jax.random.fold_in(key, 1 + round_index),
+                                                 self._prompts_per_group(groups))
+        return comp, texts
+
+    def grpo_iteration(self, step: int) -> dict:
+        c = self.config
+        t0 = time.perf_counter()
+        batches, out = self._grpo_batches(step)
+        tb = self._place(_stack(batches), micro_axis=True)
+        self.state, metrics = run_iterations(self.grpo_step, self.old_logps, self.state, tb, c.rl.num_iterations)
+        metrics = jax.device_get(metrics)
+        out["step_seconds"] = time.perf_counter() - t0
         for k in ("loss", "kl", "clip_fraction", "entropy", "grad_norm", "invalid_gradient_ratio", "update_skipped"):
             out[k] = float(metrics[k])
         bad, total = metrics["invalid_groups_by_category"], metrics["groups_by_category"]
@@ -325,6 +370,12 @@ class Trainer:
         return out
 
     # ---- the loop -----------------------------------------------------------------------------
+    def _begin_grpo(self):
+        """After the warm-up: GRPO's reference policy is the policy it starts from (the warmed-up
+        one); its optimizer starts afresh (moments 0, its own schedule from its step 0)."""
+        self.state = self.programs.copy_params(self.state)
+        self.state = self.programs.reset_optimizer(self.tx["grpo"], self.precision, self.state)
+
     def _meta(self) -> dict:
         return {"pipeline": self.it.get_state(),
                 "pipeline_sft": self.it_sft.get_state() if self.it_sft is not None else None,
@@ -374,10 +425,7 @@ class Trainer:
         for step in bar:
             sft = step < c.sft.steps
             if step == c.sft.steps and step > 0:
-                # GRPO's reference policy is the policy it starts from: the warmed-up one; its
-                # optimizer starts afresh (moments 0, its own schedule from its step 0).
-                self.state = self.programs.copy_params(self.state)
-                self.state = self.programs.reset_optimizer(self.tx["grpo"], self.precision, self.state)
+                self._begin_grpo()
             calibration = {}
             if (step == c.sft.steps and c.gdqa.calibration and self.gdqa.trigger == "adaptive"
                     and not self.gdqa.calibrated):

@@ -1,0 +1,234 @@
+"""The trainer's groups with a scripted policy: GDQA pooling (each row's prompt, completion, reward and
+record line up, S prompt rows per group), GDQA online / dynamic-sampling re-rolls (exactly the
+all-equal groups' rows replaced, before the update), and the learning rate each phase applies.
+
+The scripted policy stands in for the compiled rollout: it reads each completion row's prompt (the
+prompt row the rollout engine expands it from: row q * G + j <- prompt row q * S + j % S) and answers
+by a rule on that prompt, tagging the completion with its rollout call."""
+
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from anatomy_r1_jax.rl.batch import Completions
+from anatomy_r1_jax.train.trainer import Trainer
+from configs import default
+
+G = 4
+OPTION_RE = re.compile(r"^([A-Z])\. (.+?)(?:<\|im_end\|>.*)?$")
+
+
+def _config(**gdqa):
+    c = default.get_config()
+    c.sft.update(steps=1, batch_size=4, warmup_steps=0, schedule="constant", lr=1e-3)
+    c.optim.update(lr=1e-5, warmup_steps=0, schedule="constant")
+    c.train.update(steps=3, batch_size=4, micro_batches=2)
+    c.rl.update(group_size=G, max_completion_length=24, beta=0.0)
+    c.data.update(eval_size=4)
+    c.data.synthetic.n = 60
+    c.model.tiny.update(hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    c.gdqa.update(trigger="off", calibration="", num_variants=2, **gdqa)
+    return c
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory):
+    return Trainer(_config(), str(tmp_path_factory.mktemp("groups")))
+
+
+def _options(prompt: str) -> dict[str, str]:
+    return {m.group(1): m.group(2) for line in prompt.splitlines() if (m := OPTION_RE.match(line))}
+
+
+class ScriptedPolicy:
+    """Replaces Trainer.rollout: answer(call, row, prompt) -> the completion text of row `row`."""
+
+    def __init__(self, trainer, answer):
+        self.trainer, self.answer, self.prompts = trainer, answer, []
+
+    def __call__(self, params, frozen, batch, key, sampling, group_size, prompts_per_group):
+        ids, mask = np.asarray(batch.input_ids), np.asarray(batch.attention_mask)
+        tok = self.trainer.tokenizer
+        decoded = [tok.decode(row[m > 0].tolist(), skip_special_tokens=False) for row, m in zip(ids, mask)]
+        s, q = prompts_per_group, len(decoded) // prompts_per_group
+        rows = [decoded[p * s + j % s] for p in range(q) for j in range(group_size)]
+        call = len(self.prompts)
+        self.prompts.append(rows)
+        texts = [self.answer(call, k, prompt) for k, prompt in enumerate(rows)]
+        cids, cmask = self.trainer.collator.targets(texts, self.trainer.eos_id)
+        return Completions(ids=cids, mask=cmask, logps=np.zeros(cids.shape, np.float32), lengths=cmask.sum(-1))
+
+
+def _use(trainer, monkeypatch, answer, **settings):
+    """The trainer with `settings` (gdqa.* / rl.*) and the scripted policy; the GDQA state, the
+    re-roll policy and the data iterator are the trainer's own, rebuilt from its config. Returns
+    the policy and the list the step's records (all micro-batches, in order) are appended to."""
+    from anatomy_r1_jax.methods.augmentation import GDQAState
+    from anatomy_r1_jax.methods.reroll import reroll_policy
+
+    c = _config()
+    for field, value in settings.items():
+        section, name = field.split(".")
+        c[section][name] = value
+    monkeypatch.setattr(trainer, "config", c)
+    monkeypatch.setattr(trainer, "gdqa", GDQAState(trigger=c.gdqa.trigger, num_variants=c.gdqa.num_variants,
+                                                   kinds=tuple(c.gdqa.kinds)))
+    monkeypatch.setattr(trainer, "reroll", reroll_policy(c))
+    monkeypatch.setattr(trainer, "it", iter(trainer.pipeline))
+    policy = ScriptedPolicy(trainer, answer)
+    monkeypatch.setattr(trainer, "rollout", policy)
+    records, step_records = [], trainer._step_records
+    monkeypatch.setattr(trainer, "_step_records", lambda *a: records.extend(step_records(*a)) or list(records))
+    return policy, records
+
+
+def _rows(trainer, batch):
+    """(the prompt text of each completion row as the update expands the batch's S prompt rows,
+    the completion texts, the rewards, S)."""
+    ids, mask = np.asarray(batch.prompt.input_ids), np.asarray(batch.prompt.attention_mask)
+    decoded = [trainer.tokenizer.decode(r[m > 0].tolist(), skip_special_tokens=False) for r, m in zip(ids, mask)]
+    texts = trainer.decode(batch.completions)
+    q = len(texts) // G
+    s = len(decoded) // q
+    prompts = [decoded[p * s + j % s] for p in range(q) for j in range(G)]
+    return prompts, texts, np.asarray(batch.rewards), s
+
+
+def _letter(text):
+    return re.search(r"<answer>(.*)</answer>", text).group(1)
+
+
+def _call(text):
+    return int(re.search(r"<think>(\d+)</think>", text).group(1))
+
+
+def _reward_of_a(prompt, record):
+    """format 1 + accuracy of answering "A" to `prompt`, a variant of `record`."""
+    assert record.question in prompt
+    return 1.0 + float(_options(prompt)["A"] == record.answer_text)
+
+
+def answer_a(call, k, prompt):
+    return f"<think>{call}</think><answer>A</answer>"
+
+
+def test_gdqa_pooling_rows_prompts_rewards_and_records_line_up(trainer, monkeypatch):
+    """GDQA variants on every group (trigger "always", 2 option orders per group of G = 4: S = 2
+    prompt rows per group). The policy answers "A", so a row is right exactly when its prompt's
+    option A is its query's answer: each row's reward must be that of its own prompt row
+    (q * S + j % S), of its own query (micro-batch slices in order)."""
+    _, records = _use(trainer, monkeypatch, answer_a, **{"gdqa.trigger": "always", "gdqa.kinds": ("permute",)})
+    batches, out = trainer._grpo_batches(step=5)
+    assert out["prompts_per_group"] == 2.0 and out["gdqa_triggered"] == 1.0
+    expected_all, swapped_all = [], []
+    for i, b in enumerate(batches):
+        prompts, texts, rewards, s = _rows(trainer, b)
+        assert s == 2 and all(_letter(t) == "A" for t in texts)
+        queries = records[i * 2:(i + 1) * 2]
+        expected = [_reward_of_a(prompts[k], queries[k // G]) for k in range(len(texts))]
+        np.testing.assert_array_equal(rewards, expected)
+        for p in range(2):
+            assert len({prompts[p * G + j] for j in range(G)}) == 2  # rows alternate over the two variants
+        expected_all += expected
+        swapped_all += [_reward_of_a(prompts[k ^ 1], queries[k // G]) for k in range(len(texts))]
+    assert expected_all != swapped_all  # the check can tell the variants of a group apart
+
+
+def test_online_reroll_replaces_exactly_the_all_equal_groups(trainer, monkeypatch):
+    """GDQA online: the first rollouts answer "A" except for a row without format in group 0 of
+    micro-batch 0 and in both groups of micro-batch 1 (those groups diverge). The one re-roll (call
+    2, micro-batch 0) must replace exactly the rows of group 1 of micro-batch 0, now over 4 variants;
+    micro-batch 1, not re-rolled, must still get S = 4 prompt rows per group for its plain groups."""
+    diverge = {(0, 0), (1, 0), (1, G)}
+
+    def answer(call, k, prompt):
+        return "oops" if (call, k) in diverge else answer_a(call, k, prompt)
+
+    policy, records = _use(trainer, monkeypatch, answer, **{"gdqa.trigger": "online", "gdqa.kinds": ("permute",),
+                                                            "gdqa.num_variants": 4})
+    batches, out = trainer._grpo_batches(step=7)
+    assert len(policy.prompts) == 3  # 2 micro-batch rollouts + 1 re-roll (max_rerolls = 1)
+    calls = [[_call(t) if t != "oops" else -1 for t in _rows(trainer, b)[1]] for b in batches]
+    assert calls == [[-1] + [0] * (G - 1) + [2] * G, [-1] + [1] * (G - 1) + [-1] + [1] * (G - 1)]
+    for i, b in enumerate(batches):
+        prompts, texts, rewards, s = _rows(trainer, b)
+        assert s == 4
+        for p in range(2):
+            variants = len({prompts[k] for k in range(p * G, (p + 1) * G)})
+            assert variants == (4 if (i, p) == (0, 1) else 1)
+            expected = [_reward_of_a(prompts[k], records[2 * i + p]) if texts[k] != "oops" else 0.0
+                        for k in range(p * G, (p + 1) * G)]
+            np.testing.assert_array_equal(rewards[p * G:(p + 1) * G], expected)
+    rerolled = _rows(trainer, batches[0])[2][G:]
+    assert out["gdqa/rerolled_groups"] == 1.0 and out["gdqa/rescued_groups"] == float(len(set(rerolled)) > 1)
+    assert out["gdqa/reroll_rows"] == 2 * G  # one fixed-shape call of 2 groups (padding included)
+    assert out["prompts_per_group"] == 4.0
+    # the trigger state sees the final groups
+    assert trainer.gdqa.last_all_equal[records[0].id] is False
+    assert trainer.gdqa.last_all_equal[records[1].id] is (len(set(rerolled)) == 1)
+
+
+@pytest.mark.parametrize("rounds", [1, 3])
+def test_dynamic_resample_rerolls_the_same_prompts_for_bounded_rounds(trainer, monkeypatch, rounds):
+    """rl.dynamic_sampling="resample": all-equal groups are rolled out again from the same prompts
+    (1 prompt row per group). Both groups of each micro-batch start all-equal; re-roll round 1 rescues
+    group 0, round 2 leaves group 1 all-equal, round 3 rescues it. A rescued group is not re-rolled
+    again, and max_resample_rounds bounds the rounds."""
+
+    def answer(call, k, prompt):
+        if call < 2:
+            return answer_a(call, k, prompt)
+        r = (call - 2) % rounds
+        if (r, k) in ((0, 0), (2, G)):
+            return "oops"
+        return f"<think>{call}</think><answer>{'A' if r == 0 else 'B'}</answer>"
+
+    policy, _ = _use(trainer, monkeypatch, answer, **{"rl.dynamic_sampling": "resample",
+                                                      "rl.max_resample_rounds": rounds})
+    batches, out = trainer._grpo_batches(step=9)
+    assert len(policy.prompts) == 2 + 2 * rounds
+    for i, b in enumerate(batches):
+        prompts, texts, rewards, s = _rows(trainer, b)
+        assert s == 1 and len(set(prompts[:G])) == 1 and len(set(prompts[G:])) == 1
+        first = 2 + rounds * i
+        assert texts[0] == "oops" and all(_call(t) == first for t in texts[1:G])
+        if rounds == 3:
+            assert texts[G] == "oops" and all(_call(t) == first + 2 for t in texts[G + 1:])
+        else:
+            assert all(_call(t) == first for t in texts[G:]) and len(set(rewards[G:])) == 1
+    assert out["dynamic_sampling/rerolled_groups"] == 4.0
+    assert out["dynamic_sampling/rescued_groups"] == (4.0 if rounds == 3 else 2.0)
+    assert out["dynamic_sampling/reroll_rows"] == rounds * 2 * 2 * G
+    assert "gdqa/rerolled_groups" not in out
+
+
+def test_each_phase_applies_its_own_learning_rate(trainer, monkeypatch):
+    """Constant schedules, no warm-up: AdamW's first step moves every weight with a gradient well
+    above eps by lr (|m / sqrt v| = 1 on step 1). Warm-up lr 1e-3, then GRPO lr 1e-5 with fresh
+    moments: the largest move and the typical (median) move of each phase must be its lr. (Moments
+    carried over from the warm-up would give GRPO's weights moves of about 0.5 - 1 lr.)"""
+
+    def moves(before, after):
+        return np.concatenate([np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).ravel()
+                               for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before))])
+
+    def check(delta, lr):
+        moved = delta[delta > 0.1 * lr]
+        assert len(moved) > 0.5 * len(delta)
+        assert delta.max() == pytest.approx(lr, rel=0.02)
+        assert np.median(moved) == pytest.approx(lr, rel=0.02)
+
+    def varied(call, k, prompt):  # half "A", half "B": a group has an advantage unless neither is right
+        return f"<think>{call}</think><answer>{'A' if k % 2 else 'B'}</answer>"
+
+    _use(trainer, monkeypatch, varied)
+    before = jax.device_get(trainer.state.params)
+    trainer.sft_iteration(0)
+    after_sft = jax.device_get(trainer.state.params)
+    check(moves(before, after_sft), 1e-3)
+    trainer._begin_grpo()
+    out = trainer.grpo_iteration(1)
+    assert out["grad_norm"] > 0 and out["invalid_gradient_ratio"] < 1.0
+    check(moves(after_sft, jax.device_get(trainer.state.params)), 1e-5)
