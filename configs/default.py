@@ -46,7 +46,7 @@ def get_config(arg=None):
         # the budget) and at least min_pixels (0: the checkpoint's), as Qwen's processors do.
         max_pixels=0,
         min_pixels=0,
-        eval_size=200,
+        eval_size=0,  # held-out questions evaluated (the first N of data.eval; 0: all, 800 in the synthetic val split)
         workers=0,
         # records with problems (unreadable or missing image, prompt or GDQA variant over prompt_length,
         # images over patches_per_query), found by a pass over all data before training:
