@@ -62,7 +62,7 @@ def _map_roles(batch, rows, replicated, micro_axis: bool):
     if isinstance(batch, PromptBatch):
         return prompt(batch)
     return TrainBatch(prompt=prompt(batch.prompt), completions=jax.tree.map(row, batch.completions),
-                      rewards=row(batch.rewards), categories=row(batch.categories), similarity=row(batch.similarity))
+                      rewards=row(batch.rewards), categories=row(batch.categories))
 
 
 def _global_shape(x, row_dim: int, shard_count: int) -> tuple[int, ...]:
@@ -91,7 +91,10 @@ def batch_shardings(batch, mesh: Mesh, rules, micro_axis: bool = False, shard_co
 def put_batch(batch, mesh: Mesh, rules, micro_axis: bool = False, shard_count: int = 1):
     """Host batch -> global arrays. shard_count 1: every process passes the whole batch (device_put).
     Several data shards: every process passes its shard's rows and patches (train/distributed.py) and
-    the same gather indices; jax.make_array_from_process_local_data assembles the global arrays."""
+    the same gather indices; jax.make_array_from_process_local_data assembles the global arrays.
+    A TrainBatch's similarity stays on the host (None in the result): the update never reads it."""
+    if isinstance(batch, TrainBatch):
+        batch = batch.replace(similarity=None)
     if shard_count == 1:
         return jax.device_put(batch, batch_shardings(batch, mesh, rules, micro_axis))
 

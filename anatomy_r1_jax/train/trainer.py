@@ -221,7 +221,7 @@ class Trainer:
         comp = Completions(ids=ids, mask=mask, logps=np.zeros(ids.shape, np.float32), lengths=mask.sum(-1))
         n = len(records)
         tb = TrainBatch(prompt=self._shard_prompts(batch), completions=comp, rewards=np.zeros((n,), np.float32),
-                        categories=self._categories(records), similarity=np.zeros((n,), np.float32))
+                        categories=self._categories(records))
         self.state, metrics = self.sft_step(self.state, self._place(_stack([tb]), micro_axis=True))
         return {"sft/loss": metrics["loss"], "grad_norm": metrics["grad_norm"]}
 
