@@ -35,7 +35,7 @@ def get_config(arg=None):
 
     c.data = dict(
         train="synthetic",  # a records file (any supported format) or "synthetic"
-        eval="synthetic",
+        eval="synthetic",  # a records file, "" (none) or "synthetic" (the benchmark's val split, with train="synthetic")
         format="auto",
         image_root="",
         synthetic=dict(n=8000, seed=0, image_size=56),
