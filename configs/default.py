@@ -8,8 +8,6 @@ warm-up teaches the answer format, then GRPO trains on CPU in minutes.
 
 import ml_collections
 
-from configs import methods
-
 
 def get_config(arg=None):
     del arg
@@ -35,7 +33,7 @@ def get_config(arg=None):
 
     c.data = dict(
         train="synthetic",  # a records file (any supported format) or "synthetic"
-        eval="synthetic",  # a records file, "" (none) or "synthetic" (the benchmark's val split, with train="synthetic")
+        eval="synthetic",  # a records file, "" (none), "synthetic" (its val split; with train="synthetic")
         format="auto",
         image_root="",
         synthetic=dict(n=8000, seed=0, image_size=56),
@@ -97,6 +95,8 @@ def get_config(arg=None):
         share_prompts=True,
     )
 
+    # The ablation arm (configs/methods.py ARMS): ASC's staged curriculum and GDQA's adaptive trigger.
+    c.method = "anatomy_r1"
     # span: how many leading queries of each epoch the schedule orders: "run" (train.steps x
     # batch_size, so a run shorter than an epoch still climbs every stage), 0 (the whole epoch), or N.
     c.curriculum = dict(backend="matrix", matrix="", schedule="staged", num_stages=4, span="run")
@@ -112,4 +112,4 @@ def get_config(arg=None):
     c.sharding_rules = [("batch", ("data", "fsdp")), ("embed", "fsdp"), ("vision_embed", "fsdp"),
                         ("mlp", "tensor"), ("vision_mlp", "tensor"), ("heads", "tensor"),
                         ("vision_heads", "tensor"), ("kv_heads", "tensor"), ("vocab", "tensor")]
-    return methods.apply_method(c, "anatomy_r1")
+    return c
