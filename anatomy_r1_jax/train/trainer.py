@@ -202,22 +202,12 @@ class Trainer:
         return {"eval/gain": paired["gain"], "eval/gain_ci95": paired["ci95"], "eval/accuracy_start": paired["before"],
                 "eval/gain_n": float(paired["n"])}
 
-    def _sft_target(self, record) -> str:
-        """Warm-up target: "<answer>X</answer>" (target="answer") or the think format with a short
-        rationale naming the structure (target="think"; long rationales do not fit tiny budgets).
-        sft.answer="text" answers with the option text instead of its letter (tiny models from
-        scratch learn to name a structure long before they learn to copy its letter from the
-        option list; such runs score with the lenient accuracy reward, which accepts the text)."""
-        if self.config.sft.target == "answer":
-            return prompts.sft_target(record)
-        answer = record.answer_text if self.config.sft.answer == "text" else None
-        return prompts.think_target(record, reasoning=f"It is the {record.answer_text}.", answer=answer)
-
     def sft_iteration(self, step: int) -> dict:
         queries = next(self.it_sft)
         records = [q.record for q in queries]
         batch = self.collator.prompts([[r] for r in records], [q.images for q in queries])
-        ids, mask = self.collator.targets([self._sft_target(r) for r in records], self.eos_id)
+        c = self.config.sft
+        ids, mask = self.collator.targets([prompts.warmup_target(r, c.target, c.answer) for r in records], self.eos_id)
         comp = Completions(ids=ids, mask=mask, logps=np.zeros(ids.shape, np.float32), lengths=mask.sum(-1))
         n = len(records)
         tb = TrainBatch(prompt=self._shard_prompts(batch), completions=comp, rewards=np.zeros((n,), np.float32),
