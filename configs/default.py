@@ -109,7 +109,12 @@ def get_config(arg=None):
                   calibration_steps=0)
 
     c.mesh = [("data", -1)]
-    c.sharding_rules = [("batch", ("data", "fsdp")), ("embed", "fsdp"), ("vision_embed", "fsdp"),
-                        ("mlp", "tensor"), ("vision_mlp", "tensor"), ("heads", "tensor"),
-                        ("vision_heads", "tensor"), ("kv_heads", "tensor"), ("vocab", "tensor")]
+    # Logical names -> mesh axes (anatomy_r1_jax/sharding.py): weights, then activations (their own
+    # names, MaxText style; activation_batch also places every batch's rows and splits data over hosts).
+    c.sharding_rules = [("embed", "fsdp"), ("vision_embed", "fsdp"), ("mlp", "tensor"), ("vision_mlp", "tensor"),
+                        ("heads", "tensor"), ("vision_heads", "tensor"), ("kv_heads", "tensor"), ("vocab", "tensor"),
+                        ("activation_batch", ("data", "fsdp")), ("activation_embed", "fsdp"),
+                        ("activation_vision_embed", "fsdp"), ("activation_mlp", "tensor"),
+                        ("activation_heads", "tensor"), ("activation_kv_heads", "tensor"),
+                        ("activation_vocab", "tensor")]
     return c

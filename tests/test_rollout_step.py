@@ -22,9 +22,11 @@ from anatomy_r1_jax.train.partitioning import place_state, put_batch, split_mode
 from anatomy_r1_jax.train.step import StepConfig, TrainState, make_optimizer, train_step
 
 GRID = (1, 4, 4)  # 16 patches -> 4 image tokens
-RULES = [("batch", ("data", "fsdp")), ("embed", "fsdp"), ("vision_embed", "fsdp"), ("mlp", "tensor"),
-         ("vision_mlp", "tensor"), ("heads", "tensor"), ("vision_heads", "tensor"), ("kv_heads", "tensor"),
-         ("vocab", "tensor")]
+RULES = [("embed", "fsdp"), ("vision_embed", "fsdp"), ("mlp", "tensor"), ("vision_mlp", "tensor"), ("heads", "tensor"),
+         ("vision_heads", "tensor"), ("kv_heads", "tensor"), ("vocab", "tensor"),
+         ("activation_batch", ("data", "fsdp")), ("activation_embed", "fsdp"), ("activation_vision_embed", "fsdp"),
+         ("activation_mlp", "tensor"), ("activation_heads", "tensor"), ("activation_kv_heads", "tensor"),
+         ("activation_vocab", "tensor")]
 
 
 @functools.lru_cache(maxsize=None)

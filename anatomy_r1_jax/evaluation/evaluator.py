@@ -68,8 +68,8 @@ class EvalSettings:
 
 
 def data_parallel_size(mesh, rules) -> int:
-    """Number of devices batch rows are split over (the mesh axes of the logical `batch` axis)."""
-    spec = sharding.logical_to_spec(("batch",), rules, mesh)
+    """Number of devices batch rows are split over (the mesh axes of the logical `activation_batch` axis)."""
+    spec = sharding.logical_to_spec((sharding.BATCH,), rules, mesh)
     entry = spec[0] if len(spec) else None
     names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
     return int(np.prod([mesh.shape[a] for a in names])) if names else 1

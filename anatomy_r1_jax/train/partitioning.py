@@ -3,7 +3,7 @@
 The state's shardings come from each parameter's logical `axes` (see `anatomy_r1_jax.sharding`);
 optimizer moments follow their parameters. Batch rows (dimension N of [N, ...], or of
 [3, N, ...] for position ids, after an optional leading micro-batch axis) go to the mesh axes of
-the logical `batch` axis; patches of the vision tower likewise, whole queries per device.
+the logical `activation_batch` axis; patches of the vision tower likewise, whole queries per device.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def place_state(tree, mesh: Mesh, rules):
 
 
 def _row_axes(mesh: Mesh, rules) -> tuple | None:
-    spec = sharding.logical_to_spec(("batch",), rules, mesh)
+    spec = sharding.logical_to_spec((sharding.BATCH,), rules, mesh)
     return spec[0] if len(spec) else None
 
 
@@ -79,7 +79,7 @@ def _rows_sharding(x, row_dim: int, mesh: Mesh, rules, shard_count: int) -> Name
 def batch_shardings(batch, mesh: Mesh, rules, micro_axis: bool = False, shard_count: int = 1):
     """NamedShardings for a PromptBatch / TrainBatch (optionally with a leading micro-batch axis).
 
-    Rows go to the `batch` mesh axes; pixel values and per-patch vision inputs are split along
+    Rows go to the `activation_batch` mesh axes; pixel values and per-patch vision inputs are split along
     patches (each device encodes whole queries when queries divide evenly); gather indices
     (`image_rows`, the window permutation) stay replicated. With shard_count > 1 the batch holds
     one data shard's rows and patches: the global arrays have shard_count times as many.
@@ -102,8 +102,8 @@ def put_batch(batch, mesh: Mesh, rules, micro_axis: bool = False, shard_count: i
         sharding, shape = _rows_sharding(x, row_dim, mesh, rules, shard_count), _global_shape(x, row_dim, shard_count)
         if shard_count > 1 and sharding.spec[row_dim] is None:
             raise ValueError(f"a batch of {shape[row_dim]} rows (or patches) does not split over the mesh axes of the "
-                             f"logical 'batch' axis ({_row_axes(mesh, rules)}): with {shard_count} data shards "
-                             f"(hosts), train.batch_size (queries) and the rows it makes must divide by them")
+                             f"logical 'activation_batch' axis ({_row_axes(mesh, rules)}): with {shard_count} data "
+                             f"shards (hosts), train.batch_size (queries) and the rows it makes must divide by them")
         return jax.make_array_from_process_local_data(sharding, np.asarray(x), shape)
 
     replicated = lambda x: jax.make_array_from_process_local_data(NamedSharding(mesh, P()), np.asarray(x))  # noqa: E731
