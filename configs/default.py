@@ -109,12 +109,12 @@ def get_config(arg=None):
                   calibration_steps=0)
 
     c.mesh = [("data", -1)]
-    # Logical names -> mesh axes (anatomy_r1_jax/sharding.py): weights, then activations (their own
-    # names, MaxText style; activation_batch also places every batch's rows and splits data over hosts).
-    c.sharding_rules = [("embed", "fsdp"), ("vision_embed", "fsdp"), ("mlp", "tensor"), ("vision_mlp", "tensor"),
-                        ("heads", "tensor"), ("vision_heads", "tensor"), ("kv_heads", "tensor"), ("vocab", "tensor"),
-                        ("activation_batch", ("data", "fsdp")), ("activation_embed", "fsdp"),
+    # Logical names -> mesh axes (anatomy_r1_jax/sharding.py): activations (names of their own, MaxText
+    # style; activation_batch also places every batch's rows and splits the data over hosts), then weights.
+    c.sharding_rules = [("activation_batch", ("data", "fsdp")), ("activation_embed", "fsdp"),
                         ("activation_vision_embed", "fsdp"), ("activation_mlp", "tensor"),
                         ("activation_heads", "tensor"), ("activation_kv_heads", "tensor"),
-                        ("activation_vocab", "tensor")]
+                        ("activation_vocab", "tensor"),
+                        ("embed", "fsdp"), ("vision_embed", "fsdp"), ("mlp", "tensor"), ("vision_mlp", "tensor"),
+                        ("heads", "tensor"), ("vision_heads", "tensor"), ("kv_heads", "tensor"), ("vocab", "tensor")]
     return c
