@@ -1,15 +1,23 @@
 """Sharding policy as data: logical axis names -> mesh axes.
 
 Every parameter carries its logical axes as Variable metadata (`nnx.Param(x, axes=("embed", "mlp"))`)
-and main activations are constrained with `constrain(x, ("batch", "length", "embed"))`. A config
+and main activations are constrained with `constrain(x, ("activation_batch", "activation_length",
+"activation_embed"))`. Weights and activations have names of their own (MaxText style), so a config
+can shard a weight dimension and leave the same activation dimension whole, or the reverse. A config
 holds the mesh shape and the rules (MaxText / big_vision style), e.g.
 
     mesh = [("data", 2), ("fsdp", 2), ("tensor", 2)]
-    rules = [("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
-             ("kv_heads", "tensor"), ("vocab", "tensor")]
+    rules = [("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("kv_heads", "tensor"),
+             ("vocab", "tensor"),                                               # weights
+             ("activation_batch", ("data", "fsdp")), ("activation_mlp", "tensor"),
+             ("activation_heads", "tensor"), ("activation_vocab", "tensor")]  # activations
 
-Logical names used by the models: batch, length, embed, mlp, heads, kv_heads, head_dim, vocab,
-patches, vision_embed, vision_mlp, vision_heads, layers. A name without a rule is replicated.
+Weight names: embed, mlp, heads, kv_heads, vocab, vision_embed, vision_mlp, vision_heads,
+layers. Activation names (ACTIVATION_NAMES): activation_batch (the rows of every batch: also where
+inputs are placed and how hosts split the data), activation_length, activation_embed,
+activation_mlp, activation_heads, activation_kv_heads, activation_head_dim, activation_vocab,
+activation_patches, activation_vision_embed. A name without a rule is replicated; a rule naming
+neither is refused (`check_rules`).
 """
 
 from __future__ import annotations
@@ -24,6 +32,13 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 Rules = Sequence[tuple[str, Any]]
+
+WEIGHT_NAMES = frozenset({"embed", "mlp", "heads", "kv_heads", "vocab", "vision_embed", "vision_mlp",
+                          "vision_heads", "layers"})
+BATCH = "activation_batch"
+ACTIVATION_NAMES = frozenset({BATCH, "activation_length", "activation_embed", "activation_mlp", "activation_heads",
+                              "activation_kv_heads", "activation_head_dim", "activation_vocab", "activation_patches",
+                              "activation_vision_embed"})
 
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar("sharding", default=None)
 
@@ -47,6 +62,16 @@ def make_mesh(axes: Sequence[tuple[str, int]], devices=None) -> Mesh:
         raise ValueError(f"mesh {axes} needs {int(np.prod(sizes))} devices, {len(devices)} available")
     return jax.make_mesh(tuple(sizes), names, axis_types=(jax.sharding.AxisType.Auto,) * len(names),
                          devices=devices)
+
+
+def check_rules(rules: Rules, field: str = "sharding_rules") -> None:
+    """Raises one line naming a rule whose logical name no weight or activation has (a typo, or a
+    rule list from before activations had names of their own: "batch" is now "activation_batch")."""
+    for name, _ in rules:
+        if name not in WEIGHT_NAMES | ACTIVATION_NAMES:
+            hint = f"; activations are named 'activation_{name}'" if f"activation_{name}" in ACTIVATION_NAMES else ""
+            raise ValueError(f"config {field}: no weight or activation has the logical name {name!r}{hint} "
+                             f"(weights: {sorted(WEIGHT_NAMES)}; activations: {sorted(ACTIVATION_NAMES)})")
 
 
 def logical_to_spec(axes: Sequence[str | None] | None, rules: Rules, mesh: Mesh | None = None) -> P:

@@ -8,8 +8,6 @@ warm-up teaches the answer format, then GRPO trains on CPU in minutes.
 
 import ml_collections
 
-from configs import methods
-
 
 def get_config(arg=None):
     del arg
@@ -35,7 +33,7 @@ def get_config(arg=None):
 
     c.data = dict(
         train="synthetic",  # a records file (any supported format) or "synthetic"
-        eval="synthetic",
+        eval="synthetic",  # a records file, "" (none), "synthetic" (its val split; with train="synthetic")
         format="auto",
         image_root="",
         synthetic=dict(n=8000, seed=0, image_size=56),
@@ -46,7 +44,7 @@ def get_config(arg=None):
         # the budget) and at least min_pixels (0: the checkpoint's), as Qwen's processors do.
         max_pixels=0,
         min_pixels=0,
-        eval_size=200,
+        eval_size=0,  # held-out questions evaluated (the first N of data.eval; 0: all, 800 in the synthetic val split)
         workers=0,
         # records with problems (unreadable or missing image, prompt or GDQA variant over prompt_length,
         # images over patches_per_query), found by a pass over all data before training:
@@ -102,6 +100,8 @@ def get_config(arg=None):
         share_prompts=True,
     )
 
+    # The ablation arm (configs/methods.py ARMS): ASC's staged curriculum and GDQA's adaptive trigger.
+    c.method = "anatomy_r1"
     # span: how many leading queries of each epoch the schedule orders: "run" (train.steps x
     # batch_size, so a run shorter than an epoch still climbs every stage), 0 (the whole epoch), or N.
     c.curriculum = dict(backend="matrix", matrix="", schedule="staged", num_stages=4, span="run")
@@ -117,7 +117,12 @@ def get_config(arg=None):
                   calibration_steps=0, max_rerolls=1)
 
     c.mesh = [("data", -1)]
-    c.sharding_rules = [("batch", ("data", "fsdp")), ("embed", "fsdp"), ("vision_embed", "fsdp"),
-                        ("mlp", "tensor"), ("vision_mlp", "tensor"), ("heads", "tensor"),
-                        ("vision_heads", "tensor"), ("kv_heads", "tensor"), ("vocab", "tensor")]
-    return methods.apply_method(c, "anatomy_r1")
+    # Logical names -> mesh axes (anatomy_r1_jax/sharding.py): activations (names of their own, MaxText
+    # style; activation_batch also places every batch's rows and splits the data over hosts), then weights.
+    c.sharding_rules = [("activation_batch", ("data", "fsdp")), ("activation_embed", "fsdp"),
+                        ("activation_vision_embed", "fsdp"), ("activation_mlp", "tensor"),
+                        ("activation_heads", "tensor"), ("activation_kv_heads", "tensor"),
+                        ("activation_vocab", "tensor"),
+                        ("embed", "fsdp"), ("vision_embed", "fsdp"), ("mlp", "tensor"), ("vision_mlp", "tensor"),
+                        ("heads", "tensor"), ("vision_heads", "tensor"), ("kv_heads", "tensor"), ("vocab", "tensor")]
+    return c

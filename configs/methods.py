@@ -1,6 +1,13 @@
-"""Shared pieces of the configs: the ablation arms and real-model presets.
+"""The presets configs name, as tables of config values ("section.field": value).
 
-An arm is the triple (curriculum schedule, GDQA trigger, dynamic sampling):
+A config file reads top to bottom: configs/default.py, then the tables it names, then its own
+table, applied in that order by `override` (which refuses a field the config does not have):
+
+  ARMS[method]        the ablation arm: method name, curriculum schedule, GDQA trigger, dynamic sampling
+  REAL_MODEL          what every real checkpoint trains with (METHOD.md)
+  REAL_MODELS[name]   per checkpoint: its preset name, family and mesh
+
+The arms (curriculum schedule, GDQA trigger, dynamic sampling):
   grpo         = (none,   off,      off)       plain GRPO, the paper's baseline
   grpo_dynamic = (none,   off,      resample)  GRPO + DAPO-style dynamic sampling (all-equal groups re-rolled)
   asc          = (staged, off,      off)       Anatomical Similarity Curriculum only
@@ -9,78 +16,86 @@ An arm is the triple (curriculum schedule, GDQA trigger, dynamic sampling):
   anatomy_r1   = (staged, adaptive, off)       ASC + GDQA (the paper's method)
 """
 
+import copy
+
 import ml_collections
 
-ARMS = {
-    "grpo": ("none", "off", "off"),
-    "grpo_dynamic": ("none", "off", "resample"),
-    "asc": ("staged", "off", "off"),
-    "gdqa": ("none", "adaptive", "off"),
-    "gdqa_online": ("none", "online", "off"),
-    "anatomy_r1": ("staged", "adaptive", "off"),
+ARMS = {name: {"method": name, "curriculum.schedule": schedule, "gdqa.trigger": trigger,
+               "rl.dynamic_sampling": dynamic}
+        for name, schedule, trigger, dynamic in (
+            ("grpo", "none", "off", "off"), ("grpo_dynamic", "none", "off", "resample"),
+            ("asc", "staged", "off", "off"), ("gdqa", "none", "adaptive", "off"),
+            ("gdqa_online", "none", "online", "off"), ("anatomy_r1", "staged", "adaptive", "off"))}
+
+# METHOD.md's recipe for a real checkpoint (--config.model.path=/local/checkpoint is required). The
+# sampler and optimizer values are written out, not inherited, so that tuning the tiny default run
+# never changes them. Precision policy (train/precision.py): bf16 weights and compute, fp32 gradients,
+# fp32 Adam moments and an fp32 master copy of the weights (lr 1e-5 steps are below bf16's
+# resolution). Memory per trainable parameter: weights 2 + master 4 + Adam 8 + gradients 4 + frozen
+# reference 2 = 20 B, plus activations (remat on); the frozen vision tower (~0.67 B params) costs 2 B/param.
+REAL_MODEL = {
+    "model.dtype": "bfloat16", "model.param_dtype": "bfloat16",
+    "optim.grad_dtype": "float32", "optim.moment_dtype": "float32", "optim.master_weights": True,
+    "model.remat": "full",
+    "model.scan_layers": True,  # compile time independent of depth (docs/benchmarks.md)
+    "model.freeze_vision": True,  # ms-swift's default for GRPO
+    # G = 8, temperature 0.9, top-p 0.9, top-k 50, 512 new tokens, KL 0.04, clip 0.2
+    "rl.group_size": 8, "rl.temperature": 0.9, "rl.top_p": 0.9, "rl.top_k": 50, "rl.max_completion_length": 512,
+    "rl.beta": 0.04, "rl.eps_low": 0.2, "rl.eps_high": 0.2,
+    "optim.lr": 1e-5, "optim.warmup_steps": 10, "optim.weight_decay": 0.0, "optim.grad_clip": 1.0,
+    "optim.b1": 0.9, "optim.b2": 0.999,
+    "sft.steps": 0, "sft.answer": "letter",
+    # the authors' exact-letter accuracy
+    "rl.rewards.format": 1.0, "rl.rewards.accuracy": 1.0, "rl.rewards.accuracy_lenient": 0.0,
+    "data.prompt_length": 1024,
+    # Patches per query (14x14 px each): larger images are resized to fit (data.max_pixels = 0), here
+    # to at most 1296 patches (e.g. 504x504 px); ssg_vqa.py and omnimedvqa.py size it to their frames.
+    "data.patches_per_query": 1296,
+    "train.batch_size": 8, "train.micro_batches": 4, "train.steps": 1000, "train.eval_every": 100,
+    "train.checkpoint_every": 50, "train.logp_chunk": 128,
 }
 
-
-def parse_arg(arg: str | None, **defaults) -> dict:
-    """'method=asc,model=qwen2_5_vl_3b' -> {'method': 'asc', 'model': 'qwen2_5_vl_3b'} over defaults."""
-    out = dict(defaults)
-    for item in filter(None, (arg or "").split(",")):
-        key, _, value = item.partition("=")
-        if key not in defaults:
-            raise ValueError(f"unknown config argument {key!r}; expected some of {sorted(defaults)}")
-        out[key] = value
-    return out
-
-
-def apply_method(c: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
-    if method not in ARMS:
-        raise ValueError(f"unknown method {method!r}; expected one of {sorted(ARMS)}")
-    c.method = method
-    c.curriculum.schedule, c.gdqa.trigger, c.rl.dynamic_sampling = ARMS[method]
-    return c
-
-
-# Real models, trained from a local Hugging Face directory (--config.model.path=...).
-# Precision policy (train/precision.py): bf16 weights and compute, fp32 gradients, fp32 Adam moments
-# and an fp32 master copy of the weights (lr 1e-5 steps are below bf16's resolution). Memory per
-# trainable parameter: weights 2 + master 4 + Adam 8 + gradients 4 + frozen reference 2 = 20 B, plus
-# activations (remat on); the frozen vision tower (~0.67 B params) costs 2 B/param.
+# Memory (20 B per trainable parameter, see REAL_MODEL):
 #   qwen2_vl_2b   2.2 B params -> ~32 GB : one 80 GB GPU; mesh fsdp over all devices by default
 #   qwen2_5_vl_3b 3.8 B params -> ~64 GB : fsdp over 2+ 80 GB GPUs; on one GPU (tight with G=8 x 512
 #                                          tokens) --config.optim.master_weights=False saves 4 B/param
 #   qwen2_5_vl_7b 8.3 B params -> ~154 GB: fsdp over 8 x 80 GB GPUs (~19 GB/device + activations)
 REAL_MODELS = {
-    "qwen2_vl_2b": dict(family="qwen2_vl", mesh=[("data", 1), ("fsdp", -1)]),
-    "qwen2_5_vl_3b": dict(family="qwen2_5_vl", mesh=[("data", 1), ("fsdp", -1)]),
-    "qwen2_5_vl_7b": dict(family="qwen2_5_vl", mesh=[("data", 1), ("fsdp", -1), ("tensor", 1)]),
+    "qwen2_vl_2b": {"model.preset": "qwen2_vl_2b", "model.family": "qwen2_vl", "mesh": [("data", 1), ("fsdp", -1)]},
+    "qwen2_5_vl_3b": {"model.preset": "qwen2_5_vl_3b", "model.family": "qwen2_5_vl",
+                      "mesh": [("data", 1), ("fsdp", -1)]},
+    "qwen2_5_vl_7b": {"model.preset": "qwen2_5_vl_7b", "model.family": "qwen2_5_vl",
+                      "mesh": [("data", 1), ("fsdp", -1), ("tensor", 1)]},
 }
 
 
-def real_model(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
-    """METHOD.md's defaults for a real checkpoint: bf16, remat, frozen vision tower (ms-swift's
-    default for GRPO), G = 8, temperature 0.9, top-p 0.9, top-k 50, 512 new tokens, lr 1e-5."""
-    if name not in REAL_MODELS:
-        raise ValueError(f"unknown model {name!r}; expected one of {sorted(REAL_MODELS)}")
-    spec = REAL_MODELS[name]
-    c.model.preset = name
-    c.model.family = spec["family"]
-    c.model.path = ""  # required: --config.model.path=/local/checkpoint
-    c.model.dtype = c.model.param_dtype = "bfloat16"
-    c.optim.update(grad_dtype="float32", moment_dtype="float32", master_weights=True)
-    c.model.remat = "full"
-    c.model.scan_layers = True  # compile time independent of depth (docs/benchmarks.md)
-    c.model.freeze_vision = True
-    c.tokenizer.path = ""
-    c.rl.update(group_size=8, temperature=0.9, top_p=0.9, top_k=50, max_completion_length=512, beta=0.04,
-                eps_low=0.2, eps_high=0.2)
-    c.optim.update(lr=1e-5, warmup_steps=10, weight_decay=0.0, grad_clip=1.0, b1=0.9, b2=0.999)
-    c.sft.steps = 0
-    c.sft.answer = "letter"
-    c.rl.rewards.update(format=1.0, accuracy=1.0, accuracy_lenient=0.0)  # the authors' exact-letter accuracy
-    c.data.prompt_length = 1024
-    # Patches per query (14x14 px each): larger images are resized to fit (data.max_pixels = 0), here
-    # to at most 1296 patches (e.g. 504x504 px); ssg_vqa.py and omnimedvqa.py size it to their frames.
-    c.data.patches_per_query = 1296
-    c.train.update(batch_size=8, micro_batches=4, steps=1000, eval_every=100, checkpoint_every=50, logp_chunk=128)
-    c.mesh = spec["mesh"]
+def parse_arg(arg: str | None, **choices: tuple[str, dict]) -> dict:
+    """'method=asc,model=qwen2_5_vl_3b' -> {'method': ARMS['asc'], 'model': REAL_MODELS[...]}: each
+    keyword is (default name, its table of presets); unknown keys or names raise one line."""
+    names = {key: default for key, (default, _) in choices.items()}
+    for item in filter(None, (arg or "").split(",")):
+        key, _, value = item.partition("=")
+        if key not in choices:
+            raise ValueError(f"unknown config argument {key!r}; expected some of {sorted(choices)}")
+        names[key] = value
+    out = {}
+    for key, name in names.items():
+        table = choices[key][1]
+        if name not in table:
+            raise ValueError(f"unknown {key} {name!r}; expected one of {sorted(table)}")
+        out[key] = table[name]
+    return out
+
+
+def override(c: ml_collections.ConfigDict, *tables: dict) -> ml_collections.ConfigDict:
+    """Sets every "section.field": value of `tables`, in order, on existing fields of `c`."""
+    for table in tables:
+        for dotted, value in table.items():
+            *path, field = dotted.split(".")
+            node = c
+            for part in path:
+                node = node[part]
+            if field not in node:
+                raise KeyError(f"preset field {dotted!r} is not a field of the config")
+            node[field] = copy.deepcopy(value)
     return c

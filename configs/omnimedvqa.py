@@ -13,15 +13,13 @@ from configs import default, methods
 
 
 def get_config(arg=None):
-    args = methods.parse_arg(arg, model="qwen2_5_vl_3b", method="anatomy_r1")
-    c = methods.real_model(default.get_config(), args["model"])
-    c.data.train = c.data.eval = ""
-    c.data.format = "auto"
-    c.data.prompt_variant = "grpo"
-    c.data.eval_size = 0
-    # OmniMedVQA images are mostly 384x384: 392x392 px, 28x28 = 784 patches, 196 image tokens. Larger
-    # images are resized to fit 784 patches (aspect ratio kept).
-    c.data.patches_per_query = 784
-    c.curriculum.backend = "embedding"
-    c.gdqa.kinds = ("rephrase", "permute")
-    return methods.apply_method(c, args["method"])
+    args = methods.parse_arg(arg, model=("qwen2_5_vl_3b", methods.REAL_MODELS), method=("anatomy_r1", methods.ARMS))
+    return methods.override(default.get_config(), methods.REAL_MODEL, args["model"], {
+        "data.train": "", "data.eval": "",  # required: local QA files
+        "data.prompt_variant": "grpo",
+        # OmniMedVQA images are mostly 384x384: 392x392 px, 28x28 = 784 patches, 196 image tokens. Larger
+        # images are resized to fit 784 patches (aspect ratio kept).
+        "data.patches_per_query": 784,
+        "curriculum.backend": "embedding",
+        "gdqa.kinds": ("rephrase", "permute"),
+    }, args["method"])

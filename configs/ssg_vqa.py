@@ -17,15 +17,14 @@ from configs import default, methods
 
 
 def get_config(arg=None):
-    args = methods.parse_arg(arg, model="qwen2_5_vl_7b", method="anatomy_r1")
-    c = methods.real_model(default.get_config(), args["model"])
-    c.data.train = c.data.eval = ""  # required: local record files
-    c.data.prompt_variant = ""  # each record's own template (grpo / numbered / numbered_choice)
-    c.data.eval_size = 0
-    # CholecT45 frames (854x480) at the size Qwen's own processor gives them: 840x476 px, 60x34 = 2040
-    # patches, 510 image tokens (+ ~200 prompt tokens < prompt_length 1024). Larger frames are resized
-    # to fit; a smaller budget resizes these too (e.g. 1296: 672x364 px, 1248 patches).
-    c.data.patches_per_query = 2040
-    c.curriculum.backend = "embedding"
-    c.gdqa.kinds = ("rephrase", "permute", "template")
-    return methods.apply_method(c, args["method"])
+    args = methods.parse_arg(arg, model=("qwen2_5_vl_7b", methods.REAL_MODELS), method=("anatomy_r1", methods.ARMS))
+    return methods.override(default.get_config(), methods.REAL_MODEL, args["model"], {
+        "data.train": "", "data.eval": "",  # required: local record files
+        "data.prompt_variant": "",  # each record's own template (grpo / numbered / numbered_choice)
+        # CholecT45 frames (854x480) at the size Qwen's own processor gives them: 840x476 px, 60x34 = 2040
+        # patches, 510 image tokens (+ ~200 prompt tokens < prompt_length 1024). Larger frames are resized
+        # to fit; a smaller budget resizes these too (e.g. 1296: 672x364 px, 1248 patches).
+        "data.patches_per_query": 2040,
+        "curriculum.backend": "embedding",
+        "gdqa.kinds": ("rephrase", "permute", "template"),
+    }, args["method"])

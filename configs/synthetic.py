@@ -10,5 +10,5 @@ from configs import default, methods
 
 
 def get_config(arg=None):
-    args = methods.parse_arg(arg, method="anatomy_r1")
-    return methods.apply_method(default.get_config(), args["method"])
+    args = methods.parse_arg(arg, method=("anatomy_r1", methods.ARMS))
+    return methods.override(default.get_config(), args["method"])

@@ -105,8 +105,7 @@ def measure(args) -> dict:
     rewards = jnp.asarray(np.random.default_rng(0).integers(0, 3, n).astype(np.float32))
 
     def batch_of(comp):
-        b = TrainBatch(prompt=prompts, completions=comp, rewards=rewards, categories=jnp.zeros((n,), jnp.int32),
-                       similarity=jnp.zeros((n,), jnp.float32))
+        b = TrainBatch(prompt=prompts, completions=comp, rewards=rewards, categories=jnp.zeros((n,), jnp.int32))
         return jax.tree.map(lambda x: x[None], b)
 
     holder = {"state": state}

@@ -47,7 +47,8 @@ _TOP_P = flags.DEFINE_float("top_p", None, "nucleus mass (default: config.rl.top
 _TOP_K = flags.DEFINE_integer("top_k", None, "top-k (default: config.rl.top_k; 0 disables)")
 _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
 _ACCURACY = flags.DEFINE_enum("accuracy", None, ["accuracy", "accuracy_lenient"],
-                              "correctness rule (default: lenient when config.rl.accuracy_mode == 'lenient')")
+                              "correctness rule (default: the run's, the first accuracy reward with a non-zero "
+                              "weight in config.rl.rewards, as training reports it)")
 _LIMIT = flags.DEFINE_integer("limit", 0, "evaluate the first N records of each dataset (0: all)")
 
 
@@ -72,14 +73,14 @@ def main(argv):
     from anatomy_r1_jax.data.pipeline import ensure_flags_parsed
     from anatomy_r1_jax.evaluation.evaluator import EvalSettings
     from anatomy_r1_jax.evaluation.run_config import config_from_flags
+    from anatomy_r1_jax.evaluation.scoring import run_accuracy
     from anatomy_r1_jax.evaluation.sweep import run_sweep
     from anatomy_r1_jax.train.distributed import maybe_initialize
 
     ensure_flags_parsed()
     maybe_initialize()
     config = config_from_flags(_CONFIG, _CHECKPOINTS.value)
-    accuracy = _ACCURACY.value or (
-        "accuracy_lenient" if config.rl.get("accuracy_mode", "strict") == "lenient" else "accuracy")
+    accuracy = _ACCURACY.value or run_accuracy(config.rl.rewards)
     settings = EvalSettings(batch_size=_BATCH.value, samples=_SAMPLES.value, ks=tuple(int(k) for k in _KS.value),
                             temperature=_TEMPERATURE.value, top_p=_TOP_P.value, top_k=_TOP_K.value, seed=_SEED.value,
                             accuracy=accuracy)

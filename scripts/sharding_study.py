@@ -35,21 +35,25 @@ from anatomy_r1_jax.requirements import check_installed  # noqa: E402
 
 check_installed()  # one line naming a missing package
 
-DEFAULT_RULES = [("batch", ("data", "fsdp")), ("embed", "fsdp"), ("vision_embed", "fsdp"), ("mlp", "tensor"),
-                 ("vision_mlp", "tensor"), ("heads", "tensor"), ("vision_heads", "tensor"), ("kv_heads", "tensor"),
-                 ("vocab", "tensor")]
+# Weights and activations (their own logical names) on the same mesh axes, as configs/default.py.
+DEFAULT_RULES = [("embed", "fsdp"), ("vision_embed", "fsdp"), ("mlp", "tensor"), ("vision_mlp", "tensor"),
+                 ("heads", "tensor"), ("vision_heads", "tensor"), ("kv_heads", "tensor"), ("vocab", "tensor"),
+                 ("activation_batch", ("data", "fsdp")), ("activation_embed", "fsdp"),
+                 ("activation_vision_embed", "fsdp"), ("activation_mlp", "tensor"), ("activation_heads", "tensor"),
+                 ("activation_kv_heads", "tensor"), ("activation_vocab", "tensor")]
 TENSOR_RULES = [r for r in DEFAULT_RULES if r[1] == "tensor"]
-FSDP_RULES = [("batch", "fsdp"), ("embed", "fsdp"), ("vision_embed", "fsdp")]
+FSDP_RULES = [("activation_batch", "fsdp"), ("embed", "fsdp"), ("vision_embed", "fsdp"), ("activation_embed", "fsdp"),
+              ("activation_vision_embed", "fsdp")]
 
 # name -> (mesh, logical rules); -1 takes the remaining devices.
 STRATEGIES = {
     "single": ([("data", 1)], DEFAULT_RULES),
-    "data": ([("data", -1)], [("batch", "data")]),
+    "data": ([("data", -1)], [("activation_batch", "data")]),
     "fsdp": ([("fsdp", -1)], FSDP_RULES),
     "tensor": ([("tensor", -1)], TENSOR_RULES),
     "mixed": ([("data", -1), ("fsdp", 2), ("tensor", 2)], DEFAULT_RULES),
     "fsdp_tensor": ([("fsdp", -1), ("tensor", 2)], FSDP_RULES + TENSOR_RULES),
-    "data_fsdp": ([("data", 2), ("fsdp", -1)], [("batch", ("data", "fsdp"))] + FSDP_RULES[1:]),
+    "data_fsdp": ([("data", 2), ("fsdp", -1)], [("activation_batch", ("data", "fsdp"))] + FSDP_RULES[1:]),
 }
 DEFAULT_STRATEGIES = ("single", "data", "fsdp", "tensor", "mixed")
 # old: the first study's batch (8 micro-batches of one query's 8 rows, a prompt row per completion;

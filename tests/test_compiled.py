@@ -4,6 +4,7 @@ rules, compiled once, and num_iterations > 1 as PPO epochs over one rollout with
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from anatomy_r1_jax import sharding
@@ -49,6 +50,37 @@ def test_update_is_traced_under_the_rules_and_compiles_once():
     assert jax.tree.map(lambda x: x.sharding, fresh) == jax.tree.map(lambda x: x.sharding, state)
     update(fresh, batch)
     assert update._cache_size() == 1
+
+
+def test_weights_and_activations_have_logical_names_of_their_own():
+    """A weight rule shards weights only, an activation rule activations only: the logits are
+    constrained by activation_vocab, never by the lm_head's vocab rule; unknown names are refused."""
+    model = QwenVL(CFG, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    axes = {a for v in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+            for a in (v.get_metadata().get("axes") or ()) if a}
+    assert axes and axes <= sharding.WEIGHT_NAMES and not axes & sharding.ACTIVATION_NAMES
+    mesh = sharding.make_mesh([("tensor", 8)])
+    hidden = jnp.ones((2, 4, CFG.hidden_size), jnp.float32)
+
+    def logits_spec(rules):
+        with sharding.use_rules(mesh, rules):
+            out = jax.jit(lambda s, h: nnx.merge(graphdef, s).logits(h))(state, hidden)
+        return tuple(out.sharding.spec) + (None,) * (3 - len(out.sharding.spec))
+
+    assert logits_spec([("vocab", "tensor")])[2] is None
+    assert logits_spec([("activation_vocab", "tensor")])[2] == "tensor"
+    with pytest.raises(ValueError, match="'batch'; activations are named 'activation_batch'"):
+        Programs.create(graphdef, mesh, [("batch", "tensor")])
+
+
+def test_placed_train_batch_leaves_similarity_on_the_host():
+    """S(q) per row is never read by the update: placement does not send it to the devices."""
+    mesh = sharding.make_mesh([("data", 2), ("fsdp", 2), ("tensor", 2)])
+    host = _stack([_train_batch(seed=0)])
+    placed = put_batch(host, mesh, RULES, micro_axis=True)
+    assert host.similarity is not None and placed.similarity is None
+    assert len(jax.tree.leaves(placed)) == len(jax.tree.leaves(host)) - 1
 
 
 def _masked(x, mask):

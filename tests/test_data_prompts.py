@@ -15,6 +15,7 @@ from anatomy_r1_jax.data import (
     read_records,
     sft_target,
     think_target,
+    warmup_target,
 )
 
 RELEASED = Path("/work/shared/data/anatomy_r1")
@@ -90,3 +91,17 @@ def test_targets_satisfy_the_authors_rewards():
     assert think_target(RECORD, "  top-left is red and banded  ") == (
         "<think>top-left is red and banded</think><answer>B</answer>"
     )
+
+
+def test_warmup_targets_by_config():
+    """sft.target x sft.answer: the no-think answer, or the think format answering with the letter
+    or the option text; each scores 1 on format (think) and on the accuracy it is trained for."""
+    text = RECORD.answer_text
+    assert warmup_target(RECORD, "answer", "letter") == "<answer>B</answer>"
+    assert warmup_target(RECORD, "think", "letter") == f"<think>It is the {text}.</think><answer>B</answer>"
+    by_text = warmup_target(RECORD, "think", "text")
+    assert by_text == f"<think>It is the {text}.</think><answer>{text}</answer>" and FORMAT_REWARD.match(by_text)
+    with pytest.raises(ValueError, match="config sft.answer='Text'"):
+        warmup_target(RECORD, "think", "Text")
+    with pytest.raises(ValueError, match="config sft.target='cot'"):
+        warmup_target(RECORD, "cot", "letter")

@@ -70,6 +70,48 @@ def test_pass_at_k_is_the_probability_over_k_subsets():
         metrics.pass_at_k(4, 1, 5)
 
 
+def test_paired_difference_hand_example():
+    """Five questions: two gained, one lost, two unchanged: d = (1, 1, -1, 0, 0), mean 0.2,
+    sd (n - 1) = sqrt(0.7), half-width 1.96 sqrt(0.7) / sqrt(5)."""
+    before, after = [0, 0, 1, 1, 0], [1, 1, 0, 1, 0]
+    out = metrics.paired_difference(before, after)
+    assert out["n"] == 5 and out["before"] == 0.4 and out["after"] == 0.6
+    assert math.isclose(out["gain"], 0.2, abs_tol=1e-12)
+    assert math.isclose(out["ci95"], metrics.Z95 * math.sqrt(0.7) / math.sqrt(5), rel_tol=1e-12)
+    assert metrics.paired_difference([1, 0], [1, 0])["ci95"] == 0.0  # identical answers: no uncertainty
+    assert math.isnan(metrics.paired_difference([1], [0])["ci95"])
+    with pytest.raises(ValueError):
+        metrics.paired_difference([1, 0], [1])
+
+
+def test_paired_difference_interval_matches_bootstrap_and_covers_95_percent():
+    """Correlated 0/1 outcomes of 400 questions (the same model before and after a small update):
+    the half-width equals the bootstrap's (2.5 / 97.5 percentiles of resampled mean differences)
+    within 10%, is much narrower than an unpaired interval, and over 2000 simulated evaluations
+    covers the true gain 93-97% of the time."""
+    rng = np.random.default_rng(0)
+    n, p_before, p_flip_up, p_flip_down = 400, 0.6, 0.25, 0.08
+    true_gain = (1 - p_before) * p_flip_up - p_before * p_flip_down
+
+    def draw(size):
+        before = rng.random(size) < p_before
+        up, down = rng.random(size) < p_flip_up, rng.random(size) < p_flip_down
+        return before.astype(float), np.where(before, ~down, up).astype(float)
+
+    before, after = draw(n)
+    out = metrics.paired_difference(before, after)
+    idx = rng.integers(0, n, size=(4000, n))
+    boot = (after[idx] - before[idx]).mean(1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    assert abs(out["ci95"] - (hi - lo) / 2) < 0.1 * out["ci95"]
+    unpaired = metrics.Z95 * math.sqrt(before.var(ddof=1) / n + after.var(ddof=1) / n)
+    assert out["ci95"] < 0.8 * unpaired
+
+    sims = [metrics.paired_difference(*draw(n)) for _ in range(2000)]
+    coverage = np.mean([abs(s["gain"] - true_gain) <= s["ci95"] for s in sims])
+    assert 0.93 <= coverage <= 0.97, coverage
+
+
 def _record(i, answer, category, qtype="location"):
     options = ("Liver", "Gut", "Omentum", "Gallbladder")
     return Record(id=f"q{i}", images=("x.png",), question="Which?", options=options, answer=answer,

@@ -43,12 +43,14 @@ def test_regroups_and_the_online_trigger():
 
 @pytest.mark.parametrize("arm", sorted(methods.ARMS))
 def test_every_arm_sets_its_three_fields(arm):
-    c = methods.apply_method(default.get_config(), arm)
-    assert (c.curriculum.schedule, c.gdqa.trigger, c.rl.dynamic_sampling) == methods.ARMS[arm]
+    c = methods.override(default.get_config(), methods.ARMS[arm])
+    assert (c.method, c.curriculum.schedule, c.gdqa.trigger, c.rl.dynamic_sampling) == (
+        arm, *(methods.ARMS[arm][k] for k in ("curriculum.schedule", "gdqa.trigger", "rl.dynamic_sampling")))
     reroll_policy(c)  # a valid combination
     aug.GDQAState(trigger=c.gdqa.trigger)
 
 
 def test_the_new_arms():
-    assert methods.ARMS["grpo_dynamic"] == ("none", "off", "resample")
-    assert methods.ARMS["gdqa_online"] == ("none", "online", "off")
+    fields = ("curriculum.schedule", "gdqa.trigger", "rl.dynamic_sampling")
+    assert tuple(methods.ARMS["grpo_dynamic"][k] for k in fields) == ("none", "off", "resample")
+    assert tuple(methods.ARMS["gdqa_online"][k] for k in fields) == ("none", "online", "off")

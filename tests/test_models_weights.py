@@ -20,9 +20,11 @@ from anatomy_r1_jax.models.presets import PRESETS, preset_hf_config, tiny_hf_con
 from anatomy_r1_jax.models.vision import vision_inputs
 from anatomy_r1_jax.models.weights import _layer_paths, abstract_model
 
-RULES = [("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
-         ("kv_heads", "tensor"), ("vocab", "tensor"), ("vision_embed", "fsdp"), ("vision_mlp", "tensor"),
-         ("vision_heads", "tensor")]
+RULES = [("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("kv_heads", "tensor"), ("vocab", "tensor"),
+         ("vision_embed", "fsdp"), ("vision_mlp", "tensor"), ("vision_heads", "tensor"),
+         ("activation_batch", ("data", "fsdp")), ("activation_embed", "fsdp"), ("activation_mlp", "tensor"),
+         ("activation_heads", "tensor"), ("activation_kv_heads", "tensor"), ("activation_vocab", "tensor"),
+         ("activation_vision_embed", "fsdp")]
 
 
 @pytest.fixture(scope="module")

@@ -55,8 +55,7 @@ def test_forward_and_update_flops_match_xla(shared):
     rng = np.random.default_rng(1)
     batch = TrainBatch(prompt=prompts, completions=Completions(ids=ones, mask=ones, logps=ones * 0.0,
                                                               lengths=ones.sum(-1)),
-                       rewards=rng.normal(size=Q * G).astype(np.float32), categories=np.zeros(Q * G, np.int32),
-                       similarity=np.zeros(Q * G, np.float32))
+                       rewards=rng.normal(size=Q * G).astype(np.float32), categories=np.zeros(Q * G, np.int32))
     batch = jax.tree.map(lambda x: np.asarray(x)[None], batch)
     step = functools.partial(train_step, graphdef, tx, StepConfig(group_size=G, beta=0.04, logp_chunk=T))
     update = xla_flops(step, st, batch)

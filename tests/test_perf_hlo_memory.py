@@ -16,7 +16,8 @@ from anatomy_r1_jax.train.partitioning import place_state, split_model
 from anatomy_r1_jax.train.precision import BF16
 from anatomy_r1_jax.train.step import StepConfig, make_optimizer, train_step
 
-FSDP = [("batch", "fsdp"), ("embed", "fsdp"), ("vision_embed", "fsdp")]
+FSDP = [("embed", "fsdp"), ("vision_embed", "fsdp"), ("activation_batch", "fsdp"), ("activation_embed", "fsdp"),
+        ("activation_vision_embed", "fsdp")]
 
 HLO = """
   %all-reduce.1 = f32[8,128]{1,0} all-reduce(f32[8,128]{1,0} %x), replica_groups={{0,1}}, to_apply=%add
@@ -70,7 +71,8 @@ def test_bytes_per_device_of_arrays_and_abstract_state():
 
 def test_abstract_update_compiles_with_memory_analysis():
     mesh = sharding.make_mesh([("fsdp", 2), ("tensor", 2)], jax.devices()[:4])
-    rules = [("batch", "fsdp"), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor")]
+    rules = [("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("activation_batch", "fsdp"),
+             ("activation_embed", "fsdp"), ("activation_mlp", "tensor"), ("activation_heads", "tensor")]
     cfg = QwenVLConfig.from_hf(workloads.size_config("tiny", num_hidden_layers=1, vision_depth=1,
                                                      fullatt_block_indexes=(0,)))
     tx = make_optimizer(1e-3)

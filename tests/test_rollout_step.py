@@ -23,9 +23,11 @@ from anatomy_r1_jax.train.partitioning import place_state, put_batch, split_mode
 from anatomy_r1_jax.train.step import StepConfig, TrainState, make_optimizer, train_step
 
 GRID = (1, 4, 4)  # 16 patches -> 4 image tokens
-RULES = [("batch", ("data", "fsdp")), ("embed", "fsdp"), ("vision_embed", "fsdp"), ("mlp", "tensor"),
-         ("vision_mlp", "tensor"), ("heads", "tensor"), ("vision_heads", "tensor"), ("kv_heads", "tensor"),
-         ("vocab", "tensor")]
+RULES = [("embed", "fsdp"), ("vision_embed", "fsdp"), ("mlp", "tensor"), ("vision_mlp", "tensor"), ("heads", "tensor"),
+         ("vision_heads", "tensor"), ("kv_heads", "tensor"), ("vocab", "tensor"),
+         ("activation_batch", ("data", "fsdp")), ("activation_embed", "fsdp"), ("activation_vision_embed", "fsdp"),
+         ("activation_mlp", "tensor"), ("activation_heads", "tensor"), ("activation_kv_heads", "tensor"),
+         ("activation_vocab", "tensor")]
 
 
 @functools.lru_cache(maxsize=None)
@@ -128,7 +130,7 @@ def _train_batch(seed=0, queries=2, group=4, t=6):
     comp = Completions(ids=ids * mask, mask=mask, logps=np.zeros((n, t), np.float32), lengths=lengths)
     rewards = rng.integers(0, 3, n).astype(np.float32)
     return TrainBatch(prompt=pb, completions=comp, rewards=rewards, categories=np.zeros(n, np.int32),
-                      similarity=np.zeros(n, np.float32))
+                      similarity=rng.random(n).astype(np.float32))
 
 
 def _stack(items):
@@ -176,8 +178,7 @@ def _slice_batch(b: TrainBatch, lo, hi):
                       pixel_values=pb.pixel_values[q * 16:(q + 1) * 16], vision=one.vision,
                       image_rows=one.image_rows)
     comp = jax.tree.map(lambda x: x[lo:hi], b.completions)
-    return TrainBatch(prompt=sub, completions=comp, rewards=b.rewards[lo:hi], categories=b.categories[lo:hi],
-                      similarity=b.similarity[lo:hi])
+    return TrainBatch(prompt=sub, completions=comp, rewards=b.rewards[lo:hi], categories=b.categories[lo:hi])
 
 
 def test_microbatch_accumulation_and_remat_are_exact():

@@ -37,7 +37,7 @@ def test_train_writes_metrics_plots_checkpoints_and_resumes_after_sigkill(tmp_pa
     after its 3rd checkpoint and restarted: the metrics equal the uninterrupted run's. (One test, so
     that pytest-xdist workers do not each make the uninterrupted run.)"""
     uninterrupted = str(tmp_path / "full")
-    _train(uninterrupted)
+    full = _train(uninterrupted)
     rows = _metrics(uninterrupted)
     assert [r["step"] for r in rows] == list(range(1, 7))
     with open(os.path.join(uninterrupted, "metrics.jsonl")) as f:
@@ -50,6 +50,15 @@ def test_train_writes_metrics_plots_checkpoints_and_resumes_after_sigkill(tmp_pa
     assert any("eval/accuracy" in r for r in grpo)
     # No GDQA variants: every step runs one prompt row per group (prefix sharing).
     assert [r["prompts_per_group"] for r in grpo] == [1.0] * 4
+    # Every GRPO evaluation is paired with the warm-up's last (step 2); the final line reports it.
+    evals = [r for r in rows if "eval/accuracy" in r]
+    assert [r["step"] for r in evals] == [2, 4, 6] and "eval/gain" not in evals[0]
+    for r in evals[1:]:
+        assert r["eval/accuracy_start"] == evals[0]["eval/accuracy"] and r["eval/gain_n"] == 4
+        assert abs(r["eval/gain"] - (r["eval/accuracy"] - evals[0]["eval/accuracy"])) < 1e-9
+    end = evals[-1]
+    assert (f"held-out accuracy {evals[0]['eval/accuracy']:.3f} -> {end['eval/accuracy']:.3f} (4 questions): gain "
+            f"{end['eval/gain']:+.3f} +- {end['eval/gain_ci95']:.3f} (95% CI, paired)") in full.stderr
     assert os.path.exists(os.path.join(uninterrupted, "curves.png"))
     assert os.listdir(os.path.join(uninterrupted, "tensorboard"))
     assert "6" in os.listdir(os.path.join(uninterrupted, "checkpoints"))
@@ -114,3 +123,36 @@ def _train_with(workdir, *, sft_steps, train_steps, calibration, group_size=2, n
            *[f"{k}={v}" for k, v in overrides.items()]]
     out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
+
+
+def test_held_out_accuracy_equals_evaluate_py(tmp_path):
+    """One evaluation path: a warm-up that learns the answer format (a constant structure name,
+    lenient accuracy about 1/6, strict accuracy 0) logs the held-out accuracy scripts/evaluate.py
+    gives its checkpoint, question by question (the warm-up's per-question correctness, where GRPO
+    would start, is kept in the checkpoint)."""
+    workdir = str(tmp_path / "run")
+    warm = {"--config.sft.steps": "60", "--config.sft.lr": "1e-2", "--config.sft.batch_size": "8",
+            "--config.train.steps": "0", "--config.train.checkpoint_every": "60", "--config.data.eval_size": "0",
+            "--config.data.synthetic.n": "200"}
+    base = [a for a in TINY if a.split("=")[0] not in warm]
+    _train(workdir, *base, *[f"{k}={v}" for k, v in warm.items()])
+    start = [r for r in _metrics(workdir) if "eval/accuracy" in r][-1]
+    assert start["step"] == 60 and start["eval/n"] == 20 and start["eval/format"] == 1.0
+    assert 0.0 < start["eval/accuracy"] < 1.0  # a non-trivial answer set to compare
+    assert start["eval/accuracy_lo"] < start["eval/accuracy"] < start["eval/accuracy_hi"]
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    out_dir = str(tmp_path / "eval")
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "evaluate.py"), f"--checkpoints={workdir}",
+           "--datasets=synthetic:val", f"--out={out_dir}"]
+    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    (name,) = os.listdir(os.path.join(out_dir, "results"))
+    with open(os.path.join(out_dir, "results", name)) as f:
+        result = json.load(f)
+    assert result["accuracy"]["value"] == start["eval/accuracy"]
+    assert result["format_failure_rate"]["value"] == 1.0 - start["eval/format"]
+    with open(os.path.join(workdir, "checkpoints", "60", "meta", "metadata")) as f:
+        kept = json.load(f)["eval_start"]
+    assert kept["step"] == 60 and kept["correct"] == {r["id"]: r["correct"] for r in result["records"]}
+

@@ -10,6 +10,7 @@ from anatomy_r1_jax.data.prompts import (
     parse_instruction,
     sft_target,
     think_target,
+    warmup_target,
 )
 from anatomy_r1_jax.data.readers import (
     FORMATS,
@@ -29,5 +30,5 @@ __all__ = [
     "format_sft_prompt", "FORMATS", "image_problem", "LETTERS", "load_image", "load_processor",
     "make_synthetic_dataset", "parse_instruction", "read_class_similarity", "read_records", "Record",
     "record_problems", "resolve_image_path", "sft_target", "SIMILARITY_FILE", "special_token_ids",
-    "think_target", "VARIANTS", "write_class_similarity", "write_records",
+    "think_target", "VARIANTS", "warmup_target", "write_class_similarity", "write_records",
 ]

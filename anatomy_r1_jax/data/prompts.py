@@ -188,3 +188,21 @@ def think_target(record: Record, reasoning: str | None = None, answer: str | Non
     """
     thought = (reasoning if reasoning is not None else default_reasoning(record)).strip()
     return f"<think>{thought}</think><answer>{record.answer if answer is None else answer}</answer>"
+
+
+def warmup_target(record: Record, target: str = "think", answer: str = "letter") -> str:
+    """The supervised warm-up's target text for `record` (config sft.target, sft.answer):
+    target "answer": "<answer>B</answer>" (sft_target); "think": the think format with a short
+    rationale naming the structure ("<think>It is the Liver.</think><answer>B</answer>"; long
+    rationales do not fit tiny completion budgets). answer "text" answers with the option text instead
+    of its letter: tiny models from scratch learn to name a structure long before they learn to copy
+    its letter from the option list; such runs score with the lenient accuracy reward, which accepts
+    the text."""
+    if target not in ("answer", "think"):
+        raise ValueError(f"config sft.target={target!r}: use 'answer' or 'think'")
+    if answer not in ("letter", "text"):
+        raise ValueError(f"config sft.answer={answer!r}: use 'letter' or 'text'")
+    if target == "answer":
+        return sft_target(record)
+    return think_target(record, reasoning=f"It is the {record.answer_text}.",
+                        answer=record.answer_text if answer == "text" else None)

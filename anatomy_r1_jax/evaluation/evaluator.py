@@ -10,7 +10,10 @@
 The compiled programs are ahead-of-time `Compiled` objects: a batch of other shapes or shardings
 raises instead of recompiling (and they are shared by every Evaluator of the process). Batch b of a sweep samples with fold_in(key(seed), b), so results
 depend on (model, records, batch size, seed) only: one device and eight give the same answers.
-B is rounded up to a multiple of the data-parallel size so that rows divide evenly.
+B is rounded up to a multiple of the data-parallel size so that rows divide evenly. With several
+processes every process collates the whole batch (identical on all) and receives every answer.
+The trainer's held-out evaluation is this evaluator too (train/trainer.py), so the accuracy a run
+logs is the one scripts/evaluate.py gives its checkpoint.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from anatomy_r1_jax.data.records import Record
 from anatomy_r1_jax.evaluation.scoring import score, summarize
 from anatomy_r1_jax.rl.rollout import decode_completions
 from anatomy_r1_jax.rl.sampling import SamplingConfig, sampling_config
+from anatomy_r1_jax.train import distributed
 from anatomy_r1_jax.train.compiled import Programs
 from anatomy_r1_jax.train.partitioning import put_batch
 
@@ -64,8 +68,8 @@ class EvalSettings:
 
 
 def data_parallel_size(mesh, rules) -> int:
-    """Number of devices batch rows are split over (the mesh axes of the logical `batch` axis)."""
-    spec = sharding.logical_to_spec(("batch",), rules, mesh)
+    """Number of devices batch rows are split over (the mesh axes of the logical `activation_batch` axis)."""
+    spec = sharding.logical_to_spec((sharding.BATCH,), rules, mesh)
     entry = spec[0] if len(spec) else None
     names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
     return int(np.prod([mesh.shape[a] for a in names])) if names else 1
@@ -140,7 +144,7 @@ class Evaluator:
         cfg = self.greedy_cfg if mode == "greedy" else self.sample_cfg
         batch = put_batch(self.collator.prompts(groups, images), self.mesh, self.rules)
         comp = self._program(mode, params, frozen, batch, rng)(params, frozen, batch, rng)
-        ids, mask = jax.device_get((comp.ids, comp.mask))
+        ids, mask = distributed.to_host((comp.ids, comp.mask))  # every process gets every row
         return decode_completions(self.tokenizer, ids[:rows], mask[:rows], cfg.eos_ids), int(mask[:rows].sum())
 
     # ---- answering ----------------------------------------------------------------------------

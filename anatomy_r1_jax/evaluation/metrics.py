@@ -1,10 +1,17 @@
-"""Evaluation statistics: Wilson intervals, the unbiased pass@k estimator, per-group accuracy.
+"""Evaluation statistics: Wilson intervals, paired differences, the unbiased pass@k estimator,
+per-group accuracy.
 
 Pure Python / NumPy on per-question outcomes; no model code here.
 
     Wilson 95% interval of p = s / n (z = 1.96):
         centre = (p + z^2 / 2n) / (1 + z^2 / n)
         half   = z sqrt(p (1 - p) / n + z^2 / 4n^2) / (1 + z^2 / n)
+
+    Paired difference of two evaluations of the same n questions (correctness a_i before, b_i after):
+        d_i  = b_i - a_i                gain = mean(d) = accuracy_after - accuracy_before
+        half = z sd(d) / sqrt(n)        sd with n - 1 degrees of freedom (normal approximation)
+    Pairing removes the between-question variance both evaluations share, so the interval is
+    narrower than two independent Wilson intervals would suggest.
 
     pass@k from n samples of which c are correct (Chen et al. 2021, unbiased):
         pass@k = 1 - C(n - c, k) / C(n, k)  = 1 - prod_{i = n-c+1}^{n} (1 - k / i)
@@ -32,6 +39,20 @@ def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, fl
     lo = 0.0 if successes <= 0 else max(0.0, centre - half)  # exact ends (no rounding residue)
     hi = 1.0 if successes >= n else min(1.0, centre + half)
     return lo, hi
+
+
+def paired_difference(before: Sequence[float], after: Sequence[float], z: float = Z95) -> dict:
+    """{"gain": mean(after - before), "ci95": z sd(d) / sqrt(n) (half-width; NaN when n < 2), "n": n,
+    "before": mean(before), "after": mean(after)} of per-question scores [n] of the same questions in
+    the same order (e.g. 0/1 correctness at the start and the end of GRPO)."""
+    a, b = np.asarray(before, np.float64), np.asarray(after, np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"paired scores must be two equal-length lists, got shapes {a.shape} and {b.shape}")
+    n = a.size
+    d = b - a
+    half = float(z * d.std(ddof=1) / math.sqrt(n)) if n >= 2 else float("nan")
+    mean = lambda x: float(x.mean()) if n else float("nan")  # noqa: E731
+    return {"gain": mean(d), "ci95": half, "n": int(n), "before": mean(a), "after": mean(b)}
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

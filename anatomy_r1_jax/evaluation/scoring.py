@@ -17,6 +17,14 @@ from anatomy_r1_jax.evaluation import metrics
 from anatomy_r1_jax.rl.rewards import compute_rewards, extract_answer
 
 REWARD_NAMES = ("format", "accuracy", "accuracy_lenient")
+ACCURACY_RULES = ("accuracy", "accuracy_lenient")
+
+
+def run_accuracy(rewards) -> str:
+    """The accuracy rule a run is reported with: the first of its accuracy rewards with a non-zero
+    weight in config.rl.rewards ("accuracy", the authors' exact letter, when none is on). Training
+    metrics, the trainer's held-out evaluation and scripts/evaluate.py all use it."""
+    return next((name for name, weight in dict(rewards).items() if name in ACCURACY_RULES and weight), "accuracy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +58,7 @@ def _rewards(texts: Sequence[str], records: Sequence[Record]) -> dict[str, np.nd
 def score(records: Sequence[Record], greedy_texts: Sequence[str],
           sample_texts: Sequence[Sequence[str]] | None = None, accuracy: str = "accuracy") -> list[Outcome]:
     """Outcomes of N questions: greedy_texts [N]; sample_texts [N][n] (None: no sampling)."""
-    if accuracy not in ("accuracy", "accuracy_lenient"):
+    if accuracy not in ACCURACY_RULES:
         raise ValueError(f"accuracy must be 'accuracy' or 'accuracy_lenient', got {accuracy!r}")
     if len(greedy_texts) != len(records):
         raise ValueError(f"{len(greedy_texts)} answers for {len(records)} questions")

@@ -148,7 +148,7 @@ class Attention(nnx.Module):
         """
         b, length, _ = x.shape
         q = constrain(self.q(x).reshape(b, length, self.num_heads, self.head_dim),
-                      ("batch", "length", "heads", "head_dim"))
+                      ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
         k = self.k(x).reshape(b, length, self.num_kv_heads, self.head_dim)
         v = self.v(x).reshape(b, length, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -156,7 +156,7 @@ class Attention(nnx.Module):
             zero = jnp.zeros((), jnp.int32)
             start = (jnp.asarray(layer, jnp.int32), zero, jnp.asarray(index, jnp.int32), zero, zero)
             kv = tuple(jax.lax.dynamic_update_slice(c, n[None].astype(c.dtype), start) for c, n in zip(kv, (k, v)))
-            k, v = (constrain(c[layer], ("batch", "length", "kv_heads", "head_dim")) for c in kv)
+            k, v = (constrain(c[layer], ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim")) for c in kv)
         out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.implementation)
         return self.o(out.reshape(b, length, self.num_heads * self.head_dim)), kv
 
@@ -172,7 +172,7 @@ class MLP(nnx.Module):
         self.down = Dense(f, e, axes=("mlp", "embed"), **kw)
 
     def __call__(self, x):
-        h = constrain(jax.nn.silu(self.gate(x)) * self.up(x), ("batch", "length", "mlp"))
+        h = constrain(jax.nn.silu(self.gate(x)) * self.up(x), ("activation_batch", "activation_length", "activation_mlp"))
         return self.down(h)
 
 
@@ -190,7 +190,7 @@ class DecoderLayer(nnx.Module):
         h, kv = self.attn(self.input_norm(x), cos, sin, mask, kv, index, layer)
         x = x + h
         x = x + self.mlp(self.post_attention_norm(x))
-        return constrain(x, ("batch", "length", "embed")), kv
+        return constrain(x, ("activation_batch", "activation_length", "activation_embed")), kv
 
 
 class LanguageModel(nnx.Module):
@@ -220,7 +220,7 @@ class LanguageModel(nnx.Module):
         With a cache the L tokens are written at slots [cache.index, cache.index + L) and the returned
         cache has index + L; `hidden` is after the final norm.
         """
-        x = constrain(inputs_embeds, ("batch", "length", "embed"))
+        x = constrain(inputs_embeds, ("activation_batch", "activation_length", "activation_embed"))
         cos, sin = mrope_cos_sin(position_ids, self.head_dim, self.rope_theta, self.mrope_section)
         index = None if cache is None else cache.index
         mask, cache_mask = slot_mask(attention_mask, None if cache is None else cache.mask, index)

@@ -103,7 +103,7 @@ class QwenVL(nnx.Module):
         else:
             out = jnp.einsum("...e,ev->...v", hidden.astype(self.dtype), lm_head.kernel[...].astype(self.dtype),
                              preferred_element_type=jnp.float32)
-        return constrain(out, ("batch", "length", "vocab"))
+        return constrain(out, ("activation_batch", "activation_length", "activation_vocab"))
 
     def init_cache(self, batch: int, max_length: int, dtype=None) -> KVCache:
         """An empty KVCache with `max_length` slots (dtype defaults to the compute dtype)."""

@@ -223,7 +223,7 @@ class VisionBlock(nnx.Module):
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, rows: AttentionRows) -> jax.Array:
         x = x + self.attn(self.norm1(x), cos, sin, rows)
         x = x + self.mlp(self.norm2(x))
-        return constrain(x, ("patches", "vision_embed"))
+        return constrain(x, ("activation_patches", "activation_vision_embed"))
 
 
 class PatchMerger(nnx.Module):
@@ -266,7 +266,7 @@ class VisionTower(nnx.Module):
         p = x.shape[0]
         if cfg.uses_windows:  # gather whole merged units into window order
             x = x.reshape(p // unit, unit, -1)[inputs.window_index].reshape(p, -1)
-        x = constrain(x, ("patches", "vision_embed"))
+        x = constrain(x, ("activation_patches", "activation_vision_embed"))
         cos, sin = rotary_cos_sin(inputs.position_ids, cfg.head_dim, cfg.rope_theta)
         if not cfg.uses_windows:
             step = lambda block, x, i: block(x, cos, sin, inputs.frame_rows)  # noqa: E731

@@ -189,8 +189,7 @@ def train_batch(prompts: PromptBatch, comp: dict[str, np.ndarray]):
     n = comp["ids"].shape[0]
     batch = TrainBatch(prompt=prompts, completions=Completions(
         ids=comp["ids"], mask=comp["mask"], logps=np.zeros(comp["ids"].shape, np.float32),
-        lengths=comp["mask"].sum(-1).astype(np.int32)), rewards=comp["rewards"], categories=np.zeros(n, np.int32),
-        similarity=np.zeros(n, np.float32))
+        lengths=comp["mask"].sum(-1).astype(np.int32)), rewards=comp["rewards"], categories=np.zeros(n, np.int32))
     import jax
 
     return jax.tree.map(lambda x: np.asarray(x)[None], batch)

@@ -42,11 +42,12 @@ class Completions:
 @flax.struct.dataclass
 class TrainBatch:
     """A GRPO update's input: prompts, their completions and rewards [N] (groups contiguous),
-    plus per-row integer categories [N] (anatomy class index; -1 unknown) for metrics and
-    the S(q) of each row [N] for logging."""
+    plus per-row integer categories [N] (anatomy class index; -1 unknown) for metrics.
+    similarity [N] (S(q) of each row) is host-side only: the update never reads it, so placement
+    (partitioning.put_batch) leaves it behind and the device batch holds None."""
 
     prompt: PromptBatch
     completions: Completions
     rewards: jax.Array
     categories: jax.Array
-    similarity: jax.Array
+    similarity: Any = None

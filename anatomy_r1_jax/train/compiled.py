@@ -13,7 +13,7 @@ compiled with the train state's shardings as in- and outputs:
 
 The trainer, the evaluator, the benchmarks and the tests build their programs here, so a test of
 the sharded update tests the program training runs. Batches are placed by
-`partitioning.put_batch` (rows on the mesh axes of the logical `batch` axis) before the call.
+`partitioning.put_batch` (rows on the mesh axes of the logical `activation_batch` axis) before the call.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ class Programs:
 
     @classmethod
     def create(cls, graphdef, mesh, rules) -> "Programs":
+        sharding.check_rules(rules)
         return cls(graphdef, mesh, tuple(tuple(r) for r in rules))
 
     @property

@@ -7,7 +7,7 @@ SLURM_NTASKS > 1 or a GKE TPU pod (TPU_WORKER_HOSTNAMES), which JAX reads itself
 ANATOMY_R1_DISTRIBUTED=1, which leaves all detection to JAX (Cloud TPU VM slices, whose workers
 learn their peers from the metadata server, Open MPI). Single-process runs skip all of it.
 
-Data: the mesh's logical `batch` axis splits every batch's rows over the devices; the processes
+Data: the mesh's logical `activation_batch` axis splits every batch's rows over the devices; the processes
 whose devices hold the same block of rows form one data shard (`DataShard`). Each shard reads and
 preprocesses only its own queries (data/pipeline.py, `shard_block` = its micro-batch), and the
 trainer exchanges only small host values: query indices, prompt-batch bookkeeping (token ids,
@@ -100,16 +100,16 @@ class DataShard:
 
 
 def data_shard(mesh: Mesh, rules) -> DataShard:
-    """This process's DataShard under the mesh and the logical `batch` rule."""
+    """This process's DataShard under the mesh and the logical `activation_batch` rule."""
     n = mesh.devices.size
-    spec = sharding.logical_to_spec(("batch",), rules, mesh)
+    spec = sharding.logical_to_spec((sharding.BATCH,), rules, mesh)
     rows = sorted({i for index in NamedSharding(mesh, P(*spec)).addressable_devices_indices_map((n,)).values()
                    for i in range(*index[0].indices(n))})
     size = len(rows)
     if rows != list(range(rows[0], rows[0] + size)) or rows[0] % size:
         raise ValueError(f"the devices of process {jax.process_index()} hold rows {rows} of {n}: the mesh "
                          f"{dict(mesh.shape)} must give each host one contiguous block of the batch rows; order the "
-                         f"mesh axes so that the logical 'batch' axes come first")
+                         f"mesh axes so that the logical 'activation_batch' axes come first")
     return DataShard(rows[0] // size, n // size)
 
 

@@ -100,25 +100,32 @@ def build_image_processor(config, tokenizer):
 
 
 def build_data(config, workdir: str) -> Data:
-    """Reads (or, for "synthetic", generates into workdir/data) the train and eval records."""
+    """Reads (or, for "synthetic", generates into workdir/data) the train and eval records.
+    data.eval="synthetic" is the synthetic benchmark's val split when training on it; a run that
+    trains on a records file has no synthetic eval set (none is generated): give data.eval=FILE."""
     c = config.data
     matrix = config.curriculum.matrix
     paths = {}
-    if "synthetic" in (c.train, c.eval):
+    if not c.train:
+        raise ValueError("config data.train is empty: give a records file (--config.data.train=PATH) or 'synthetic'")
+    eval_spec = c.eval
+    if c.eval == "synthetic" and c.train != "synthetic":
+        log.warning("data.train=%s is a records file: no synthetic eval set (data.eval='synthetic' is the synthetic "
+                    "benchmark's own split); give held-out questions with --config.data.eval=FILE", c.train)
+        eval_spec = ""
+    if c.train == "synthetic":
         from anatomy_r1_jax.data.synthetic import make_synthetic_dataset
 
         out = os.path.join(workdir, "data")
         paths = make_synthetic_dataset(out, n=c.synthetic.n, seed=c.synthetic.seed, image_size=c.synthetic.image_size)
         matrix = matrix or os.path.join(out, "class_similarity.json")
-    if not c.train:
-        raise ValueError("config data.train is empty: give a records file (--config.data.train=PATH) or 'synthetic'")
     if c.on_error not in validation.ON_ERROR:
         raise ValueError(f"config data.on_error={c.on_error!r}: use one of {validation.ON_ERROR}")
     # images are checked by validate_data (headers only: fast), with the prompt and patch checks
     read = dict(format=c.format, image_root=c.image_root or None, check_images=False,
                 on_bad_record="error" if c.on_error == "raise" else "skip")
     train_file = paths["train"] if c.train == "synthetic" else c.train
-    eval_file = (paths["val"] if c.eval == "synthetic" else c.eval) if c.eval else ""
+    eval_file = (paths["val"] if eval_spec == "synthetic" else eval_spec) if eval_spec else ""
     train = read_records(train_file, **read)
     evals = read_records(eval_file, **read) if eval_file else []
     if c.prompt_variant:
@@ -149,11 +156,19 @@ def validate_data(config, data: Data, tokenizer, image_processor, workdir: str) 
 
 
 def similarity_scores(config, data: Data, model, tokenizer, workdir: str) -> np.ndarray:
-    """S(q) per training record (cached in workdir) with the configured backend."""
+    """S(q) per training record (cached in workdir) with the configured backend. A run whose order
+    does not use S(q) (curriculum.schedule="none": plain GRPO, GDQA alone) and has no class-similarity
+    matrix gets NaN scores (its sq_mean metric is NaN) instead of needing one."""
     backend = config.curriculum.backend
+    if backend == "matrix" and not data.matrix_path and config.curriculum.schedule == "none":
+        log.info("no class-similarity matrix (curriculum.matrix): S(q) is not computed; the shuffled order "
+                 "(curriculum.schedule='none') does not use it")
+        return np.full(len(data.train), np.nan, np.float32)
     if backend == "matrix":
         if not data.matrix_path:
-            raise ValueError("curriculum.backend='matrix' needs curriculum.matrix (a class-similarity JSON)")
+            raise ValueError(f"curriculum.schedule={config.curriculum.schedule!r} orders by S(q): curriculum.backend="
+                             "'matrix' needs curriculum.matrix (a class-similarity JSON), or use "
+                             "--config.curriculum.backend=embedding")
         sim = sim_lib.make_similarity("matrix", matrix=data.matrix_path)
         fingerprint = f"matrix:{os.path.abspath(data.matrix_path)}"
     elif backend == "embedding":

@@ -53,8 +53,10 @@ def read_metrics(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_curves(rows: list[dict], out_path: str, keys: Iterable[str], title: str = "") -> str:
-    """One subplot per metric key against step; saved as PNG."""
+def plot_curves(rows: list[dict], out_path: str, keys: Iterable[str], title: str = "",
+                bands: dict[str, tuple[str, str]] | None = None) -> str:
+    """One subplot per metric key against step; saved as PNG. bands: {key: (low key, high key)}
+    shades an interval around a key's curve (e.g. eval/accuracy's 95% interval)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -69,6 +71,12 @@ def plot_curves(rows: list[dict], out_path: str, keys: Iterable[str], title: str
     for ax, key in zip(axes.flat, keys):
         pts = [(r["step"], r[key]) for r in rows if key in r and r[key] is not None]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 30 else None)
+        lo, hi = (bands or {}).get(key, (None, None))
+        band = [(r["step"], r[lo], r[hi]) for r in rows if lo in r and hi in r]
+        if band:
+            ax.fill_between([b[0] for b in band], [b[1] for b in band], [b[2] for b in band], alpha=0.25,
+                            label="95% interval")
+            ax.legend(fontsize=7)
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.grid(alpha=0.3)

@@ -3,7 +3,7 @@
 The state's shardings come from each parameter's logical `axes` (see `anatomy_r1_jax.sharding`);
 optimizer moments follow their parameters. Batch rows (dimension N of [N, ...], or of
 [3, N, ...] for position ids, after an optional leading micro-batch axis) go to the mesh axes of
-the logical `batch` axis; patches of the vision tower likewise, whole queries per device.
+the logical `activation_batch` axis; patches of the vision tower likewise, whole queries per device.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def place_state(tree, mesh: Mesh, rules):
 
 
 def _row_axes(mesh: Mesh, rules) -> tuple | None:
-    spec = sharding.logical_to_spec(("batch",), rules, mesh)
+    spec = sharding.logical_to_spec((sharding.BATCH,), rules, mesh)
     return spec[0] if len(spec) else None
 
 
@@ -62,7 +62,7 @@ def _map_roles(batch, rows, replicated, micro_axis: bool):
     if isinstance(batch, PromptBatch):
         return prompt(batch)
     return TrainBatch(prompt=prompt(batch.prompt), completions=jax.tree.map(row, batch.completions),
-                      rewards=row(batch.rewards), categories=row(batch.categories), similarity=row(batch.similarity))
+                      rewards=row(batch.rewards), categories=row(batch.categories))
 
 
 def _global_shape(x, row_dim: int, shard_count: int) -> tuple[int, ...]:
@@ -79,7 +79,7 @@ def _rows_sharding(x, row_dim: int, mesh: Mesh, rules, shard_count: int) -> Name
 def batch_shardings(batch, mesh: Mesh, rules, micro_axis: bool = False, shard_count: int = 1):
     """NamedShardings for a PromptBatch / TrainBatch (optionally with a leading micro-batch axis).
 
-    Rows go to the `batch` mesh axes; pixel values and per-patch vision inputs are split along
+    Rows go to the `activation_batch` mesh axes; pixel values and per-patch vision inputs are split along
     patches (each device encodes whole queries when queries divide evenly); gather indices
     (`image_rows`, the window permutation) stay replicated. With shard_count > 1 the batch holds
     one data shard's rows and patches: the global arrays have shard_count times as many.
@@ -91,7 +91,10 @@ def batch_shardings(batch, mesh: Mesh, rules, micro_axis: bool = False, shard_co
 def put_batch(batch, mesh: Mesh, rules, micro_axis: bool = False, shard_count: int = 1):
     """Host batch -> global arrays. shard_count 1: every process passes the whole batch (device_put).
     Several data shards: every process passes its shard's rows and patches (train/distributed.py) and
-    the same gather indices; jax.make_array_from_process_local_data assembles the global arrays."""
+    the same gather indices; jax.make_array_from_process_local_data assembles the global arrays.
+    A TrainBatch's similarity stays on the host (None in the result): the update never reads it."""
+    if isinstance(batch, TrainBatch):
+        batch = batch.replace(similarity=None)
     if shard_count == 1:
         return jax.device_put(batch, batch_shardings(batch, mesh, rules, micro_axis))
 
@@ -99,8 +102,8 @@ def put_batch(batch, mesh: Mesh, rules, micro_axis: bool = False, shard_count: i
         sharding, shape = _rows_sharding(x, row_dim, mesh, rules, shard_count), _global_shape(x, row_dim, shard_count)
         if shard_count > 1 and sharding.spec[row_dim] is None:
             raise ValueError(f"a batch of {shape[row_dim]} rows (or patches) does not split over the mesh axes of the "
-                             f"logical 'batch' axis ({_row_axes(mesh, rules)}): with {shard_count} data shards "
-                             f"(hosts), train.batch_size (queries) and the rows it makes must divide by them")
+                             f"logical 'activation_batch' axis ({_row_axes(mesh, rules)}): with {shard_count} data "
+                             f"shards (hosts), train.batch_size (queries) and the rows it makes must divide by them")
         return jax.make_array_from_process_local_data(sharding, np.asarray(x), shape)
 
     replicated = lambda x: jax.make_array_from_process_local_data(NamedSharding(mesh, P()), np.asarray(x))  # noqa: E731

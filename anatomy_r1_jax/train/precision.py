@@ -22,7 +22,7 @@ Bytes per trainable parameter (the accumulated gradient is transient, during the
     bfloat16 / float32 / float32 / on        2        4       8        4       18     (+2)
     bfloat16 / bfloat16 / float32 / off      2        -       8        2       12     (+2)
 
-The real-model configs (configs/methods.py real_model) use bf16 weights and compute with fp32
+The real-model configs (configs/methods.py REAL_MODEL) use bf16 weights and compute with fp32
 gradients, moments and master copy; the tiny default keeps everything float32.
 """
 

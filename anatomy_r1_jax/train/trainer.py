@@ -13,7 +13,6 @@ process 0 alone writes metrics and plots.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import os
@@ -27,6 +26,9 @@ from anatomy_r1_jax import sharding
 from anatomy_r1_jax.data.collate import BatchShape, Collator
 from anatomy_r1_jax.data.pipeline import QueryPipeline
 from anatomy_r1_jax.data import prompts
+from anatomy_r1_jax.evaluation.evaluator import EvalSettings, Evaluator
+from anatomy_r1_jax.evaluation.metrics import paired_difference
+from anatomy_r1_jax.evaluation.scoring import run_accuracy, score, summarize
 from anatomy_r1_jax.methods.augmentation import GDQAState, assign_group_variants
 from anatomy_r1_jax.methods.curriculum import curriculum_order
 from anatomy_r1_jax.methods.reroll import REGROUPS, MicroRollout, RerollStats, reroll_policy, reroll_zero_variance
@@ -85,9 +87,8 @@ class Trainer:
         self.collator = Collator(self.tokenizer, self.model_cfg, self.shape)
         self.sampling = sampling_config(c, self.model_cfg, self.tokenizer, self.collator.pad_id)
         self.eos_id = self.sampling.eos_ids[0]
-        self.greedy = dataclasses.replace(self.sampling, greedy=True)
         # The accuracy reward the run trains on (the first with a non-zero weight) is its reported accuracy.
-        self.accuracy_key = next((k for k, w in c.rl.rewards.items() if k.startswith("accuracy") and w), "accuracy")
+        self.accuracy_key = run_accuracy(c.rl.rewards)
         self.gdqa = GDQAState(trigger=c.gdqa.trigger, num_variants=c.gdqa.num_variants, kinds=tuple(c.gdqa.kinds))
         self.reroll = reroll_policy(c)  # GDQA online / dynamic sampling: all-equal groups re-rolled in the step
 
@@ -95,6 +96,15 @@ class Trainer:
         # a float32 master copy of params when the precision policy keeps one).
         # Each phase (warm-up, GRPO) has its own schedule and optimizer state (train/schedules.py).
         self.graphdef, params, frozen = split_model(model, c.model.freeze_vision)
+        # Held-out evaluation is scripts/evaluate.py's evaluator (greedy answers, compiled once),
+        # batched like a GRPO step's rows.
+        self.evaluator = Evaluator(self.graphdef, self.collator, self.image_processor, self.tokenizer, self.sampling,
+                                   self.mesh, self.rules, EvalSettings(batch_size=c.train.batch_size * self.group_size,
+                                                                       accuracy=self.accuracy_key))
+        # Per-question correctness of the evaluation at the start of GRPO (the warm-up's last):
+        # {"step", "correct": {id: 0/1}}; every later evaluation reports its paired gain against it.
+        # Saved in every checkpoint's meta, so a resumed run keeps it.
+        self.eval_start: dict | None = None
         self.programs = Programs.create(self.graphdef, self.mesh, self.rules)
         self.schedules, self.tx = phase_schedules(c), phase_optimizers(c)
         first = "sft" if c.sft.steps > 0 else "grpo"
@@ -170,49 +180,42 @@ class Trainer:
     def _categories(self, records) -> np.ndarray:
         return np.array([self.category_index.get(r.category, -1) for r in records], np.int32)
 
-    def evaluate(self, records, rng_seed: int = 0) -> dict:
-        """Greedy accuracy and format rate on `records` (batched like a GRPO step's rows)."""
-        rows = self.config.train.batch_size * self.group_size
-        correct, strict, formatted, n = 0.0, 0.0, 0.0, 0
-        from anatomy_r1_jax.data.collate import preprocess_images
+    def evaluate(self, records) -> tuple[dict, dict[str, float]]:
+        """Greedy answers to `records` by the evaluator scripts/evaluate.py uses, scored by
+        evaluation/scoring.py. Returns (eval/* metrics: accuracy with its Wilson 95% interval, strict
+        accuracy, format rate, n; per-question correctness {id: 0/1})."""
+        greedy, _ = self.evaluator.answer(self.state.params, self.state.frozen, records)
+        outcomes = score(records, greedy, None, self.evaluator.settings.accuracy)
+        summary = summarize(outcomes)
+        accuracy = summary["accuracy"]
+        out = {"eval/accuracy": accuracy["value"], "eval/accuracy_lo": accuracy["ci95"][0],
+               "eval/accuracy_hi": accuracy["ci95"][1], "eval/accuracy_strict": summary["accuracy_strict"]["value"],
+               "eval/format": 1.0 - summary["format_failure_rate"]["value"], "eval/n": float(len(outcomes))}
+        return out, {o.id: o.correct for o in outcomes}
 
-        for start in range(0, len(records), rows):
-            chunk = records[start: start + rows]
-            padded = self.shard.block(chunk + [chunk[-1]] * (rows - len(chunk)))
-            batch = self.collator.prompts([[r] for r in padded],
-                                          [preprocess_images(r, self.image_processor) for r in padded])
-            comp = distributed.to_host(self.rollout(self.state.params, self.state.frozen,
-                                                    self._place(self._shard_prompts(batch)),
-                                                    jax.random.key(rng_seed), self.greedy, 1, 1))
-            texts = self.decode(comp)[: len(chunk)]
-            _, per = compute_rewards(texts, chunk, {"format": 1.0, "accuracy": 1.0, self.accuracy_key: 1.0})
-            correct += per[self.accuracy_key].sum()
-            strict += per["accuracy"].sum()
-            formatted += per["format"].sum()
-            n += len(chunk)
-        n = max(n, 1)
-        return {"eval/accuracy": correct / n, "eval/accuracy_strict": strict / n, "eval/format": formatted / n}
-
-    def _sft_target(self, record) -> str:
-        """Warm-up target: "<answer>X</answer>" (target="answer") or the think format with a short
-        rationale naming the structure (target="think"; long rationales do not fit tiny budgets).
-        sft.answer="text" answers with the option text instead of its letter (tiny models from
-        scratch learn to name a structure long before they learn to copy its letter from the
-        option list; such runs score with the lenient accuracy reward, which accepts the text)."""
-        if self.config.sft.target == "answer":
-            return prompts.sft_target(record)
-        answer = record.answer_text if self.config.sft.answer == "text" else None
-        return prompts.think_target(record, reasoning=f"It is the {record.answer_text}.", answer=answer)
+    def _gain(self, correct: dict[str, float]) -> dict:
+        """eval/gain and eval/gain_ci95 (paired over the questions both evaluations answered,
+        evaluation/metrics.paired_difference) of `correct` against the start of GRPO, and that
+        start's accuracy on the same questions."""
+        start = self.eval_start["correct"]
+        ids = [i for i in correct if i in start]
+        if not ids:
+            log.warning("no held-out question of this evaluation was answered at the start of GRPO: no gain")
+            return {}
+        paired = paired_difference([start[i] for i in ids], [correct[i] for i in ids])
+        return {"eval/gain": paired["gain"], "eval/gain_ci95": paired["ci95"], "eval/accuracy_start": paired["before"],
+                "eval/gain_n": float(paired["n"])}
 
     def sft_iteration(self, step: int) -> dict:
         queries = next(self.it_sft)
         records = [q.record for q in queries]
         batch = self.collator.prompts([[r] for r in records], [q.images for q in queries])
-        ids, mask = self.collator.targets([self._sft_target(r) for r in records], self.eos_id)
+        c = self.config.sft
+        ids, mask = self.collator.targets([prompts.warmup_target(r, c.target, c.answer) for r in records], self.eos_id)
         comp = Completions(ids=ids, mask=mask, logps=np.zeros(ids.shape, np.float32), lengths=mask.sum(-1))
         n = len(records)
         tb = TrainBatch(prompt=self._shard_prompts(batch), completions=comp, rewards=np.zeros((n,), np.float32),
-                        categories=self._categories(records), similarity=np.zeros((n,), np.float32))
+                        categories=self._categories(records))
         self.state, metrics = self.sft_step(self.state, self._place(_stack([tb]), micro_axis=True))
         return {"sft/loss": metrics["loss"], "grad_norm": metrics["grad_norm"]}
 
@@ -379,7 +382,7 @@ class Trainer:
     def _meta(self) -> dict:
         return {"pipeline": self.it.get_state(),
                 "pipeline_sft": self.it_sft.get_state() if self.it_sft is not None else None,
-                "gdqa": self.gdqa.to_json()}
+                "gdqa": self.gdqa.to_json(), "eval_start": self.eval_start}
 
     def restore(self) -> int:
         step = self.ckpt.latest_step()
@@ -390,6 +393,7 @@ class Trainer:
         if self.it_sft is not None and meta.get("pipeline_sft") is not None:
             self.it_sft.set_state(meta["pipeline_sft"])
         self.gdqa = self.gdqa.resumed(meta["gdqa"])
+        self.eval_start = meta.get("eval_start")
         log.info("resumed from step %d", step)
         return step
 
@@ -411,8 +415,17 @@ class Trainer:
         if writer is None:  # processes other than 0 return this session's rows
             return rows
         rows = read_metrics(writer.path)
-        plot_curves([r for r in rows if r.get("phase") == 1.0] or rows, os.path.join(self.workdir, "curves.png"),
-                    CURVES, title="GRPO")
+        grpo = [r for r in rows if r.get("phase") == 1.0 or r["step"] == self.config.sft.steps]  # + where it starts
+        plot_curves(grpo if len(grpo) > 1 else rows, os.path.join(self.workdir, "curves.png"),
+                    CURVES, title="GRPO", bands={"eval/accuracy": ("eval/accuracy_lo", "eval/accuracy_hi")})
+        final = [r for r in rows if "eval/accuracy" in r]
+        if final and "eval/gain" in final[-1]:
+            r = final[-1]
+            log.info("held-out accuracy %.3f -> %.3f (%d questions): gain %+.3f +- %.3f (95%% CI, paired)",
+                     r["eval/accuracy_start"], r["eval/accuracy_start"] + r["eval/gain"], r["eval/gain_n"],
+                     r["eval/gain"], r["eval/gain_ci95"])
+        elif final:
+            log.info("final held-out accuracy %.3f (step %d)", final[-1]["eval/accuracy"], final[-1]["step"])
         return rows
 
     def _loop(self, start: int, writer: MetricsWriter | None) -> list[dict]:
@@ -420,6 +433,10 @@ class Trainer:
         c = self.config
         rows = []
         total = c.sft.steps + c.train.steps
+        if start == c.sft.steps and c.train.steps and self.data.eval and self.eval_start is None:
+            # GRPO starts here without a warm-up evaluation (no warm-up, or a checkpoint from before
+            # one was kept): evaluate the policy it starts from.
+            self.eval_start = {"step": start, "correct": self.evaluate(self.data.eval)[1]}
         bar = tqdm(range(start, total), initial=start, total=total, desc="train", dynamic_ncols=True,
                    disable=writer is None)
         for step in bar:
@@ -437,7 +454,12 @@ class Trainer:
             last = done == total
             due = (not sft and (done - c.sft.steps) % c.train.eval_every == 0) or last or (sft and done == c.sft.steps)
             if due and self.data.eval:  # no eval metrics without eval records
-                out.update(self.evaluate(self.data.eval))
+                metrics, correct = self.evaluate(self.data.eval)
+                out.update(metrics)
+                if done == c.sft.steps:  # the warm-up's last evaluation: where GRPO starts
+                    self.eval_start = {"step": done, "correct": correct}
+                elif self.eval_start is not None:
+                    out.update(self._gain(correct))
             out = {k: float(v) for k, v in out.items()}
             out = {"phase": 0.0 if sft else 1.0, **out}
             rows.append({"step": done, **out})
