@@ -25,8 +25,7 @@ from etils import epath
 from flax import nnx
 
 from anatomy_r1_jax import sharding
-from anatomy_r1_jax.models import QwenVLConfig, model_options
-from anatomy_r1_jax.models.weights import abstract_model
+from anatomy_r1_jax.models import QwenVL, QwenVLConfig, model_options
 from anatomy_r1_jax.train import experiment
 from anatomy_r1_jax.train.partitioning import place_state, split_model
 
@@ -128,8 +127,9 @@ def build_setup(config, workdir: str | None, *, mesh=None) -> ModelSetup:
     tokenizer, image_processor = _tokenizer_and_image_processor(c, workdir)
     if c.model.path:
         dtypes = experiment.DTYPES
-        model = abstract_model(QwenVLConfig.from_dir(c.model.path), dtype=dtypes[c.model.dtype],
-                               param_dtype=dtypes[c.model.param_dtype], **model_options(c.model))
+        model = nnx.eval_shape(lambda: experiment.with_adapters(c, QwenVL(
+            QwenVLConfig.from_dir(c.model.path), dtype=dtypes[c.model.dtype], param_dtype=dtypes[c.model.param_dtype],
+            rngs=nnx.Rngs(0), **model_options(c.model))))
     else:
         model = nnx.eval_shape(lambda: experiment.build_model(c, tokenizer))
     graphdef, params, frozen = split_model(model, c.model.freeze_vision)

@@ -7,7 +7,9 @@
         AutoProcessor.from_pretrained(out, trust_remote_code=True) (see processing_image_only_qwen2_vl.py)
     out/anatomy_r1_export.json                                   which checkpoint / step it came from
 
-The weights keep the run's dtype (config.model.param_dtype) unless another is asked for.
+The weights keep the run's dtype (config.model.param_dtype) unless another is asked for. A LoRA
+run (model.lora.rank > 0) is exported merged: W + alpha/r A B in every adapted layer, rounded once
+to that dtype.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from flax import nnx
 
 from anatomy_r1_jax.evaluation import processing_image_only_qwen2_vl
 from anatomy_r1_jax.evaluation.checkpoints import build_setup, load_model_state, resolve_checkpoint
-from anatomy_r1_jax.models import save_pretrained
+from anatomy_r1_jax.models import lora, save_pretrained
 from anatomy_r1_jax.train.experiment import DTYPES
 
 log = logging.getLogger(__name__)
@@ -57,7 +59,8 @@ def export_checkpoint(config, checkpoint: str, out_dir: str, *, dtype: str | Non
     if dtype is not None:
         cast = lambda x: x.astype(DTYPES[dtype]) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
         params, frozen = jax.tree.map(cast, params), jax.tree.map(cast, frozen)
-    model = nnx.merge(setup.graphdef, params, frozen)
+    # A LoRA run's adapters are folded into the base weights: the export is a plain model.
+    model = lora.merge_adapters(nnx.merge(setup.graphdef, params, frozen))
     if jax.process_index() == 0:
         os.makedirs(out_dir, exist_ok=True)
     save_pretrained(model, out_dir, max_shard_bytes=max_shard_bytes)

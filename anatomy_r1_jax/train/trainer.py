@@ -28,6 +28,7 @@ from anatomy_r1_jax.data.pipeline import QueryPipeline
 from anatomy_r1_jax.data import prompts
 from anatomy_r1_jax.methods.augmentation import GDQAState, assign_group_variants
 from anatomy_r1_jax.methods.curriculum import curriculum_order
+from anatomy_r1_jax.models import lora
 from anatomy_r1_jax.rl.batch import Completions, TrainBatch
 from anatomy_r1_jax.rl.rewards import compute_rewards
 from anatomy_r1_jax.rl.rollout import decode_completions
@@ -95,8 +96,10 @@ class Trainer:
         self.programs = Programs.create(self.graphdef, self.mesh, self.rules)
         self.schedules, self.tx = phase_schedules(c), phase_optimizers(c)
         first = "sft" if c.sft.steps > 0 else "grpo"
+        # A LoRA run holds no reference copy: its reference is the base model (adapters off).
+        self.lora = lora.LoraConfig.from_config(c.model)
         self.state = self.programs.init_state(self.tx[first], self.precision, params, frozen,
-                                              reference=c.rl.beta != 0)
+                                              reference=c.rl.beta != 0 and not self.lora.enabled)
         self._compile()
 
         shards = self.shard.count
@@ -328,7 +331,9 @@ class Trainer:
     def _meta(self) -> dict:
         return {"pipeline": self.it.get_state(),
                 "pipeline_sft": self.it_sft.get_state() if self.it_sft is not None else None,
-                "gdqa": self.gdqa.to_json()}
+                "gdqa": self.gdqa.to_json(),
+                **({"lora": {"base": experiment.base_checkpoint(self.config), "rank": self.lora.rank}}
+                   if self.lora.enabled else {})}
 
     def restore(self) -> int:
         step = self.ckpt.latest_step()
