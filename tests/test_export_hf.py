@@ -77,6 +77,12 @@ def files_under(folder: Path) -> set[str]:
     return {str(p.relative_to(folder)) for p in folder.rglob("*")}
 
 
+def synthetic_record(root: Path):
+    """One validation record of a small synthetic set, with the paper's long prompt."""
+    paths = make_synthetic_dataset(root / "synthetic", n=20, seed=1, image_size=56)
+    return dataclasses.replace(read_records(paths["val"])[0], prompt_variant="grpo")
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
@@ -88,8 +94,7 @@ def exported(tmp_path_factory):
     out = root / "hf"
     export_checkpoint(config, str(run), str(out))
     assert files_under(run) == before, "the export wrote into the run folder"
-    paths = make_synthetic_dataset(root / "synthetic", n=20, seed=1, image_size=56)
-    record = dataclasses.replace(read_records(paths["val"])[0], prompt_variant="grpo")
+    record = synthetic_record(root)
     return {"config": config, "setup": setup, "params": params, "frozen": frozen, "out": out, "run": run,
             "record": record, "root": root}
 
