@@ -328,18 +328,30 @@ class Trainer:
         return out
 
     # ---- the loop -----------------------------------------------------------------------------
-    def _meta(self) -> dict:
-        return {"pipeline": self.it.get_state(),
+    def _meta(self, base_saved: bool) -> dict:
+        meta = {"pipeline": self.it.get_state(),
                 "pipeline_sft": self.it_sft.get_state() if self.it_sft is not None else None,
-                "gdqa": self.gdqa.to_json(),
-                **({"lora": {"base": experiment.base_checkpoint(self.config), "rank": self.lora.rank}}
-                   if self.lora.enabled else {})}
+                "gdqa": self.gdqa.to_json()}
+        if self.lora.enabled:
+            meta["lora"] = {"base": experiment.base_checkpoint(self.config), "base_saved": base_saved}
+        return meta
+
+    def _save(self, done: int) -> None:
+        """A LoRA checkpoint holds the adapters and their optimizer state; the frozen base weights
+        only once the warm-up's adapters were folded into them (then they are no longer the base
+        checkpoint's), else its meta names the base checkpoint they come from."""
+        base_saved = not self.lora.enabled or 0 < self.config.sft.steps < done
+        self.ckpt.save(done, self.state if base_saved else self.state.replace(frozen=None), self._meta(base_saved))
 
     def restore(self) -> int:
         step = self.ckpt.latest_step()
         if step is None:
             return 0
-        self.state, meta = self.ckpt.restore(step, self.state)
+        if self.ckpt.restore_meta(step).get("lora", {"base_saved": True})["base_saved"]:
+            self.state, meta = self.ckpt.restore(step, self.state)
+        else:  # the base weights built at start-up are the checkpoint's
+            state, meta = self.ckpt.restore(step, self.state.replace(frozen=None))
+            self.state = state.replace(frozen=self.state.frozen)
         self.it.set_state(meta["pipeline"])
         if self.it_sft is not None and meta.get("pipeline_sft") is not None:
             self.it_sft.set_state(meta["pipeline_sft"])
@@ -403,5 +415,5 @@ class Trainer:
                 writer.write(done, out)
             bar.set_postfix({k: f"{out[k]:.3f}" for k in ("sft/loss", "reward/total", "eval/accuracy") if k in out})
             if done % c.train.checkpoint_every == 0 or last:
-                self.ckpt.save(done, self.state, self._meta())
+                self._save(done)
         return rows
