@@ -185,3 +185,18 @@ def test_merged_export_gives_the_adapted_models_logits_in_transformers(tmp_path)
     assert np.abs(ours - base).max() > 1e-2, "adapters too small to show in the logits"
     diff = float(np.abs(ours - ref).max())
     assert diff <= TOL, f"max |logits diff| {diff:.3g}"
+
+
+def test_adapter_only_checkpoint_restores_onto_the_base_model(tmp_path):
+    from anatomy_r1_jax.evaluation.checkpoints import base_state, restore_model_state
+    from test_export_hf import default_config, make_run
+
+    config = default_config()
+    config.model.lora.rank = 4
+    config.model.tiny.num_hidden_layers = 1
+    setup, params, _ = make_run(tmp_path / "run", config, step=2, seed=1, base_saved=False)
+    restored, frozen = restore_model_state(setup, str(tmp_path / "run" / "checkpoints" / "2"))
+    for ours, expected in ((restored, params), (frozen, base_state(setup)[1])):
+        assert jax.tree.structure(ours) == jax.tree.structure(expected)
+        jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, ours), jax.tree.map(np.asarray, expected))
+    assert jax.tree.leaves(frozen)
