@@ -4,6 +4,7 @@ only adapters change and have optimizer state, placed by the sharding rules; the
 the function; the merged export gives the adapted model's logits in transformers."""
 
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -157,8 +158,11 @@ def test_warm_up_fold_keeps_the_policy_and_restarts_the_adapters():
     assert np.abs(base - before).max() > 1e-2
 
 
-def test_merged_export_gives_the_adapted_models_logits_in_transformers(tmp_path):
+def test_merged_export_gives_the_adapted_models_logits_in_transformers_and_peft_adapters(tmp_path):
+    from safetensors.numpy import load_file
     from transformers import Qwen2VLForConditionalGeneration
+
+    from anatomy_r1_jax.models import save_pretrained
 
     from anatomy_r1_jax.data.collate import BatchShape, Collator, preprocess_images
     from anatomy_r1_jax.evaluation.checkpoints import restore_model_state
@@ -185,6 +189,24 @@ def test_merged_export_gives_the_adapted_models_logits_in_transformers(tmp_path)
     assert np.abs(ours - base).max() > 1e-2, "adapters too small to show in the logits"
     diff = float(np.abs(ours - ref).max())
     assert diff <= TOL, f"max |logits diff| {diff:.3g}"
+
+    # PEFT adapters: applied by hand (W += lora_alpha / r * B A, PEFT's merge) to the base model in
+    # transformers, by the module names they carry, they give the merged export's weights.
+    peft = json.loads((out / "peft_adapters" / "adapter_config.json").read_text())
+    assert peft["r"] == 4 and peft["lora_alpha"] == 4.0 and peft["peft_type"] == "LORA"
+    save_pretrained(lora.without_adapters(model), str(tmp_path / "base"))
+    hf_base = Qwen2VLForConditionalGeneration.from_pretrained(str(tmp_path / "base"), dtype=torch.float32).eval()
+    tensors = load_file(str(out / "peft_adapters" / "adapter_model.safetensors"))
+    layers = config.model.tiny.num_hidden_layers * 7 + config.model.tiny.vision_depth * 4
+    assert len(peft["target_modules"]) == layers and len(tensors) == 2 * layers
+    with torch.no_grad():
+        for module in peft["target_modules"]:
+            key = f"base_model.model.{module}"
+            a, b = tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"]
+            hf_base.get_submodule(module).weight += torch.from_numpy(b @ a) * (peft["lora_alpha"] / peft["r"])
+    merged = hf.state_dict()
+    for name, value in hf_base.state_dict().items():
+        np.testing.assert_allclose(value.numpy(), merged[name].numpy(), atol=1e-6, err_msg=name)
 
 
 def test_adapter_only_checkpoint_restores_onto_the_base_model(tmp_path):

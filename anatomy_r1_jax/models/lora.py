@@ -21,19 +21,26 @@ run inside the same `lax.scan`. nnx.LoRA has no alpha / r scaling: `Dense` appli
 
 The KL reference of a LoRA run is the model with its adapters switched off (`without_adapters`),
 computed from the same frozen weights: no second copy. `merge_adapters` folds the adapters into the
-base weights (W + alpha/r A B) for export.
+base weights (W + alpha/r A B) for export; `save_peft_adapters` writes the adapters alone in PEFT's
+format (transformers' module names).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from typing import Iterator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from safetensors.numpy import save_file
 
 from anatomy_r1_jax.models import layers
+from anatomy_r1_jax.models.conversion import hf_name
+from anatomy_r1_jax.models.weights import WEIGHT_RULES, layer_paths, to_host
 
 LANGUAGE_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 VISION_TARGETS = ("qkv", "proj", "fc1", "fc2", "gate_proj", "up_proj", "down_proj")
@@ -161,3 +168,49 @@ def merge_adapters(model: nnx.Module) -> nnx.Module:
     """The adapted model as a plain one (in place, returned): adapters folded into the base weights
     and removed, so it has exactly the base model's parameters (what export writes)."""
     return without_adapters(fold_adapters(model))
+
+
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
+
+
+def _hf_module(hub_key: str) -> str:
+    """A hub-layout weight key -> the name of its module in transformers 5's live model (what PEFT
+    names adapters by): "model.layers.3.self_attn.q_proj.weight" -> "model.language_model.layers.3.
+    self_attn.q_proj"; "visual.blocks.0.attn.qkv.weight" -> "model.visual.blocks.0.attn.qkv"."""
+    name = hub_key.removesuffix(".weight")
+    if name.startswith("visual."):
+        return "model." + name
+    return "model.language_model." + name.removeprefix("model.")
+
+
+def save_peft_adapters(model: nnx.Module, path: str, *, base: str) -> list[str]:
+    """Writes the adapters of `model` in PEFT's format: `adapter_model.safetensors` (per adapted
+    module M: `base_model.model.M.lora_A.weight` = A^T [r, in], `...lora_B.weight` = B^T [out, r])
+    and `adapter_config.json` (r, lora_alpha, the adapted modules' names as target_modules,
+    base_model_name_or_path = `base`), so that W_hf + lora_alpha / r * B^T A^T is the merged weight.
+    Every process must call it (sharded arrays are gathered); process 0 writes. Returns the
+    adapted modules' names."""
+    tensors, modules, ranks, alphas = {}, [], set(), set()
+    for where, dense in adapted_layers(model):
+        a, b = to_host(dense.lora.lora_a[...]), to_host(dense.lora.lora_b[...])
+        ranks.add(a.shape[-1])
+        alphas.add(dense.lora_scale * a.shape[-1])
+        kernel = ".".join(map(str, where)) + ".kernel"
+        for i, ours in enumerate(layer_paths(kernel, dense.kernel)):
+            module = _hf_module(hf_name(ours, WEIGHT_RULES)[0])
+            rows = (a, b) if ours == kernel else (a[i], b[i])
+            tensors[f"base_model.model.{module}.lora_A.weight"] = np.ascontiguousarray(rows[0].T)
+            tensors[f"base_model.model.{module}.lora_B.weight"] = np.ascontiguousarray(rows[1].T)
+            modules.append(module)
+    if len(ranks) != 1 or len(alphas) != 1:
+        raise ValueError(f"PEFT needs one rank and alpha for all adapters, found ranks {ranks}, alphas {alphas}")
+    if jax.process_index() == 0:
+        os.makedirs(path, exist_ok=True)
+        save_file(tensors, os.path.join(path, PEFT_WEIGHTS), metadata={"format": "pt"})
+        config = {"peft_type": "LORA", "task_type": None, "r": ranks.pop(), "lora_alpha": alphas.pop(),
+                  "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+                  "target_modules": sorted(modules), "modules_to_save": None, "base_model_name_or_path": base}
+        with open(os.path.join(path, PEFT_CONFIG), "w") as f:
+            json.dump(config, f, indent=1)
+    return modules
