@@ -222,3 +222,19 @@ def test_adapter_only_checkpoint_restores_onto_the_base_model(tmp_path):
         assert jax.tree.structure(ours) == jax.tree.structure(expected)
         jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, ours), jax.tree.map(np.asarray, expected))
     assert jax.tree.leaves(frozen)
+
+
+def test_config_errors_name_the_field():
+    from anatomy_r1_jax.train import experiment
+    from test_export_hf import default_config
+
+    config = default_config()
+    config.model.lora.update(rank=8, vision=True)
+    config.model.freeze_vision = True
+    with pytest.raises(ValueError, match="model.lora.vision=True .* model.freeze_vision=False"):
+        experiment.with_adapters(config, None)
+    with pytest.raises(ValueError, match="model.lora.targets"):
+        lora.LoraConfig(rank=8, targets=("q", "qkv"))
+    with pytest.raises(ValueError, match="model.lora.dropout"):
+        lora.LoraConfig(rank=8, dropout=0.1)
+    assert not lora.LoraConfig.from_config(default_config().model).enabled  # the default: off

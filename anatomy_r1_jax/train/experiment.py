@@ -204,7 +204,11 @@ def with_adapters(config, model: QwenVL) -> QwenVL:
     """`model` with the adapters of config.model.lora (models/lora.py; none at rank 0), initialised
     from config.seed, stored in model.param_dtype and run in model.dtype."""
     c = config.model
-    return lora.add_adapters(model, lora.LoraConfig.from_config(c), seed=config.seed + 1, dtype=DTYPES[c.dtype],
+    adapters = lora.LoraConfig.from_config(c)
+    if adapters.enabled and adapters.vision and c.freeze_vision:
+        raise ValueError("config model.lora.vision=True puts adapters on the vision tower, which "
+                         "model.freeze_vision=True freezes: set model.freeze_vision=False (or model.lora.vision=False)")
+    return lora.add_adapters(model, adapters, seed=config.seed + 1, dtype=DTYPES[c.dtype],
                              param_dtype=DTYPES[c.param_dtype])
 
 
