@@ -28,6 +28,10 @@ def get_config(arg=None):
         attention="auto",
         scan_layers=False,  # layers stacked, run by lax.scan; measured: no gain at 2 layers (docs/benchmarks.md)
         freeze_vision=False,
+        # Low-rank adapters (models/lora.py): rank 0 = off (full fine-tuning); rank > 0 trains only the
+        # adapters (alpha / rank scales them) on the decoder's `targets`, and with vision=True on the
+        # vision blocks' qkv, proj and MLP; the KL reference is the base model (adapters off).
+        lora=dict(rank=0, alpha=32.0, dropout=0.0, targets=("q", "k", "v", "o", "gate", "up", "down"), vision=False),
     )
     c.tokenizer = dict(path="", vocab_size=1024)  # "" = the project's tiny byte-level BPE
 

@@ -4,6 +4,7 @@
         [--config configs/default.py] [--measure-size small] [--reps 3]
         [--presets qwen2_5_vl_3b,qwen2_5_vl_7b] [--compile-presets fsdp,...] [--programs update,rollout]
         [--preset-shape paper|old|Q,G,S,M,Lp,T,HxW] [--attention chunked] [--remat full] [--skip-measured]
+        [--lora-ranks 16,64]
 
 A strategy is a (mesh, rules) pair of data (STRATEGIES below); `--config FILE` adds the `mesh` and
 `sharding_rules` of a config file's `get_config()` as one more. Two parts:
@@ -18,6 +19,8 @@ A strategy is a (mesh, rules) pair of data (STRATEGIES below); `--config FILE` a
    80 GB GPU, 8 of them, and a TPU v5e-8 (16 GB per chip). With `--compile-presets STRATEGIES` the
    update and the rollout are compiled on ShapeDtypeStructs (scanned layers, remat, per-frame vision,
    prefix sharing at `--preset-shape`): lowering / compile seconds and memory_analysis() per device.
+   LoRA rows (`--lora-ranks`): the same per-device state and compiled update for adapters alone
+   trained (models/lora.py), the base frozen, no reference copy.
 """
 
 from __future__ import annotations
@@ -84,6 +87,9 @@ def parse_args(argv=None):
                              "`auto` does not pick on CPU; use `auto` on an accelerator)")
     parser.add_argument("--remat", default="full", help="model.remat of the compiled models")
     parser.add_argument("--no-scan", dest="scan_layers", action="store_false", help="layers as a Python loop")
+    parser.add_argument("--lora-ranks", default="16,64",
+                        help="LoRA ranks of the real-size rows beside full fine-tuning (\"\" = none); with "
+                             "--compile-presets their updates are compiled too")
     parser.add_argument("--skip-measured", action="store_true")
     return parser.parse_args(argv)
 
@@ -102,6 +108,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from anatomy_r1_jax import sharding  # noqa: E402
 from anatomy_r1_jax.models import QwenVL, QwenVLConfig  # noqa: E402
+from anatomy_r1_jax.models.lora import LoraConfig  # noqa: E402
 from anatomy_r1_jax.models.presets import preset_hf_config  # noqa: E402
 from anatomy_r1_jax.perf import abstract, hlo, report, workloads  # noqa: E402
 from anatomy_r1_jax.perf.memory import bytes_per_device, compiled_memory  # noqa: E402
@@ -247,14 +254,38 @@ def analytic_rows(name: str, strategies: dict, devices: int):
 
 def lower_update(cfg, mesh, rules, shape: PresetShape, model_kw: dict):
     """The GRPO update (train/step.py) lowered on ShapeDtypeStructs: bf16 params and compute, bf16
-    grads, fp32 AdamW moments, the reference copy, the vision tower trainable."""
+    grads, fp32 AdamW moments, the reference copy, the vision tower trainable; with model_kw `lora`
+    the adapters alone trainable, the base frozen and no reference copy (adapters off)."""
     tx = make_optimizer(1e-5, grad_clip=1.0, b2=0.99)
+    reference = model_kw.get("lora") is None
     with sharding.use_rules(mesh, rules):
-        graphdef, state = abstract.abstract_train_state(cfg, mesh, rules, tx, moment_dtype=jnp.float32, **model_kw)
+        graphdef, state = abstract.abstract_train_state(cfg, mesh, rules, tx, moment_dtype=jnp.float32,
+                                                        reference=reference, **model_kw)
         batch = abstract.abstract_batch(preset_batch(cfg, shape), mesh, rules)
         step_cfg = StepConfig(group_size=shape.group, beta=0.04, temperature=0.9, logp_chunk=128, precision=BF16,
                               max_completion_length=shape.completion_length)
     return Programs.create(graphdef, mesh, rules).update(tx, step_cfg, state).lower(state, batch)
+
+
+def lora_rows(name: str, strategies: dict, devices: int, ranks) -> list:
+    """Per-device state of LoRA GRPO (adapters on q, k, v, o, gate, up, down of every decoder layer)
+    beside full fine-tuning's: the frozen base (bf16) plus the adapters' params, grads (bf16) and
+    AdamW moments (fp32); no reference copy (the reference is the base, adapters off)."""
+    cfg = QwenVLConfig.from_hf(preset_hf_config(name))
+    rows = []
+    for sname, (axes, rules) in strategies.items():
+        mesh = build_mesh(axes, devices)
+        _, full, _ = abstract.abstract_params(cfg, mesh, rules)
+        full_total = abstract.state_footprint(full).total
+        for rank in ranks:
+            _, adapters, base = abstract.abstract_params(cfg, mesh, rules, lora=LoraConfig(rank=rank))
+            fp = abstract.state_footprint(adapters, reference=False)
+            total = bytes_per_device(base) + fp.total
+            count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(adapters))
+            rows.append([name, sname, mesh_text(mesh), rank, f"{count / 1e6:.1f}", bytes_per_device(base) / GB,
+                         fp.total / GB, total / GB, full_total / GB, f"{full_total / total:.1f}x",
+                         *("yes" if total < cap else "no" for cap in CAPACITIES.values())])
+    return rows
 
 
 def lower_rollout(cfg, mesh, rules, shape: PresetShape, model_kw: dict):
@@ -274,20 +305,24 @@ def lower_rollout(cfg, mesh, rules, shape: PresetShape, model_kw: dict):
 LOWER = {"update": lower_update, "rollout": lower_rollout}
 
 
-def compiled_rows(names, strategies, devices, shape: PresetShape, programs, model_kw: dict):
+def compiled_rows(names, strategies, devices, shape: PresetShape, programs, model_kw: dict, lora_ranks=()):
     """One row per (model, strategy, program): lowering and compile seconds, per-device compiled
-    memory. Printed as each compile ends (a long study keeps what it finished)."""
+    memory; the update also with LoRA adapters of each of `lora_ranks`. Printed as each compile
+    ends (a long study keeps what it finished)."""
+    variants = [(p, None) for p in programs] + [("update", r) for r in lora_ranks if "update" in programs]
     for name in names:
         cfg = QwenVLConfig.from_hf(preset_hf_config(name))
         for sname, (axes, rules) in strategies.items():
             mesh = build_mesh(axes, devices)
-            for program in programs:
+            for program, rank in variants:
                 t0 = time.perf_counter()
-                lowered = LOWER[program](cfg, mesh, rules, shape, model_kw)
+                kw = model_kw if rank is None else {**model_kw, "lora": LoraConfig(rank=rank)}
+                lowered = LOWER[program](cfg, mesh, rules, shape, kw)
                 t1 = time.perf_counter()
                 mem = compiled_memory(lowered.compile())
                 t2 = time.perf_counter()
-                row = [name, sname, mesh_text(mesh), program, f"{t1 - t0:.0f}", f"{t2 - t1:.0f}",
+                row = [name, sname, mesh_text(mesh), program if rank is None else f"{program} LoRA r{rank}",
+                       f"{t1 - t0:.0f}", f"{t2 - t1:.0f}",
                        f"{mem.argument / GB:.1f}", f"{mem.temp / GB:.1f}", f"{mem.peak / GB:.1f}"]
                 print("| " + " | ".join(map(str, row)) + " |", flush=True)
 
@@ -319,6 +354,15 @@ def main(args):
                   "AdamW moments GB/dev (fp32)", "reference GB/dev (bf16)", "state total GB/dev",
                   *(f"fits {k}" for k in CAPACITIES)]
         print(report.markdown_table(header, [r for n in names for r in analytic_rows(n, strategies, args.devices)]))
+    ranks = [int(r) for r in args.lora_ranks.split(",") if r]
+    if names and ranks:
+        print("\nLoRA GRPO (adapters on q, k, v, o, gate, up, down of every decoder layer, bf16; grads bf16, AdamW "
+              "moments fp32) beside full fine-tuning (the table above): the base weights frozen in bf16, no "
+              "reference copy (the reference is the base model, adapters off).\n")
+        header = ["model", "strategy", "mesh", "rank", "adapters (M)", "frozen base GB/dev (bf16)",
+                  "adapters + grads + moments GB/dev", "LoRA state total GB/dev", "full FT state total GB/dev",
+                  "saving", *(f"fits {k}" for k in CAPACITIES)]
+        print(report.markdown_table(header, [r for n in names for r in lora_rows(n, strategies, args.devices, ranks)]))
     compiled = [n for n in args.compile_presets.split(",") if n]
     if names and compiled:
         shape = PresetShape.parse(args.preset_shape)
@@ -329,7 +373,7 @@ def main(args):
               "arguments + outputs + temporaries - aliased.\n")
         print("| " + " | ".join(COMPILED_HEADER) + " |\n|" + "---|" * len(COMPILED_HEADER), flush=True)
         compiled_rows(names, {k: strategies.get(k) or STRATEGIES[k] for k in compiled}, args.devices, shape,
-                      [p for p in args.programs.split(",") if p], model_kw)
+                      [p for p in args.programs.split(",") if p], model_kw, ranks)
     print("\nLoad average at the end: {:.1f} / {:.1f} / {:.1f}".format(*os.getloadavg()))
 
 

@@ -56,17 +56,18 @@ def random_state(abstract, seed: int, std: float = 0.15):
     return jax.tree_util.tree_map_with_path(value, abstract)
 
 
-def make_run(run: Path, config, step: int, seed: int):
+def make_run(run: Path, config, step: int, seed: int, base_saved: bool = True):
     """A run folder as train.py leaves it (config.json, tokenizer/, one checkpoint of random weights);
-    returns (setup, params, frozen)."""
+    returns (setup, params, frozen). base_saved=False: the checkpoint holds the trainable part alone
+    (a LoRA run's adapters; frozen None)."""
     run.mkdir(parents=True)
     (run / "config.json").write_text(config.to_json_best_effort(indent=1))
     experiment.build_tokenizer(config, str(run))
     setup = build_setup(config, str(run))
     params, frozen = random_state(setup.params, seed), random_state(setup.frozen, seed + 1)
     tx = make_optimizer(1e-3)
-    state = TrainState(step=jnp.asarray(step, jnp.int32), params=params, frozen=frozen, ref_params=None,
-                       opt_state=tx.init(params))
+    state = TrainState(step=jnp.asarray(step, jnp.int32), params=params, frozen=frozen if base_saved else None,
+                       ref_params=None, opt_state=tx.init(params))
     ckpt = Checkpointer(str(run / "checkpoints"))
     ckpt.save(step, state, {"note": "test"})
     ckpt.close()
@@ -75,6 +76,12 @@ def make_run(run: Path, config, step: int, seed: int):
 
 def files_under(folder: Path) -> set[str]:
     return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+def synthetic_record(root: Path):
+    """One validation record of a small synthetic set, with the paper's long prompt."""
+    paths = make_synthetic_dataset(root / "synthetic", n=20, seed=1, image_size=56)
+    return dataclasses.replace(read_records(paths["val"])[0], prompt_variant="grpo")
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +95,7 @@ def exported(tmp_path_factory):
     out = root / "hf"
     export_checkpoint(config, str(run), str(out))
     assert files_under(run) == before, "the export wrote into the run folder"
-    paths = make_synthetic_dataset(root / "synthetic", n=20, seed=1, image_size=56)
-    record = dataclasses.replace(read_records(paths["val"])[0], prompt_variant="grpo")
+    record = synthetic_record(root)
     return {"config": config, "setup": setup, "params": params, "frozen": frozen, "out": out, "run": run,
             "record": record, "root": root}
 

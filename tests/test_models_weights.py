@@ -18,7 +18,7 @@ from anatomy_r1_jax import sharding
 from anatomy_r1_jax.models import QwenVLConfig, load_pretrained, save_pretrained
 from anatomy_r1_jax.models.presets import PRESETS, preset_hf_config, tiny_hf_config
 from anatomy_r1_jax.models.vision import vision_inputs
-from anatomy_r1_jax.models.weights import _layer_paths, abstract_model
+from anatomy_r1_jax.models.weights import layer_paths, abstract_model
 
 RULES = [("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("kv_heads", "tensor"), ("vocab", "tensor"),
          ("vision_embed", "fsdp"), ("vision_mlp", "tensor"), ("vision_heads", "tensor"),
@@ -147,7 +147,7 @@ def _per_layer(grads) -> dict:
     for key, var in nnx.to_flat_state(grads):
         path = ".".join(map(str, key))
         value = np.asarray(var.get_value())
-        for i, name in enumerate(_layer_paths(path, var)):
+        for i, name in enumerate(layer_paths(path, var)):
             out[name] = value if name == path else value[i]
     return out
 

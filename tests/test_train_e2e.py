@@ -14,6 +14,7 @@ TINY = ["--config.sft.steps=2", "--config.train.steps=4", "--config.train.batch_
         "--config.data.eval_size=4", "--config.data.synthetic.n=60", "--config.rl.max_completion_length=32",
         "--config.model.tiny.hidden_size=32", "--config.model.tiny.intermediate_size=64",
         "--config.model.tiny.num_hidden_layers=1", "--config.gdqa.trigger=off"]
+LORA = ["--config.model.lora.rank=16", "--config.train.keep_checkpoints=6"]
 TIMING = ("step_seconds", "tokens_per_second", "time")
 
 
@@ -62,13 +63,32 @@ def test_train_writes_metrics_plots_checkpoints_and_resumes_after_sigkill(tmp_pa
     assert os.path.exists(os.path.join(uninterrupted, "curves.png"))
     assert os.listdir(os.path.join(uninterrupted, "tensorboard"))
     assert "6" in os.listdir(os.path.join(uninterrupted, "checkpoints"))
+    _kill_and_resume(tmp_path, uninterrupted)
 
-    # Killed once its first GRPO step's checkpoint (3) is complete. Steps 4-6 of this tiny model take
-    # about a second, so under load the run may finish before the kill lands: then kill a fresh run.
+
+def test_lora_run_resumes_after_sigkill(tmp_path):
+    """The same with LoRA adapters (rank 16): checkpoints of the warm-up hold the adapters alone and
+    name the base model; after the warm-up is folded into the base weights they hold those too."""
+    uninterrupted = str(tmp_path / "full")
+    _train(uninterrupted, *LORA)
+    rows = _metrics(uninterrupted)
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    for step, base_saved in ((2, False), (3, True)):
+        with open(os.path.join(uninterrupted, "checkpoints", str(step), "meta", "metadata")) as f:
+            assert json.load(f)["lora"] == {"base": "tiny qwen2_vl model made from seed 0", "base_saved": base_saved}
+    # Killed after the warm-up's last checkpoint (adapters alone): the restart folds them after restoring.
+    _kill_and_resume(tmp_path, uninterrupted, *LORA, after=2)
+
+
+def _kill_and_resume(tmp_path, uninterrupted: str, *extra, after: int = 3):
+    """The run of `uninterrupted`, killed with SIGKILL once its checkpoint `after` is complete and
+    restarted, ends with the same metrics."""
+    # Killed once checkpoint `after` is complete. The later steps of this tiny model take about a
+    # second, so under load the run may finish before the kill lands: then kill a fresh run.
     for attempt in range(3):
         workdir = str(tmp_path / f"killed{attempt}")
-        proc = _train(workdir, wait=False)
-        ckpt = os.path.join(workdir, "checkpoints", "3")
+        proc = _train(workdir, *extra, wait=False)
+        ckpt = os.path.join(workdir, "checkpoints", str(after))
         deadline = time.time() + 500
         while not os.path.exists(ckpt) and proc.poll() is None and time.time() < deadline:
             time.sleep(0.01)
@@ -79,7 +99,7 @@ def test_train_writes_metrics_plots_checkpoints_and_resumes_after_sigkill(tmp_pa
             break
     else:
         raise AssertionError("the run finished before it could be killed, three times")
-    _train(workdir)
+    _train(workdir, *extra)
     assert _metrics(workdir) == _metrics(uninterrupted)
 
 

@@ -4,7 +4,9 @@ A checkpoint is what train/checkpoint.py writes: `{workdir}/checkpoints/<step>/`
 items `state` (TrainState: step, params, frozen, ref_params, opt_state) and `meta`. Only `params`
 and `frozen` are read (a partial restore: the optimizer moments and the reference copy are never
 loaded), directly onto the shardings the config's rules give on the mesh. The model is then
-`nnx.merge(graphdef, params, frozen)` with the graphdef the run's config builds.
+`nnx.merge(graphdef, params, frozen)` with the graphdef the run's config builds. A LoRA run's
+checkpoint may hold its adapters alone (`frozen` empty: the base weights are the config's base
+model, model.path or the tiny model of config.seed, as its meta says).
 
 Checkpoint specs (command lines): "base" (the model as the config builds it: model.path, or the
 tiny model made from config.seed), a run workdir (its latest step), its `checkpoints` folder, or
@@ -25,8 +27,7 @@ from etils import epath
 from flax import nnx
 
 from anatomy_r1_jax import sharding
-from anatomy_r1_jax.models import QwenVLConfig, model_options
-from anatomy_r1_jax.models.weights import abstract_model
+from anatomy_r1_jax.models import QwenVL, QwenVLConfig, lora, model_options
 from anatomy_r1_jax.train import experiment
 from anatomy_r1_jax.train.partitioning import place_state, split_model
 
@@ -128,8 +129,9 @@ def build_setup(config, workdir: str | None, *, mesh=None) -> ModelSetup:
     tokenizer, image_processor = _tokenizer_and_image_processor(c, workdir)
     if c.model.path:
         dtypes = experiment.DTYPES
-        model = abstract_model(QwenVLConfig.from_dir(c.model.path), dtype=dtypes[c.model.dtype],
-                               param_dtype=dtypes[c.model.param_dtype], **model_options(c.model))
+        model = nnx.eval_shape(lambda: experiment.with_adapters(c, QwenVL(
+            QwenVLConfig.from_dir(c.model.path), dtype=dtypes[c.model.dtype], param_dtype=dtypes[c.model.param_dtype],
+            rngs=nnx.Rngs(0), **model_options(c.model))))
     else:
         model = nnx.eval_shape(lambda: experiment.build_model(c, tokenizer))
     graphdef, params, frozen = split_model(model, c.model.freeze_vision)
@@ -161,13 +163,18 @@ def _parameter_names(params, frozen) -> set[str]:
     return {name(path) for tree in (params, frozen) for path, _ in jax.tree_util.tree_leaves_with_path(tree or {})}
 
 
-def _check_parameter_names(setup: ModelSetup, path: str, step_dir: str) -> None:
-    """Raises when the checkpoint's parameters are not the model's: Orbax's partial restore would
-    leave missing ones unrestored and skip extra ones (e.g. a 1-layer run read with a 2-layer config)."""
+def _stored_tree(path: str) -> dict:
+    """The tree metadata of an Orbax `state` item (its structure, no arrays read)."""
     stored = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path))
-    stored = getattr(stored, "tree", stored) or {}
+    return getattr(stored, "tree", stored) or {}
+
+
+def _check_parameter_names(setup: ModelSetup, stored: dict, step_dir: str, frozen: bool = True) -> None:
+    """Raises when the checkpoint's parameters are not the model's: Orbax's partial restore would
+    leave missing ones unrestored and skip extra ones (e.g. a 1-layer run read with a 2-layer config).
+    frozen=False: the checkpoint holds the trainable part alone (a LoRA run's adapters)."""
     found = _parameter_names(stored.get("params"), stored.get("frozen"))
-    expected = _parameter_names(setup.params, setup.frozen)
+    expected = _parameter_names(setup.params, setup.frozen if frozen else None)
     if found != expected:
         missing, extra = sorted(expected - found), sorted(found - expected)
         raise ValueError(
@@ -186,12 +193,19 @@ def restore_model_state(setup: ModelSetup, step_dir: str):
     """
     model = nnx.merge(setup.graphdef, setup.params, setup.frozen)
     path = os.path.join(os.path.abspath(step_dir), "state")
-    _check_parameter_names(setup, path, step_dir)
+    stored = _stored_tree(path)
+    base_frozen = None
+    if lora.has_adapters(model) and not _parameter_names(None, stored.get("frozen")):
+        # A LoRA checkpoint without base weights (its meta names them): the config's base model.
+        base_frozen = base_state(setup)[1]
+    _check_parameter_names(setup, stored, step_dir, frozen=base_frozen is None)
     errors = []
-    for freeze in (setup.freeze_vision, not setup.freeze_vision):
+    for freeze in (setup.freeze_vision,) if base_frozen is not None else (setup.freeze_vision,
+                                                                            not setup.freeze_vision):
         graphdef, params, frozen = split_model(model, freeze)
-        target = {"params": _abstract(params, setup.mesh, setup.rules),
-                  "frozen": _abstract(frozen, setup.mesh, setup.rules)}
+        target = {"params": _abstract(params, setup.mesh, setup.rules)}
+        if base_frozen is None:
+            target["frozen"] = _abstract(frozen, setup.mesh, setup.rules)
         restore_args = jax.tree.map(
             lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype), target)
         try:
@@ -201,6 +215,8 @@ def restore_model_state(setup: ModelSetup, step_dir: str):
         except (ValueError, KeyError, TypeError) as error:  # orbax: structure or shape mismatch
             errors.append(f"freeze_vision={freeze}: {type(error).__name__}: {error}")
             continue
+        if base_frozen is not None:
+            return out["params"], base_frozen
         if freeze != setup.freeze_vision:
             _, params, frozen = split_model(nnx.merge(graphdef, out["params"], out["frozen"]), setup.freeze_vision)
             return params, frozen

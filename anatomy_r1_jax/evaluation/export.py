@@ -6,8 +6,13 @@
     out/processor_config.json, processing_image_only_qwen2_vl.py the processor without torchvision:
         AutoProcessor.from_pretrained(out, trust_remote_code=True) (see processing_image_only_qwen2_vl.py)
     out/anatomy_r1_export.json                                   which checkpoint / step it came from
+    out/peft_adapters/adapter_model.safetensors, adapter_config.json   a LoRA run's adapters alone (PEFT)
 
-The weights keep the run's dtype (config.model.param_dtype) unless another is asked for.
+The weights keep the run's dtype (config.model.param_dtype) unless another is asked for. A LoRA
+run (model.lora.rank > 0) is exported merged: W + alpha/r A B in every adapted layer, rounded once
+to that dtype; its adapters alone go to out/peft_adapters in PEFT's format when they apply to the
+base its checkpoints name (model.path): no warm-up folded into it (sft.steps = 0, as in the
+real-model configs, or a checkpoint of the warm-up). The merged export holds everything either way.
 """
 
 from __future__ import annotations
@@ -23,11 +28,13 @@ from flax import nnx
 
 from anatomy_r1_jax.evaluation import processing_image_only_qwen2_vl
 from anatomy_r1_jax.evaluation.checkpoints import build_setup, load_model_state, resolve_checkpoint
-from anatomy_r1_jax.models import save_pretrained
+from anatomy_r1_jax.models import lora, save_pretrained
+from anatomy_r1_jax.train import experiment
 from anatomy_r1_jax.train.experiment import DTYPES
 
 log = logging.getLogger(__name__)
 
+PEFT_DIR = "peft_adapters"
 PROCESSOR_CLASS = processing_image_only_qwen2_vl.ImageOnlyQwen2VLProcessor.__name__
 PROCESSOR_MODULE = os.path.basename(processing_image_only_qwen2_vl.__file__)
 
@@ -60,6 +67,14 @@ def export_checkpoint(config, checkpoint: str, out_dir: str, *, dtype: str | Non
     model = nnx.merge(setup.graphdef, params, frozen)
     if jax.process_index() == 0:
         os.makedirs(out_dir, exist_ok=True)
+    if lora.has_adapters(model):
+        # The adapters alone in PEFT's format while their base is the base checkpoint (no warm-up folded
+        # into it yet), then the merged model.
+        if config.sft.steps == 0 or (ref.step or 0) <= config.sft.steps:
+            lora.save_peft_adapters(model, os.path.join(out_dir, PEFT_DIR), base=experiment.base_checkpoint(config))
+        else:
+            log.info("no PEFT adapters: the warm-up's adapters were folded into the base weights of %s", ref.name)
+        model = lora.merge_adapters(model)
     save_pretrained(model, out_dir, max_shard_bytes=max_shard_bytes)
     if jax.process_index() == 0:
         setup.tokenizer.save_pretrained(out_dir)

@@ -16,7 +16,8 @@ INIT_STD = 0.02
 
 
 class Dense(nnx.Module):
-    """y = x @ kernel (+ bias); kernel [in, out] (the transpose of torch's Linear weight)."""
+    """y = x @ kernel (+ bias) (+ lora_scale * lora(x)); kernel [in, out] (the transpose of torch's
+    Linear weight). `lora`: an optional low-rank adapter (models/lora.py attaches it), None here."""
 
     def __init__(self, din: int, dout: int, *, axes: Sequence[str | None], use_bias: bool = True,
                  dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
@@ -24,11 +25,15 @@ class Dense(nnx.Module):
             (INIT_STD * jax.random.normal(rngs.params(), (din, dout))).astype(param_dtype), axes=tuple(axes))
         self.bias = nnx.Param(jnp.zeros((dout,), param_dtype), axes=(axes[-1],)) if use_bias else None
         self.dtype = dtype
+        self.lora: nnx.Module | None = nnx.data(None)  # a pytree attribute: holds an nnx.LoRA when adapted
+        self.lora_scale = 0.0
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
+        if self.lora is not None:
+            y = y + (self.lora_scale * self.lora(x.astype(self.dtype))).astype(y.dtype)
         return y
 
 

@@ -131,7 +131,7 @@ def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, mesh: jax.shardi
                     row_sharding = None if sharding is None else NamedSharding(mesh, P(*sharding.spec[1:]))
                     stacks[target] = _set_row(stacks[target], _place(array, row_sharding), row)
                 loaded[ours] = file
-    expected = [p for p, var in params.items() for p in _layer_paths(p, var)]
+    expected = [p for p, var in params.items() for p in layer_paths(p, var)]
     missing = [p for p in expected if p not in loaded]
     if missing:
         keys = [(hf_name(p, WEIGHT_RULES) or (p,))[0] for p in missing]
@@ -141,7 +141,7 @@ def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, mesh: jax.shardi
     return model
 
 
-def _layer_paths(path: str, var) -> list[str]:
+def layer_paths(path: str, var) -> list[str]:
     """The per-layer paths the checkpoint names for one parameter: itself, or one per stacked row."""
     if "layers" not in tuple(var.get_metadata().get("axes") or ())[:1]:
         return [path]
@@ -156,7 +156,7 @@ def _hf_shape(cfg: QwenVLConfig, transform: str, shape: tuple) -> tuple | None:
     return None
 
 
-def _to_host(value: jax.Array) -> np.ndarray:
+def to_host(value: jax.Array) -> np.ndarray:
     if not value.is_fully_addressable:
         value = multihost_utils.process_allgather(value, tiled=True)
     return np.asarray(jax.device_get(value))
@@ -176,7 +176,7 @@ def save_pretrained(model: QwenVL, path: str | os.PathLike, *, max_shard_bytes: 
     entries = []
     for param, var in _params(model):
         value = var.get_value()
-        for i, ours in enumerate(_layer_paths(param, var)):
+        for i, ours in enumerate(layer_paths(param, var)):
             named = hf_name(ours, WEIGHT_RULES)
             if named is None:
                 raise KeyError(f"parameter {ours!r} has no weight rule (cannot name it in the checkpoint)")
@@ -199,7 +199,7 @@ def save_pretrained(model: QwenVL, path: str | os.PathLike, *, max_shard_bytes: 
     for name, shard in zip(names, shards):
         tensors = {}
         for key, transform, _, value, _ in shard:
-            host = _to_host(value)
+            host = to_host(value)
             tensors[key] = np.ascontiguousarray(TRANSFORMS[transform].to_hf(host, _hf_shape(cfg, transform, host.shape)))
             weight_map[key] = name
         if writer:

@@ -18,6 +18,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from anatomy_r1_jax import sharding
 from anatomy_r1_jax.models.config import QwenVLConfig
+from anatomy_r1_jax.models.lora import LoraConfig, add_adapters
+from anatomy_r1_jax.models.qwen_vl import QwenVL
 from anatomy_r1_jax.models.weights import abstract_model
 from anatomy_r1_jax.perf.memory import leaf_bytes_per_device
 from anatomy_r1_jax.train.partitioning import batch_shardings, split_model
@@ -42,10 +44,17 @@ def with_shardings(tree, mesh: Mesh, rules):
 
 
 def abstract_params(cfg: QwenVLConfig, mesh: Mesh, rules, *, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-                    remat: bool | str = True, freeze_vision: bool = False, **options):
+                    remat: bool | str = True, freeze_vision: bool = False, lora: LoraConfig | None = None,
+                    **options):
     """(graphdef, trainable params, frozen rest) as sharded ShapeDtypeStructs; options: QwenVL's
-    (attention, scan_layers)."""
-    model = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, **options)
+    (attention, scan_layers). With `lora` (rank > 0) the trainable params are its adapters and
+    every base weight is frozen."""
+    if lora is not None and lora.enabled:
+        model = nnx.eval_shape(lambda: add_adapters(
+            QwenVL(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=nnx.Rngs(0), **options), lora,
+            seed=0, dtype=dtype, param_dtype=param_dtype))
+    else:
+        model = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, **options)
     graphdef, params, frozen = split_model(model, freeze_vision)
     return graphdef, with_shardings(params, mesh, rules), with_shardings(frozen, mesh, rules)
 
@@ -65,7 +74,8 @@ def abstract_opt_state(tx, params, mesh: Mesh, rules, moment_dtype=None):
 
 def abstract_train_state(cfg: QwenVLConfig, mesh: Mesh, rules, tx, *, reference: bool = True, moment_dtype=None,
                          **model_kw) -> tuple[nnx.GraphDef, TrainState]:
-    """(graphdef, TrainState of sharded ShapeDtypeStructs); a reference copy when `reference`."""
+    """(graphdef, TrainState of sharded ShapeDtypeStructs); a reference copy when `reference` (a
+    LoRA state, model_kw `lora`, has none: its reference is the base model)."""
     graphdef, params, frozen = abstract_params(cfg, mesh, rules, **model_kw)
     step = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
     state = TrainState(step=step, params=params, frozen=frozen, ref_params=params if reference else None,

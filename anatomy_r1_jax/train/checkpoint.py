@@ -55,6 +55,10 @@ class Checkpointer:
                                                                  meta=ocp.args.JsonRestore()))
         return out["state"], out["meta"]
 
+    def restore_meta(self, step: int) -> dict:
+        """The JSON metadata of step `step` alone."""
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 

@@ -29,6 +29,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from anatomy_r1_jax import sharding
+from anatomy_r1_jax.models import lora
 from anatomy_r1_jax.rl.batch import TrainBatch
 from anatomy_r1_jax.rl.rollout import generate
 from anatomy_r1_jax.rl.sampling import SamplingConfig
@@ -97,11 +98,25 @@ class Programs:
         return state.replace(master=master, opt_state=opt_state)
 
     def copy_params(self, state: TrainState) -> TrainState:
-        """`state` whose reference policy is a copy of its current params (no-op without one)."""
-        if state.ref_params is None:
+        """`state` whose reference policy is its current policy: a copy of its current params, or in
+        a LoRA run (reference = adapters off) the adapters folded into the frozen base weights and
+        restarted from zero (models/lora.py fold_adapters); no-op without a reference."""
+        if state.ref_params is not None:
+            ref = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=_shardings(state.params))(state.params)
+            return state.replace(ref_params=ref)
+        if not lora.has_adapters(nnx.merge(self.graphdef, state.params, state.frozen)):
             return state
-        ref = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=_shardings(state.params))(state.params)
-        return state.replace(ref_params=ref)
+
+        trainable = {path for path, _ in nnx.to_flat_state(state.params)}
+
+        def fold(params, frozen):  # split again as before: the same paths trainable
+            model = lora.fold_adapters(nnx.merge(self.graphdef, params, frozen))
+            _, params, frozen = nnx.split(model, lambda path, _: tuple(path) in trainable, ...)
+            return params, frozen
+
+        out = (_shardings(state.params), _shardings(state.frozen))
+        params, frozen = jax.jit(fold, out_shardings=out, donate_argnums=(0, 1))(state.params, state.frozen)
+        return state.replace(params=params, frozen=frozen)
 
     # ---- the update ---------------------------------------------------------------------------
     def update(self, tx: optax.GradientTransformation, cfg: StepConfig, state: TrainState):

@@ -20,6 +20,7 @@ from anatomy_r1_jax.data import read_records
 from anatomy_r1_jax.data import validation
 from anatomy_r1_jax.data.records import Record
 from anatomy_r1_jax.methods import similarity as sim_lib
+from anatomy_r1_jax.models import lora
 from anatomy_r1_jax.models import QwenVL, QwenVLConfig, load_pretrained, model_options
 from anatomy_r1_jax.models.presets import matching_preset, tiny_hf_config
 from anatomy_r1_jax.train.precision import DTYPES
@@ -199,16 +200,37 @@ def trained_config(config, model_cfg: QwenVLConfig):
 
 
 def build_model(config, tokenizer, mesh=None, rules=()) -> QwenVL:
-    """Loads model.path, or makes a tiny model of model.family sized to the tokenizer."""
+    """Loads model.path, or makes a tiny model of model.family sized to the tokenizer; with
+    model.lora.rank > 0, low-rank adapters on the targeted layers (`with_adapters`)."""
     c = config.model
     dtype, param_dtype = DTYPES[c.dtype], DTYPES[c.param_dtype]
     if not c.path and c.get("preset"):
         raise ValueError(f"config model.preset={c.preset!r} needs --config.model.path=<local HF checkpoint directory>")
     if c.path:
-        return load_pretrained(c.path, dtype=dtype, mesh=mesh, rules=rules, param_dtype=param_dtype,
-                               **model_options(c))
-    cfg = QwenVLConfig.from_hf(tiny_hf_config_for(tokenizer, c.family, **dict(c.tiny)))
-    return QwenVL(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(config.seed), **model_options(c))
+        model = load_pretrained(c.path, dtype=dtype, mesh=mesh, rules=rules, param_dtype=param_dtype,
+                                **model_options(c))
+    else:
+        cfg = QwenVLConfig.from_hf(tiny_hf_config_for(tokenizer, c.family, **dict(c.tiny)))
+        model = QwenVL(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(config.seed), **model_options(c))
+    return with_adapters(config, model)
+
+
+def with_adapters(config, model: QwenVL) -> QwenVL:
+    """`model` with the adapters of config.model.lora (models/lora.py; none at rank 0), initialised
+    from config.seed, stored in model.param_dtype and run in model.dtype."""
+    c = config.model
+    adapters = lora.LoraConfig.from_config(c)
+    if adapters.enabled and adapters.vision and c.freeze_vision:
+        raise ValueError("config model.lora.vision=True puts adapters on the vision tower, which "
+                         "model.freeze_vision=True freezes: set model.freeze_vision=False (or model.lora.vision=False)")
+    return lora.add_adapters(model, adapters, seed=config.seed + 1, dtype=DTYPES[c.dtype],
+                             param_dtype=DTYPES[c.param_dtype])
+
+
+def base_checkpoint(config) -> str:
+    """What a LoRA run's adapters apply to (named in its checkpoints and exports): model.path, or
+    the tiny model made from config.seed."""
+    return config.model.path or f"tiny {config.model.family} model made from seed {config.seed}"
 
 
 def tiny_hf_config_for(tokenizer, family: str, **tiny) -> dict:

@@ -14,12 +14,16 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from anatomy_r1_jax import sharding
+from anatomy_r1_jax.models import lora
 from anatomy_r1_jax.rl.batch import PromptBatch, TrainBatch
 
 
 def split_model(model: nnx.Module, freeze_vision: bool):
-    """(graphdef, trainable params, frozen rest). With freeze_vision the vision tower is frozen."""
-    trainable = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("vision"))) if freeze_vision else nnx.Param
+    """(graphdef, trainable params, frozen rest). With freeze_vision the vision tower is frozen.
+    A model with low-rank adapters (models/lora.py) trains its adapters alone: every base weight is
+    frozen, in its stored dtype."""
+    kind = nnx.LoRAParam if lora.has_adapters(model) else nnx.Param
+    trainable = nnx.All(kind, nnx.Not(nnx.PathContains("vision"))) if freeze_vision else kind
     return nnx.split(model, trainable, ...)
 
 

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from anatomy_r1_jax.models import lora
 from anatomy_r1_jax.rl import advantages as adv_lib
 from anatomy_r1_jax.rl import losses
 from anatomy_r1_jax.rl.batch import TrainBatch
@@ -57,7 +58,8 @@ class StepConfig:
 @flax.struct.dataclass
 class TrainState:
     """step []; params: trainable nnx.State; frozen: the rest of the model (e.g. a frozen vision
-    tower); ref_params: the reference policy's trainable part (None when beta == 0);
+    tower; with LoRA every base weight); ref_params: the reference policy's trainable part (None
+    when beta == 0, and in a LoRA run, whose reference is the base model: `reference_model`);
     opt_state: optax state (of `master` when there is one, else of `params`); master: the float32
     master copy of params (None unless the precision policy keeps one)."""
 
@@ -97,6 +99,19 @@ def _loss_parts(cfg: StepConfig, logps, old_logps, ref_logps, advantages, mask, 
         aggregation=cfg.aggregation, max_completion_length=cfg.max_completion_length, valid_fraction=valid_fraction)
 
 
+def reference_model(graphdef: nnx.GraphDef, state: TrainState) -> nnx.Module:
+    """The KL reference policy: the reference copy merged with the frozen rest or, in a LoRA run
+    (no copy: ref_params None), the policy with its adapters switched off, i.e. the frozen base
+    weights alone (models/lora.py)."""
+    if state.ref_params is not None:
+        return nnx.merge(graphdef, state.ref_params, state.frozen)
+    model = nnx.merge(graphdef, state.params, state.frozen)
+    if not lora.has_adapters(model):
+        raise ValueError("rl.beta != 0 needs a reference policy: build the train state with reference=True "
+                         "(or give the model LoRA adapters, whose reference is the base model)")
+    return lora.without_adapters(model)
+
+
 def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: StepConfig, state: TrainState,
                batch: TrainBatch) -> tuple[TrainState, dict[str, jax.Array]]:
     """One update. batch arrays are [M, n, ...] (pixel values [M, P, D]).
@@ -124,8 +139,8 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: St
         if cfg.beta != 0:
             # Outside jax.grad: no gradient flows to the reference, and nnx.remat inside the grad trace
             # cannot update Variables merged from outer-trace state.
-            ref_model = nnx.merge(graphdef, state.ref_params, state.frozen)
-            ref = completion_logps(ref_model, mb.prompt, ids, mask, cfg.temperature, cfg.logp_chunk, g)[0]
+            ref = completion_logps(reference_model(graphdef, state), mb.prompt, ids, mask, cfg.temperature,
+                                   cfg.logp_chunk, g)[0]
 
         def numerator(params):
             model = nnx.merge(graphdef, params, state.frozen)

@@ -32,6 +32,7 @@ from anatomy_r1_jax.evaluation.scoring import run_accuracy, score, summarize
 from anatomy_r1_jax.methods.augmentation import GDQAState, assign_group_variants
 from anatomy_r1_jax.methods.curriculum import curriculum_order
 from anatomy_r1_jax.methods.reroll import REGROUPS, MicroRollout, RerollStats, reroll_policy, reroll_zero_variance
+from anatomy_r1_jax.models import lora
 from anatomy_r1_jax.rl.batch import Completions, TrainBatch
 from anatomy_r1_jax.rl.rewards import compute_rewards
 from anatomy_r1_jax.rl.rollout import decode_completions
@@ -108,8 +109,10 @@ class Trainer:
         self.programs = Programs.create(self.graphdef, self.mesh, self.rules)
         self.schedules, self.tx = phase_schedules(c), phase_optimizers(c)
         first = "sft" if c.sft.steps > 0 else "grpo"
+        # A LoRA run holds no reference copy: its reference is the base model (adapters off).
+        self.lora = lora.LoraConfig.from_config(c.model)
         self.state = self.programs.init_state(self.tx[first], self.precision, params, frozen,
-                                              reference=c.rl.beta != 0)
+                                              reference=c.rl.beta != 0 and not self.lora.enabled)
         self._compile()
 
         shards = self.shard.count
@@ -379,16 +382,30 @@ class Trainer:
         self.state = self.programs.copy_params(self.state)
         self.state = self.programs.reset_optimizer(self.tx["grpo"], self.precision, self.state)
 
-    def _meta(self) -> dict:
-        return {"pipeline": self.it.get_state(),
+    def _meta(self, base_saved: bool) -> dict:
+        meta = {"pipeline": self.it.get_state(),
                 "pipeline_sft": self.it_sft.get_state() if self.it_sft is not None else None,
                 "gdqa": self.gdqa.to_json(), "eval_start": self.eval_start}
+        if self.lora.enabled:
+            meta["lora"] = {"base": experiment.base_checkpoint(self.config), "base_saved": base_saved}
+        return meta
+
+    def _save(self, done: int) -> None:
+        """A LoRA checkpoint holds the adapters and their optimizer state; the frozen base weights
+        only once the warm-up's adapters were folded into them (then they are no longer the base
+        checkpoint's), else its meta names the base checkpoint they come from."""
+        base_saved = not self.lora.enabled or 0 < self.config.sft.steps < done
+        self.ckpt.save(done, self.state if base_saved else self.state.replace(frozen=None), self._meta(base_saved))
 
     def restore(self) -> int:
         step = self.ckpt.latest_step()
         if step is None:
             return 0
-        self.state, meta = self.ckpt.restore(step, self.state)
+        if self.ckpt.restore_meta(step).get("lora", {"base_saved": True})["base_saved"]:
+            self.state, meta = self.ckpt.restore(step, self.state)
+        else:  # the base weights built at start-up are the checkpoint's
+            state, meta = self.ckpt.restore(step, self.state.replace(frozen=None))
+            self.state = state.replace(frozen=self.state.frozen)
         self.it.set_state(meta["pipeline"])
         if self.it_sft is not None and meta.get("pipeline_sft") is not None:
             self.it_sft.set_state(meta["pipeline_sft"])
@@ -468,5 +485,5 @@ class Trainer:
                 writer.write(done, out)
             bar.set_postfix({k: f"{out[k]:.3f}" for k in ("sft/loss", "reward/total", "eval/accuracy") if k in out})
             if done % c.train.checkpoint_every == 0 or last:
-                self.ckpt.save(done, self.state, self._meta())
+                self._save(done)
         return rows
