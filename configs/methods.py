@@ -42,7 +42,7 @@ REAL_MODEL = {
     # G = 8, temperature 0.9, top-p 0.9, top-k 50, 512 new tokens, KL 0.04, clip 0.2
     "rl.group_size": 8, "rl.temperature": 0.9, "rl.top_p": 0.9, "rl.top_k": 50, "rl.max_completion_length": 512,
     "rl.beta": 0.04, "rl.eps_low": 0.2, "rl.eps_high": 0.2,
-    "optim.lr": 1e-5, "optim.warmup_steps": 10, "optim.weight_decay": 0.0, "optim.grad_clip": 1.0,
+    "optim.lr": 1e-5, "optim.warmup_steps": 10, "optim.schedule": "cosine", "optim.weight_decay": 0.0, "optim.grad_clip": 1.0,
     "optim.b1": 0.9, "optim.b2": 0.999,
     "sft.steps": 0, "sft.answer": "letter",
     # the authors' exact-letter accuracy

@@ -2,13 +2,13 @@
 
     python train.py --config configs/synthetic.py:method=asc --workdir runs/asc
 
-method: an arm of configs/methods.py ARMS (grpo, grpo_dynamic, asc, gdqa, gdqa_online, anatomy_r1
-(default)). Everything else is configs/default.py.
+method: an arm of configs/methods.py ARMS (grpo, grpo_dynamic, asc, gdqa, gdqa_online, anatomy_r1);
+grpo (the default run) when not named. Everything else is configs/default.py.
 """
 
 from configs import default, methods
 
 
 def get_config(arg=None):
-    args = methods.parse_arg(arg, method=("anatomy_r1", methods.ARMS))
+    args = methods.parse_arg(arg, method=("grpo", methods.ARMS))
     return methods.override(default.get_config(), args["method"])

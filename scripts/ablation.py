@@ -61,28 +61,58 @@ def grpo_rows(workdir: str) -> list[dict]:
     return [r for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if r.get("phase") == 1.0]
 
 
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def seed_interval(xs) -> tuple[float, float]:
+    """Mean and 95% half-width t_{0.975, n-1} * sd / sqrt(n) of per-seed values (n >= 2; NaN below)."""
+    xs = np.asarray(xs, np.float64)
+    n = len(xs)
+    if n < 2:
+        return float(xs.mean()) if n else float("nan"), float("nan")
+    return float(xs.mean()), float(T975.get(n - 1, 1.96) * xs.std(ddof=1) / np.sqrt(n))
+
+
 def summarize(runs: dict[str, list[str]]) -> tuple[str, dict]:
+    """Per arm and seed: the warm-up's and the final held-out accuracy (the run's paired gain over its
+    warm-up), reward AUC, invalid-gradient ratio, GDQA-triggered share and re-rolled groups; per arm
+    the paired per-seed difference of final accuracy against grpo (same warm-up and data per seed)."""
     stats = {}
     for arm, dirs in runs.items():
-        start, final, auc, invalid, triggered = [], [], [], [], []
+        s = {k: [] for k in ("warmup_accuracy", "final_accuracy", "gain", "gain_ci95", "reward_auc",
+                             "invalid_gradient_ratio", "gdqa_triggered", "rerolled_groups", "seconds")}
         for d in dirs:
             rows = grpo_rows(d)
-            evals = [r["eval/accuracy"] for r in read_metrics(os.path.join(d, "metrics.jsonl")) if "eval/accuracy" in r]
-            start.append(evals[0])  # the shared warm-up's last evaluation
-            final.append(evals[-1])
-            auc.append(float(np.mean([r["reward/total"] for r in rows])))
-            invalid.append(float(np.mean([r["invalid_gradient_ratio"] for r in rows])))
-            triggered.append(float(np.mean([r.get("gdqa_triggered", 0.0) for r in rows])))
-        stats[arm] = {"warmup_accuracy": start, "final_accuracy": final, "reward_auc": auc,
-                      "invalid_gradient_ratio": invalid, "gdqa_triggered": triggered}
-    lines = ["| arm | seeds | held-out accuracy after warm-up | final held-out accuracy | change | reward AUC "
-             "(mean reward/step) | invalid-gradient ratio | GDQA-triggered queries |", "|---|---|---|---|---|---|---|---|"]
+            evals = [r for r in read_metrics(os.path.join(d, "metrics.jsonl")) if "eval/accuracy" in r]
+            s["warmup_accuracy"].append(evals[0]["eval/accuracy"])  # the shared warm-up's last evaluation
+            s["final_accuracy"].append(evals[-1]["eval/accuracy"])
+            s["gain"].append(evals[-1].get("eval/gain", np.nan))
+            s["gain_ci95"].append(evals[-1].get("eval/gain_ci95", np.nan))
+            s["reward_auc"].append(float(np.mean([r["reward/total"] for r in rows])))
+            s["invalid_gradient_ratio"].append(float(np.mean([r["invalid_gradient_ratio"] for r in rows])))
+            s["gdqa_triggered"].append(float(np.mean([r.get("gdqa_triggered", 0.0) for r in rows])))
+            s["rerolled_groups"].append(float(np.sum([r.get("gdqa/rerolled_groups", 0.0)
+                                                      + r.get("dynamic_sampling/rerolled_groups", 0.0) for r in rows])))
+            s["seconds"].append(float(rows[-1]["time"] - rows[0]["time"]) if "time" in rows[0] else np.nan)
+        stats[arm] = s
+    if "grpo" in stats:
+        base = np.array(stats["grpo"]["final_accuracy"])
+        for arm, s in stats.items():
+            if arm != "grpo" and len(s["final_accuracy"]) == len(base):
+                s["vs_grpo"] = list(np.array(s["final_accuracy"]) - base)
+    f = lambda xs: "{:.3f} ± {:.3f}".format(*seed_interval(xs))  # noqa: E731
+    lines = ["| arm | seeds | accuracy after warm-up | final accuracy | gain over warm-up | final minus grpo "
+             "(paired by seed) | reward AUC | invalid-gradient ratio | GDQA-triggered | re-rolled groups | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for arm, s in stats.items():
-        f = lambda xs: f"{np.mean(xs):.3f} ± {np.std(xs):.3f}"  # noqa: E731
-        change = np.array(s["final_accuracy"]) - np.array(s["warmup_accuracy"])
+        vs = f(s["vs_grpo"]) if "vs_grpo" in s else "-"
         lines.append(f"| {arm} | {len(s['final_accuracy'])} | {f(s['warmup_accuracy'])} | {f(s['final_accuracy'])} | "
-                     f"{f(change)} | {f(s['reward_auc'])} | {f(s['invalid_gradient_ratio'])} | "
-                     f"{f(s['gdqa_triggered'])} |")
+                     f"{f(s['gain'])} | {vs} | {f(s['reward_auc'])} | {f(s['invalid_gradient_ratio'])} | "
+                     f"{f(s['gdqa_triggered'])} | {np.mean(s['rerolled_groups']):.0f} | {np.mean(s['seconds']):.0f} |")
+    lines.append("")
+    lines.append("Values: mean over seeds ± the 95% half-width of that mean (t with seeds - 1 degrees of freedom). "
+                 "\"final minus grpo\" pairs each seed's arm with that seed's grpo run (same warm-up, data and eval "
+                 "questions). Held-out accuracy is greedy on the whole validation split.")
     return "\n".join(lines), stats
 
 
@@ -116,15 +146,16 @@ def plot(runs: dict[str, list[str]], out_dir: str) -> list[str]:
     fig, ax = plt.subplots(figsize=(8, 3.6))
     classes = sorted({k.split("/", 1)[1] for d in runs["grpo"] for r in grpo_rows(d) for k in r
                       if k.startswith("invalid_gradient_ratio/")})
-    width = 0.2
-    for i, arm in enumerate(("grpo", "gdqa")):
+    arms = [a for a in ("grpo", "gdqa", "gdqa_online") if a in runs]
+    width = 0.8 / (2 * len(arms))
+    for i, arm in enumerate(arms):
         for j, (phase, sl) in enumerate((("start", slice(0, 10)), ("end", slice(-10, None)))):
             vals = []
             for cls in classes:
                 key = f"invalid_gradient_ratio/{cls}"
                 vals.append(np.nanmean([np.mean([r[key] for r in grpo_rows(d)[sl] if key in r] or [np.nan])
                                         for d in runs[arm]]))
-            ax.bar(np.arange(len(classes)) + (2 * i + j - 1.5) * width, vals, width, label=f"{arm} {phase}")
+            ax.bar(np.arange(len(classes)) + (2 * i + j - len(arms) + 0.5) * width, vals, width, label=f"{arm} {phase}")
     ax.set_xticks(np.arange(len(classes)), classes, rotation=15, fontsize=8)
     ax.set_ylabel("invalid-gradient ratio")
     ax.legend(fontsize=8)
@@ -147,7 +178,11 @@ def main():
     unknown = sorted(set(a.arms.split(",")) - set(ARMS))
     if unknown:
         p.error(f"--arms: unknown {unknown}; the arms of configs/methods.py are {','.join(ARMS)}")
-    runs = {arm: [run_arm(arm, s, a.out, a.set) for s in seeds] for arm in a.arms.split(",")}
+    arms = a.arms.split(",")
+    runs = {arm: [] for arm in arms}
+    for seed in seeds:  # seed by seed: a stopped sweep has complete, paired seeds
+        for arm in arms:
+            runs[arm].append(run_arm(arm, seed, a.out, a.set))
     table, stats = summarize(runs)
     os.makedirs(a.report, exist_ok=True)
     plots = plot(runs, a.report) if "grpo" in runs and "gdqa" in runs else []

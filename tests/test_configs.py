@@ -59,12 +59,12 @@ def test_real_model_configs_are_default_then_presets_then_their_own_values(name,
         module.get_config("lr=1")
 
 
-def test_default_config_is_the_anatomy_r1_arm_and_presets_refuse_unknown_fields():
+def test_default_config_is_the_grpo_arm_and_presets_refuse_unknown_fields():
     from configs import default, methods, synthetic
 
     config = default.get_config()
-    assert all(_value(config, k) == v for k, v in methods.ARMS["anatomy_r1"].items())
+    assert all(_value(config, k) == v for k, v in methods.ARMS["grpo"].items())
     assert synthetic.get_config(None).to_dict() == config.to_dict()
-    assert synthetic.get_config("method=grpo").curriculum.schedule == "none"
+    assert synthetic.get_config("method=anatomy_r1").curriculum.schedule == "staged"
     with pytest.raises(KeyError, match="'rl.temprature' is not a field"):
         methods.override(config, {"rl.temprature": 1.0})

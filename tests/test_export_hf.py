@@ -199,6 +199,7 @@ def test_scripts_without_config_evaluate_and_export_the_run(tmp_path, monkeypatc
     bfloat16 weights): the same results as the explicit config gives, nothing written into the run."""
     from anatomy_r1_jax import sharding
     from anatomy_r1_jax.evaluation.evaluator import EvalSettings, Evaluator
+    from anatomy_r1_jax.evaluation.scoring import run_accuracy
     from anatomy_r1_jax.evaluation.sweep import run_sweep
 
     config = default_config()
@@ -240,6 +241,7 @@ def test_scripts_without_config_evaluate_and_export_the_run(tmp_path, monkeypatc
     config.rl.max_completion_length = 4  # the command line's override
     mesh = sharding.make_mesh([("data", 1)], devices=jax.devices()[:1])
     monkeypatch.setattr(Evaluator, "evaluate", lambda *a, **k: pytest.fail("the script's result was not reused"))
-    [ours] = run_sweep(config, [str(run)], ["synthetic:val"], str(tmp_path / "eval"), EvalSettings(batch_size=2),
+    settings = EvalSettings(batch_size=2, accuracy=run_accuracy(config.rl.rewards))  # the script's default rule
+    [ours] = run_sweep(config, [str(run)], ["synthetic:val"], str(tmp_path / "eval"), settings,
                        limit=2, mesh=mesh, progress=False)
     assert ours == theirs
