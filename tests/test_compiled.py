@@ -74,15 +74,6 @@ def test_weights_and_activations_have_logical_names_of_their_own():
         Programs.create(graphdef, mesh, [("batch", "tensor")])
 
 
-def test_placed_train_batch_leaves_similarity_on_the_host():
-    """S(q) per row is never read by the update: placement does not send it to the devices."""
-    mesh = sharding.make_mesh([("data", 2), ("fsdp", 2), ("tensor", 2)])
-    host = _stack([_train_batch(seed=0)])
-    placed = put_batch(host, mesh, RULES, micro_axis=True)
-    assert host.similarity is not None and placed.similarity is None
-    assert len(jax.tree.leaves(placed)) == len(jax.tree.leaves(host)) - 1
-
-
 def _masked(x, mask):
     return np.where(mask > 0, x, 0.0)
 

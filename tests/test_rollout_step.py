@@ -129,8 +129,7 @@ def _train_batch(seed=0, queries=2, group=4, t=6):
     mask = (np.arange(t)[None] < lengths[:, None]).astype(np.int32)
     comp = Completions(ids=ids * mask, mask=mask, logps=np.zeros((n, t), np.float32), lengths=lengths)
     rewards = rng.integers(0, 3, n).astype(np.float32)
-    return TrainBatch(prompt=pb, completions=comp, rewards=rewards, categories=np.zeros(n, np.int32),
-                      similarity=rng.random(n).astype(np.float32))
+    return TrainBatch(prompt=pb, completions=comp, rewards=rewards, categories=np.zeros(n, np.int32))
 
 
 def _stack(items):

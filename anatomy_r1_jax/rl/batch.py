@@ -42,12 +42,10 @@ class Completions:
 @flax.struct.dataclass
 class TrainBatch:
     """A GRPO update's input: prompts, their completions and rewards [N] (groups contiguous),
-    plus per-row integer categories [N] (anatomy class index; -1 unknown) for metrics.
-    similarity [N] (S(q) of each row) is host-side only: the update never reads it, so placement
-    (partitioning.put_batch) leaves it behind and the device batch holds None."""
+    plus per-row integer categories [N] (anatomy class index; -1 unknown) for metrics. (S(q) is
+    host-side only, in the trainer's metrics: the update never reads it.)"""
 
     prompt: PromptBatch
     completions: Completions
     rewards: jax.Array
     categories: jax.Array
-    similarity: Any = None

@@ -1,4 +1,5 @@
-"""Metric sinks of the training shell: JSON lines, TensorBoard and PNG curves."""
+"""Metrics of the training shell: the update's metrics as logged rows, and their sinks (JSON lines,
+TensorBoard, PNG curves)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,21 @@ import time
 from typing import Iterable
 
 import numpy as np
+
+
+UPDATE_METRICS = ("loss", "kl", "clip_fraction", "entropy", "grad_norm", "invalid_gradient_ratio", "update_skipped")
+
+
+def update_metrics(metrics: dict, category_index: dict[str, int]) -> dict[str, float]:
+    """A GRPO update's metrics (host values of train/step.py's dict) -> logged scalars: UPDATE_METRICS
+    and the invalid-gradient ratio of each anatomy class that had groups in the step,
+    `invalid_gradient_ratio/<class>` = invalid_groups_by_category[c] / groups_by_category[c]."""
+    out = {k: float(metrics[k]) for k in UPDATE_METRICS}
+    bad, total = metrics["invalid_groups_by_category"], metrics["groups_by_category"]
+    for name, j in category_index.items():
+        if total[j] > 0:
+            out[f"invalid_gradient_ratio/{name}"] = float(bad[j] / total[j])
+    return out
 
 
 def _scalar(v):

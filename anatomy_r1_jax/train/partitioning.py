@@ -95,10 +95,7 @@ def batch_shardings(batch, mesh: Mesh, rules, micro_axis: bool = False, shard_co
 def put_batch(batch, mesh: Mesh, rules, micro_axis: bool = False, shard_count: int = 1):
     """Host batch -> global arrays. shard_count 1: every process passes the whole batch (device_put).
     Several data shards: every process passes its shard's rows and patches (train/distributed.py) and
-    the same gather indices; jax.make_array_from_process_local_data assembles the global arrays.
-    A TrainBatch's similarity stays on the host (None in the result): the update never reads it."""
-    if isinstance(batch, TrainBatch):
-        batch = batch.replace(similarity=None)
+    the same gather indices; jax.make_array_from_process_local_data assembles the global arrays."""
     if shard_count == 1:
         return jax.device_put(batch, batch_shardings(batch, mesh, rules, micro_axis))
 

@@ -39,7 +39,7 @@ from anatomy_r1_jax.rl.rollout import decode_completions
 from anatomy_r1_jax.rl.sampling import sampling_config
 from anatomy_r1_jax.train import distributed, experiment
 from anatomy_r1_jax.train.checkpoint import Checkpointer
-from anatomy_r1_jax.train.metrics import MetricsWriter, plot_curves, read_metrics
+from anatomy_r1_jax.train.metrics import MetricsWriter, plot_curves, read_metrics, update_metrics
 from anatomy_r1_jax.train.compiled import Programs, run_iterations
 from anatomy_r1_jax.train.partitioning import put_batch, shard_rows, split_model
 from anatomy_r1_jax.train.precision import Precision
@@ -335,11 +335,9 @@ class Trainer:
             prompt = mr.prompt if mr.prompt is not None and s_final == s else \
                 self._prompt_batch(mr.groups, images[i], s_final)
             rows = [r for grp in mr.groups for r in grp]
-            similarity = np.array([self.sq_by_id.get(r.id, np.nan) for r in rows], np.float32)
             batches.append(TrainBatch(prompt=prompt, completions=jax.tree.map(self.shard.block, mr.completions),
                                       rewards=self.shard.block(rewards[i * per_micro * g:(i + 1) * per_micro * g]),
-                                      categories=self.shard.block(self._categories(rows)),
-                                      similarity=self.shard.block(similarity)))
+                                      categories=self.shard.block(self._categories(rows))))
         tokens = sum(int(np.asarray(mr.completions.mask).sum()) for mr in micro)
         out.update({
             "reward/total": float(rewards.mean()), "reward/format": float(per["format"].mean()),
@@ -365,12 +363,7 @@ class Trainer:
         self.state, metrics = run_iterations(self.grpo_step, self.old_logps, self.state, tb, c.rl.num_iterations)
         metrics = jax.device_get(metrics)
         out["step_seconds"] = time.perf_counter() - t0
-        for k in ("loss", "kl", "clip_fraction", "entropy", "grad_norm", "invalid_gradient_ratio", "update_skipped"):
-            out[k] = float(metrics[k])
-        bad, total = metrics["invalid_groups_by_category"], metrics["groups_by_category"]
-        for name, j in self.category_index.items():
-            if total[j] > 0:
-                out[f"invalid_gradient_ratio/{name}"] = float(bad[j] / total[j])
+        out.update(update_metrics(metrics, self.category_index))
         if out["update_skipped"]:
             log.warning("step %d: non-finite loss or gradient; update skipped", step)
         return out
