@@ -30,6 +30,7 @@ check_installed()  # one line naming a missing package
 
 import numpy as np  # noqa: E402
 
+from anatomy_r1_jax.evaluation.metrics import mean_interval  # noqa: E402
 from anatomy_r1_jax.train.metrics import read_metrics  # noqa: E402
 from configs.methods import ARMS as METHOD_ARMS  # noqa: E402
 
@@ -61,18 +62,6 @@ def grpo_rows(workdir: str) -> list[dict]:
     return [r for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if r.get("phase") == 1.0]
 
 
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-
-
-def seed_interval(xs) -> tuple[float, float]:
-    """Mean and 95% half-width t_{0.975, n-1} * sd / sqrt(n) of per-seed values (n >= 2; NaN below)."""
-    xs = np.asarray(xs, np.float64)
-    n = len(xs)
-    if n < 2:
-        return float(xs.mean()) if n else float("nan"), float("nan")
-    return float(xs.mean()), float(T975.get(n - 1, 1.96) * xs.std(ddof=1) / np.sqrt(n))
-
-
 def summarize(runs: dict[str, list[str]]) -> tuple[str, dict]:
     """Per arm and seed: the warm-up's and the final held-out accuracy (the run's paired gain over its
     warm-up), reward AUC, invalid-gradient ratio, GDQA-triggered share and re-rolled groups; per arm
@@ -100,7 +89,7 @@ def summarize(runs: dict[str, list[str]]) -> tuple[str, dict]:
         for arm, s in stats.items():
             if arm != "grpo" and len(s["final_accuracy"]) == len(base):
                 s["vs_grpo"] = list(np.array(s["final_accuracy"]) - base)
-    f = lambda xs: "{:.3f} ± {:.3f}".format(*seed_interval(xs))  # noqa: E731
+    f = lambda xs: "{:.3f} ± {:.3f}".format(*mean_interval(xs))  # noqa: E731
     lines = ["| arm | seeds | accuracy after warm-up | final accuracy | gain over warm-up | final minus grpo "
              "(paired by seed) | reward AUC | invalid-gradient ratio | GDQA-triggered | re-rolled groups | seconds |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]

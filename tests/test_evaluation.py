@@ -289,3 +289,11 @@ def test_sweep_writes_results_and_resumes(tiny, tmp_path, monkeypatch):
     assert sorted(calls) == [3, 4]
     redone = json.loads((out / "results" / "early__few.json").read_text())
     assert [x["text"] for x in redone["records"]] == texts["early", "few"]
+
+
+def test_mean_interval_is_students_t_over_runs():
+    from anatomy_r1_jax.evaluation.metrics import mean_interval
+
+    mean, half = mean_interval([0.1, 0.2, 0.3, 0.4, 0.5])  # sd 0.1581, t_{0.975, 4} = 2.7764
+    assert mean == pytest.approx(0.3) and half == pytest.approx(2.7764451 * 0.15811388 / math.sqrt(5), rel=1e-6)
+    assert math.isnan(mean_interval([0.3])[1])

@@ -55,6 +55,18 @@ def paired_difference(before: Sequence[float], after: Sequence[float], z: float 
     return {"gain": mean(d), "ci95": half, "n": int(n), "before": mean(a), "after": mean(b)}
 
 
+def mean_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """(mean, half-width) of a mean over a few independent runs (e.g. per-seed results):
+    t_{(1+level)/2, n-1} sd(x) / sqrt(n) with Student's t (scipy); the half-width is NaN when n < 2."""
+    from scipy import stats
+
+    x = np.asarray(values, np.float64)
+    n = x.size
+    if n < 2:
+        return (float(x.mean()) if n else float("nan")), float("nan")
+    return float(x.mean()), float(stats.t.ppf((1 + level) / 2, n - 1) * x.std(ddof=1) / math.sqrt(n))
+
+
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased probability that at least one of k samples (drawn without replacement from the
     n generated, c of them correct) is correct."""
