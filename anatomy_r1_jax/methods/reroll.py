@@ -82,8 +82,8 @@ def reroll_policy(config) -> RerollPolicy | None:
 class MicroRollout:
     """One micro-batch's rollout on the host: groups [P][G] records (row p * G + j conditioned on
     groups[p][j]), completions (host Completions, rows [P * G]), texts [P * G], rewards [P * G],
-    prompt: the prompt batch the completions were sampled from (None once re-rolled rows replaced
-    some of them)."""
+    prompt: what the rollout that last sampled rows of `groups` was given (opaque here: the
+    trainer's prompt batch of all P groups, which a re-roll's rollout builds anew)."""
 
     groups: list[list[Record]]
     completions: Any
@@ -129,7 +129,7 @@ def reroll_zero_variance(
     """Re-rolls the micro-batch's all-equal groups (see the module docstring).
 
     regroup(group) -> the G records of its re-roll; rollout(groups [P][G], round) -> (host
-    Completions [P * G rows], texts [P * G]) with the micro-batch's fixed shape; score(texts,
+    Completions [P * G rows], texts [P * G], its prompt) with the micro-batch's fixed shape; score(texts,
     records) -> rewards, for the re-rolled rows only. Returns the micro-batch with the re-rolled
     groups' records, completions, texts and rewards in place of theirs, and what it cost.
     """
@@ -141,14 +141,14 @@ def reroll_zero_variance(
             break
         t0 = time.perf_counter()
         groups = [regroup(grp) if t else grp for grp, t in zip(micro.groups, todo)]
-        completions, texts = rollout(groups, r)
+        completions, texts, prompt = rollout(groups, r)
         rows = np.repeat(todo, g)
         rewards = micro.rewards.copy()
         rewards[rows] = score([t for t, keep in zip(texts, rows) if keep],
                               [rec for grp, t in zip(groups, todo) if t for rec in grp])
         micro = MicroRollout(groups=groups, completions=_replace_rows(micro.completions, completions, rows),
                              texts=[new if keep else old for old, new, keep in zip(micro.texts, texts, rows)],
-                             rewards=rewards, prompt=None)
+                             rewards=rewards, prompt=prompt)
         stats.calls += 1
         stats.rows += len(texts)
         stats.seconds += time.perf_counter() - t0

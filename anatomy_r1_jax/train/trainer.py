@@ -313,7 +313,7 @@ class Trainer:
         micro = []
         for i, groups in enumerate(groups_all):
             batch, comp, rows, texts = self._rollout_groups(groups, images[i], jax.random.fold_in(key, i), s)
-            micro.append(MicroRollout(groups, comp, texts, score(texts, rows), prompt=batch))
+            micro.append(MicroRollout(groups, comp, texts, score(texts, rows), prompt=(batch, s)))
         t_rollout = time.perf_counter() - t0
         tokens_rolled = sum(int(np.asarray(mr.completions.mask).sum()) for mr in micro)
         out = {}
@@ -332,8 +332,8 @@ class Trainer:
         s_final = self._prompts_per_group([grp for mr in micro for grp in mr.groups])
         batches = []
         for i, mr in enumerate(micro):
-            prompt = mr.prompt if mr.prompt is not None and s_final == s else \
-                self._prompt_batch(mr.groups, images[i], s_final)
+            batch, rows_per_group = mr.prompt  # reused when built with the step's final S
+            prompt = batch if rows_per_group == s_final else self._prompt_batch(mr.groups, images[i], s_final)
             rows = [r for grp in mr.groups for r in grp]
             batches.append(TrainBatch(prompt=prompt, completions=jax.tree.map(self.shard.block, mr.completions),
                                       rewards=self.shard.block(rewards[i * per_micro * g:(i + 1) * per_micro * g]),
@@ -350,10 +350,10 @@ class Trainer:
 
     def _reroll_rollout(self, images, key, groups, round_index: int):
         """A re-roll's rollout of one micro-batch's groups (methods/reroll.py): (host Completions,
-        texts), its own key per round."""
-        _, comp, _, texts = self._rollout_groups(groups, images, jax.random.fold_in(key, 1 + round_index),
-                                                 self._prompts_per_group(groups))
-        return comp, texts
+        texts, (its prompt batch, S)), its own key per round."""
+        s = self._prompts_per_group(groups)
+        batch, comp, _, texts = self._rollout_groups(groups, images, jax.random.fold_in(key, 1 + round_index), s)
+        return comp, texts, (batch, s)
 
     def grpo_iteration(self, step: int) -> dict:
         c = self.config
