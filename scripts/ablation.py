@@ -58,6 +58,11 @@ def run_arm(arm: str, seed: int, out: str, overrides: list[str]) -> str:
     return workdir
 
 
+def finished_seeds(out: str, seeds: list[int], arms: list[str]) -> list[int]:
+    """The seeds whose every arm has run to its end (a DONE marker in `{arm}_seed{seed}`)."""
+    return [s for s in seeds if all(os.path.exists(os.path.join(out, f"{arm}_seed{s}", "DONE")) for arm in arms)]
+
+
 def grpo_rows(workdir: str) -> list[dict]:
     return [r for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if r.get("phase") == 1.0]
 
@@ -162,16 +167,23 @@ def main():
     p.add_argument("--arms", default=",".join(ARMS))
     p.add_argument("--set", nargs="*", default=[], help="config overrides, e.g. train.steps=60")
     p.add_argument("--report", default=os.path.join(ROOT, "docs", "results"))
+    p.add_argument("--summarize", action="store_true",
+                   help="train nothing: report the seeds of --seeds whose every arm has finished (a sweep still running)")
     a = p.parse_args()
     seeds = [int(s) for s in a.seeds.split(",")]
     unknown = sorted(set(a.arms.split(",")) - set(ARMS))
     if unknown:
         p.error(f"--arms: unknown {unknown}; the arms of configs/methods.py are {','.join(ARMS)}")
     arms = a.arms.split(",")
+    if a.summarize:
+        seeds = finished_seeds(a.out, seeds, arms)
+        if not seeds:
+            p.error(f"--summarize: no seed has finished every arm under {a.out}")
+        print(f"summarizing seeds {seeds} (every arm finished)", flush=True)
     runs = {arm: [] for arm in arms}
     for seed in seeds:  # seed by seed: a stopped sweep has complete, paired seeds
         for arm in arms:
-            runs[arm].append(run_arm(arm, seed, a.out, a.set))
+            runs[arm].append(os.path.join(a.out, f"{arm}_seed{seed}") if a.summarize else run_arm(arm, seed, a.out, a.set))
     table, stats = summarize(runs)
     os.makedirs(a.report, exist_ok=True)
     plots = plot(runs, a.report) if "grpo" in runs and "gdqa" in runs else []

@@ -1,0 +1,49 @@
+"""scripts/ablation.py --summarize: a sweep still running is reported on its finished seeds only, paired
+per seed against grpo (no training; the run folders are written here)."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+import ablation  # noqa: E402
+
+
+def _fake_run(path: str, warmup_acc: float, final_acc: float, done: bool) -> None:
+    os.makedirs(path)
+    rows = [{"step": 1, "eval/accuracy": warmup_acc}]
+    rows += [{"step": s, "phase": 1.0, "time": float(s), "reward/total": 1.0, "sq_mean": 0.3,
+              "invalid_gradient_ratio": 0.5, "invalid_gradient_ratio/liver": 0.5} for s in range(2, 12)]
+    rows.append({"step": 11, "eval/accuracy": final_acc, "eval/gain": final_acc - warmup_acc, "eval/gain_ci95": 0.01})
+    with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    if done:
+        open(os.path.join(path, "DONE"), "w").close()
+
+
+def test_summarize_reports_finished_seeds_paired_against_grpo(tmp_path):
+    out, report = tmp_path / "sweep", tmp_path / "report"
+    arms = ["grpo", "gdqa"]
+    for seed, (g, d) in enumerate([(0.30, 0.40), (0.20, 0.25), (0.9, 0.9)]):
+        _fake_run(str(out / f"grpo_seed{seed}"), 0.1, g, done=True)
+        _fake_run(str(out / f"gdqa_seed{seed}"), 0.1, d, done=seed < 2)  # seed 2 still running
+    assert ablation.finished_seeds(str(out), [0, 1, 2], arms) == [0, 1]
+
+    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "ablation.py"), "--summarize", "--out", str(out),
+                    "--seeds", "0,1,2", "--arms", ",".join(arms), "--report", str(report)], check=True, cwd=ROOT)
+    stats = json.loads((report / "ablation.json").read_text())
+    assert stats["grpo"]["final_accuracy"] == [0.30, 0.20]  # seed 2 left out: its gdqa run has not finished
+    assert [round(x, 6) for x in stats["gdqa"]["vs_grpo"]] == [0.10, 0.05]
+    assert "| gdqa | 2 |" in (report / "ablation.md").read_text()
+    assert (report / "ablation_reward_sq.png").exists()
+
+
+def test_summarize_with_no_finished_seed_fails_in_one_line(tmp_path):
+    _fake_run(str(tmp_path / "grpo_seed0"), 0.1, 0.2, done=False)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "ablation.py"), "--summarize", "--out",
+                        str(tmp_path), "--seeds", "0", "--arms", "grpo", "--report", str(tmp_path / "r")],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "no seed has finished every arm" in r.stderr
