@@ -221,7 +221,7 @@ def test_merged_export_gives_the_adapted_models_logits_in_transformers_and_peft_
     from test_export_hf import TOL, default_config, make_run, synthetic_record
 
     config = default_config()
-    config.model.lora.update(rank=4, alpha=4.0, vision=True)
+    config.model.lora.update(rank=4, alpha=4.0, vision=True, warmup="adapters")  # step 3: an adapter warm-up
     setup, params, frozen = make_run(tmp_path / "run", config, step=3, seed=1)
     assert all("lora" in jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params))
     out = tmp_path / "hf"

@@ -56,7 +56,9 @@ WARMUPS = ("full", "adapters")
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
     """config.model.lora: rank 0 = off; alpha / rank scales the adapters' output; targets: decoder
-    module names (LANGUAGE_TARGETS); vision: also adapt the vision blocks (VISION_TARGETS)."""
+    module names (LANGUAGE_TARGETS); vision: also adapt the vision blocks (VISION_TARGETS); warmup:
+    what the supervised warm-up trains (WARMUPS); lr_scale: a phase that trains the adapters uses
+    its learning rate times this factor."""
 
     rank: int = 0
     alpha: float = 32.0
@@ -64,10 +66,13 @@ class LoraConfig:
     targets: tuple[str, ...] = LANGUAGE_TARGETS
     vision: bool = False
     warmup: str = "full"
+    lr_scale: float = 1.0
 
     def __post_init__(self):
         if self.warmup not in WARMUPS:
             raise ValueError(f"config model.lora.warmup={self.warmup!r}: use one of {WARMUPS}")
+        if self.lr_scale <= 0:
+            raise ValueError(f"config model.lora.lr_scale={self.lr_scale}: expected a positive factor")
         if self.rank < 0:
             raise ValueError(f"config model.lora.rank={self.rank}: expected 0 (off) or a positive rank")
         unknown = sorted(set(self.targets) - set(LANGUAGE_TARGETS))
@@ -87,7 +92,8 @@ class LoraConfig:
         lora = model_config.get("lora") or {}
         return cls(rank=int(lora.get("rank", 0)), alpha=float(lora.get("alpha", 32.0)),
                    dropout=float(lora.get("dropout", 0.0)), targets=tuple(lora.get("targets", LANGUAGE_TARGETS)),
-                   vision=bool(lora.get("vision", False)), warmup=str(lora.get("warmup", "adapters")))
+                   vision=bool(lora.get("vision", False)), warmup=str(lora.get("warmup", "adapters")),
+                   lr_scale=float(lora.get("lr_scale", 1.0)))
 
     @property
     def enabled(self) -> bool:
