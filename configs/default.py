@@ -39,7 +39,7 @@ def get_config(arg=None):
         # lr_scale: a phase that trains the adapters (GRPO; the warm-up with warmup="adapters") uses its
         # learning rate (optim.lr, sft.lr) times this factor (docs/results/default_run.md).
         lora=dict(rank=0, alpha=32.0, dropout=0.0, targets=("q", "k", "v", "o", "gate", "up", "down"), vision=False,
-                  warmup="full", lr_scale=10.0),
+                  warmup="full", lr_scale=1.0),
     )
     c.tokenizer = dict(path="", vocab_size=1024)  # "" = the project's tiny byte-level BPE
 
