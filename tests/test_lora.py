@@ -1,7 +1,9 @@
 """LoRA (models/lora.py): adapters at zero are the base model exactly; the update's gradient with
 respect to the adapters is the chain rule of the merged model's gradient (KL to the base model);
 only adapters change and have optimizer state, placed by the sharding rules; the warm-up fold keeps
-the function; the merged export gives the adapted model's logits in transformers."""
+the function; a full warm-up trains the base, which GRPO then keeps frozen under fresh adapters; the
+merged export gives the adapted model's logits in transformers, and after a full warm-up it is the
+warm-up checkpoint plus the PEFT adapters."""
 
 import functools
 import json
