@@ -31,7 +31,15 @@ def get_config(arg=None):
         # Low-rank adapters (models/lora.py): rank 0 = off (full fine-tuning); rank > 0 trains only the
         # adapters (alpha / rank scales them) on the decoder's `targets`, and with vision=True on the
         # vision blocks' qkv, proj and MLP; the KL reference is the base model (adapters off).
-        lora=dict(rank=0, alpha=32.0, dropout=0.0, targets=("q", "k", "v", "o", "gate", "up", "down"), vision=False),
+        # warmup: what the supervised warm-up (sft.steps > 0) trains. "full": the whole model (full AdamW
+        # state), whose weights then become GRPO's frozen base; use it when the base cannot answer in
+        # format yet (the embedded default's random tiny model, where adapters alone do not learn the
+        # warm-up). "adapters": the adapters alone (then folded into the base); use it for a real
+        # pretrained base, where a full warm-up would need the memory LoRA saves.
+        # lr_scale: a phase that trains the adapters (GRPO; the warm-up with warmup="adapters") uses its
+        # learning rate (optim.lr, sft.lr) times this factor (docs/results/default_run.md).
+        lora=dict(rank=0, alpha=32.0, dropout=0.0, targets=("q", "k", "v", "o", "gate", "up", "down"), vision=False,
+                  warmup="full", lr_scale=1.0),
     )
     c.tokenizer = dict(path="", vocab_size=1024)  # "" = the project's tiny byte-level BPE
 

@@ -44,6 +44,7 @@ REAL_MODEL = {
     "rl.beta": 0.04, "rl.eps_low": 0.2, "rl.eps_high": 0.2,
     "optim.lr": 1e-5, "optim.warmup_steps": 10, "optim.schedule": "cosine", "optim.weight_decay": 0.0, "optim.grad_clip": 1.0,
     "optim.b1": 0.9, "optim.b2": 0.999,
+    "model.lora.lr_scale": 1.0,  # LoRA (--config.model.lora.rank=R) at optim.lr, whatever the tiny default's factor
     "sft.steps": 0, "sft.answer": "letter",
     # the authors' exact-letter accuracy
     "rl.rewards.format": 1.0, "rl.rewards.accuracy": 1.0, "rl.rewards.accuracy_lenient": 0.0,

@@ -1,7 +1,9 @@
 """LoRA (models/lora.py): adapters at zero are the base model exactly; the update's gradient with
 respect to the adapters is the chain rule of the merged model's gradient (KL to the base model);
 only adapters change and have optimizer state, placed by the sharding rules; the warm-up fold keeps
-the function; the merged export gives the adapted model's logits in transformers."""
+the function; a full warm-up trains the base, which GRPO then keeps frozen under fresh adapters; the
+merged export gives the adapted model's logits in transformers, and after a full warm-up it is the
+warm-up checkpoint plus the PEFT adapters."""
 
 import functools
 import json
@@ -158,6 +160,56 @@ def test_warm_up_fold_keeps_the_policy_and_restarts_the_adapters():
     assert np.abs(base - before).max() > 1e-2
 
 
+def test_full_warm_up_trains_the_base_then_grpo_trains_fresh_adapters_on_it():
+    """model.lora.warmup="full": the warm-up's update trains every base weight (the adapters stay at
+    B = 0); at the switch to GRPO its weights become the frozen base, so the policy at GRPO step 0 and
+    its reference (adapters off) are the warm-up model, and GRPO's update (built for the adapters,
+    with their own AdamW state) changes the adapters alone."""
+    cfg = lora.LoraConfig(rank=4, alpha=8.0, warmup="full")
+    assert (cfg.trains("sft"), cfg.trains("grpo")) == ("base", "adapters")
+    assert lora.LoraConfig(rank=4, warmup="adapters").trains("sft") == "adapters"
+    assert lora.LoraConfig(rank=0).trains("grpo") == "base"
+    batch = jax.tree.map(jnp.asarray, _train_batch(seed=0))
+    placed = [put_batch(_stack([_train_batch(seed=s)]), one_device_mesh(), RULES, micro_axis=True) for s in (0, 1)]
+    model = adapted_model(cfg=cfg)
+    start = logps(model, batch)
+    graphdef, params, frozen = split_model(model, freeze_vision=False, trains=cfg.trains("sft"))
+    assert all("lora" not in jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params))
+    programs = Programs.create(graphdef, one_device_mesh(), RULES)
+    tx = make_optimizer(1e-2)
+    state = programs.init_state(tx, STEP.precision, params, frozen, reference=False)
+    moments = lambda s: [x for x in jax.tree.leaves(s.opt_state) if x.ndim]  # noqa: E731
+    assert len(moments(state)) == 2 * len(jax.tree.leaves(state.params))  # the warm-up's AdamW: the base's
+    base_before = jax.tree.map(np.asarray, state.params)
+    warm_up = programs.update(tx, STEP, state)
+    for b in placed:
+        state, _ = warm_up(state, b)
+    changed = [not np.array_equal(np.asarray(x), y) for x, y in zip(jax.tree.leaves(state.params),
+                                                                     jax.tree.leaves(base_before))]
+    assert sum(changed) > len(changed) // 2  # the warm-up trains the base (norm weights and biases too)
+    warmed = logps(nnx.merge(graphdef, state.params, state.frozen), batch)
+    assert np.abs(warmed - start).max() > 1e-2
+
+    state = programs.switch_trainable(state, cfg.trains("grpo"), freeze_vision=False)
+    state = programs.reset_optimizer(tx, STEP.precision, state)
+    policy = nnx.merge(graphdef, state.params, state.frozen)
+    assert all(not np.asarray(d.lora.lora_b[...]).any() for _, d in lora.adapted_layers(policy))
+    np.testing.assert_array_equal(logps(policy, batch), warmed)  # policy at GRPO step 0 = the warm-up model
+    np.testing.assert_array_equal(logps(lora.without_adapters(nnx.merge(graphdef, state.params, state.frozen)),
+                                        batch), warmed)  # and so is its reference
+    assert all("lora" in jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state.params))
+    assert len(moments(state)) == 2 * len(jax.tree.leaves(state.params))  # GRPO's AdamW: the adapters'
+    frozen_before = jax.tree.map(np.asarray, state.frozen)
+    grpo = programs.update(tx, STEP, state)
+    for b in placed:
+        state, metrics = grpo(state, b)
+    assert grpo._cache_size() == 1 and float(metrics["kl"]) > 0
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.frozen), frozen_before)
+    b_after = [np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(state.params)
+               if "lora_b" in jax.tree_util.keystr(p)]
+    assert b_after and all(b.any() for b in b_after)
+
+
 def test_merged_export_gives_the_adapted_models_logits_in_transformers_and_peft_adapters(tmp_path):
     from safetensors.numpy import load_file
     from transformers import Qwen2VLForConditionalGeneration
@@ -171,7 +223,7 @@ def test_merged_export_gives_the_adapted_models_logits_in_transformers_and_peft_
     from test_export_hf import TOL, default_config, make_run, synthetic_record
 
     config = default_config()
-    config.model.lora.update(rank=4, alpha=4.0, vision=True)
+    config.model.lora.update(rank=4, alpha=4.0, vision=True, warmup="adapters")  # step 3: an adapter warm-up
     setup, params, frozen = make_run(tmp_path / "run", config, step=3, seed=1)
     assert all("lora" in jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params))
     out = tmp_path / "hf"
@@ -207,6 +259,65 @@ def test_merged_export_gives_the_adapted_models_logits_in_transformers_and_peft_
     merged = hf.state_dict()
     for name, value in hf_base.state_dict().items():
         np.testing.assert_allclose(value.numpy(), merged[name].numpy(), atol=1e-6, err_msg=name)
+
+
+def test_export_after_a_full_warm_up_merges_the_adapters_into_the_warm_up_checkpoint(tmp_path):
+    """A GRPO checkpoint of a run with a full warm-up (sft.steps = 2) holds the adapters alone; its
+    base is the warm-up's checkpoint 2 (the whole model). Restoring it reads the base from there;
+    its merged export is checkpoint 2's export plus alpha/r B^T A^T in every adapted module, and its
+    PEFT adapters name checkpoint 2 and give exactly that difference."""
+    from safetensors.numpy import load_file
+
+    from anatomy_r1_jax.evaluation.checkpoints import base_state, build_setup, restore_model_state
+    from anatomy_r1_jax.evaluation.export import PEFT_DIR, export_checkpoint
+    from anatomy_r1_jax.train import experiment
+    from anatomy_r1_jax.train.checkpoint import Checkpointer
+    from test_export_hf import default_config, random_state
+
+    config = default_config()
+    config.model.lora.update(rank=4, alpha=8.0)
+    config.sft.steps = 2
+    config.model.tiny.num_hidden_layers = 1
+    assert config.model.lora.warmup == "full"  # the default
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(config.to_json_best_effort(indent=1))
+    experiment.build_tokenizer(config, str(run))
+    setup = build_setup(config, str(run))
+    adapters, base = random_state(setup.params, 1), random_state(setup.frozen, 2)
+    warm_adapters = jax.tree_util.tree_map_with_path(  # the warm-up leaves B = 0
+        lambda p, x: jnp.zeros_like(x) if "lora_b" in jax.tree_util.keystr(p) else x, adapters)
+    _, warm_params, warm_frozen = split_model(nnx.merge(setup.graphdef, warm_adapters, base), False, "base")
+    ckpt = Checkpointer(str(run / "checkpoints"), keep=1, preserve=(2,))
+    for step, params, frozen in ((2, warm_params, warm_frozen), (5, adapters, None)):
+        tx = make_optimizer(1e-3)
+        ckpt.save(step, TrainState(step=jnp.asarray(step, jnp.int32), params=params, frozen=frozen, ref_params=None,
+                                   opt_state=tx.init(params)), {"lora": experiment.adapter_base(config, step, "")})
+    ckpt.close()
+
+    restored, frozen = restore_model_state(setup, str(run / "checkpoints" / "5"))
+    for ours, expected in ((restored, adapters), (frozen, base)):
+        jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, ours), jax.tree.map(np.asarray, expected))
+    assert np.abs(np.asarray(jax.tree.leaves(base_state(setup)[1])[0]) - np.asarray(jax.tree.leaves(base)[0])).max()
+
+    export_checkpoint(config, str(run / "checkpoints" / "2"), str(tmp_path / "warm"))
+    export_checkpoint(config, str(run / "checkpoints" / "5"), str(tmp_path / "grpo"))
+    assert not (tmp_path / "warm" / PEFT_DIR).exists()  # the warm-up's base weights are its own
+    peft = json.loads((tmp_path / "grpo" / PEFT_DIR / "adapter_config.json").read_text())
+    assert peft["base_model_name_or_path"] == str(run / "checkpoints" / "2")
+    tensors = load_file(str(tmp_path / "grpo" / PEFT_DIR / "adapter_model.safetensors"))
+    warm, grpo = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("warm", "grpo"))
+    assert warm.keys() == grpo.keys()
+    hub = {("model." + m.removeprefix("model.language_model.") if m.startswith("model.language_model.")
+            else m.removeprefix("model.")) + ".weight": m for m in peft["target_modules"]}
+    assert len(hub) == 7 and hub.keys() <= warm.keys()
+    for key, value in warm.items():
+        expected = value
+        if key in hub:
+            a, b = (tensors[f"base_model.model.{hub[key]}.lora_{x}.weight"] for x in "AB")
+            expected = value + peft["lora_alpha"] / peft["r"] * (b @ a)
+            assert np.abs(b @ a).max() > 1e-3, key
+        np.testing.assert_allclose(grpo[key], expected, atol=1e-5, err_msg=key)
 
 
 def test_adapter_only_checkpoint_restores_onto_the_base_model(tmp_path):

@@ -32,6 +32,18 @@ def test_schedule_names(name, expected):
     np.testing.assert_allclose([float(grpo(i)) for i in (0, 2, 11, 20)], expected, rtol=1e-5, atol=1e-12)
 
 
+def test_a_phase_that_trains_lora_adapters_scales_its_learning_rate():
+    c = _config(warmup_steps=0)
+    c.model.lora.update(rank=8, lr_scale=10.0, warmup="full")
+    s = phase_schedules(c)
+    assert float(s["sft"](9)) == pytest.approx(1e-3)  # a full warm-up trains the base: sft.lr
+    assert float(s["grpo"](0)) == pytest.approx(2e-3)  # GRPO trains the adapters
+    c.model.lora.warmup = "adapters"
+    assert float(phase_schedules(c)["sft"](9)) == pytest.approx(1e-2)
+    c.model.lora.rank = 0  # no LoRA: no factor
+    assert float(phase_schedules(c)["grpo"](0)) == pytest.approx(2e-4)
+
+
 def test_unknown_schedule_names_its_field():
     with pytest.raises(ValueError, match="optim.schedule='cosin'"):
         phase_schedules(_config(schedule="cosin"))

@@ -67,35 +67,61 @@ def test_train_writes_metrics_plots_checkpoints_and_resumes_after_sigkill(tmp_pa
 
 
 def test_lora_run_resumes_after_sigkill(tmp_path):
-    """The same with LoRA adapters (rank 16): checkpoints of the warm-up hold the adapters alone and
-    name the base model; after the warm-up is folded into the base weights they hold those too."""
+    """The same with LoRA adapters (rank 16) and an adapter warm-up: checkpoints of the warm-up hold
+    the adapters alone and name the base model; after the warm-up is folded into the base weights
+    they hold those too."""
     uninterrupted = str(tmp_path / "full")
-    _train(uninterrupted, *LORA)
+    _train(uninterrupted, *LORA, "--config.model.lora.warmup=adapters")
     rows = _metrics(uninterrupted)
     assert [r["step"] for r in rows] == list(range(1, 7))
     for step, base_saved in ((2, False), (3, True)):
         with open(os.path.join(uninterrupted, "checkpoints", str(step), "meta", "metadata")) as f:
             assert json.load(f)["lora"] == {"base": "tiny qwen2_vl model made from seed 0", "base_saved": base_saved}
     # Killed after the warm-up's last checkpoint (adapters alone): the restart folds them after restoring.
-    _kill_and_resume(tmp_path, uninterrupted, *LORA, after=2)
+    _kill_and_resume(tmp_path, uninterrupted, *LORA, "--config.model.lora.warmup=adapters", after=(2,))
 
 
-def _kill_and_resume(tmp_path, uninterrupted: str, *extra, after: int = 3):
-    """The run of `uninterrupted`, killed with SIGKILL once its checkpoint `after` is complete and
-    restarted, ends with the same metrics."""
-    # Killed once checkpoint `after` is complete. The later steps of this tiny model take about a
-    # second, so under load the run may finish before the kill lands: then kill a fresh run.
+def test_lora_run_with_a_full_warm_up_resumes_after_sigkill_in_either_phase(tmp_path):
+    """LoRA (rank 16) with the default full warm-up: warm-up checkpoints hold the whole model; GRPO
+    checkpoints hold the adapters and name the warm-up's last checkpoint (step 2) as their base, which
+    is kept although only the latest 2 are. Killed in the warm-up (after checkpoint 1), restarted,
+    killed in GRPO (after checkpoint 4), restarted: the metrics equal the uninterrupted run's."""
+    lora = ["--config.model.lora.rank=16", "--config.train.keep_checkpoints=2"]
+    uninterrupted = str(tmp_path / "full")
+    _train(uninterrupted, *lora)
+    assert [r["step"] for r in _metrics(uninterrupted)] == list(range(1, 7))
+    checkpoints = os.path.join(uninterrupted, "checkpoints")
+    assert sorted(os.listdir(checkpoints)) == ["2", "5", "6"]
+    expected = {2: {"base": "tiny qwen2_vl model made from seed 0", "base_saved": True},
+                6: {"base": os.path.join(checkpoints, "2"), "base_saved": False, "base_step": 2}}
+    for step, meta in expected.items():
+        with open(os.path.join(checkpoints, str(step), "meta", "metadata")) as f:
+            assert json.load(f)["lora"] == meta
+    sizes = {step: sum(os.path.getsize(os.path.join(d, n)) for d, _, names in
+                       os.walk(os.path.join(checkpoints, step, "state")) for n in names) for step in ("2", "6")}
+    assert sizes["6"] * 3 < sizes["2"], sizes  # adapters + their moments, no base weights
+    _kill_and_resume(tmp_path, uninterrupted, *lora, after=(1, 4))
+
+
+def _kill_and_resume(tmp_path, uninterrupted: str, *extra, after: tuple[int, ...] = (3,)):
+    """The run of `uninterrupted`, killed with SIGKILL once its checkpoint after[0] is complete and
+    restarted, (killed again once after[1] is, ...), ends with the same metrics."""
+    # The later steps of this tiny model take about a second, so under load the run may finish before
+    # the kill lands: then start over in a fresh workdir.
     for attempt in range(3):
         workdir = str(tmp_path / f"killed{attempt}")
-        proc = _train(workdir, *extra, wait=False)
-        ckpt = os.path.join(workdir, "checkpoints", str(after))
-        deadline = time.time() + 500
-        while not os.path.exists(ckpt) and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        assert proc.returncode in (0, -signal.SIGKILL), proc.stderr.read().decode()[-4000:]
-        if proc.returncode == -signal.SIGKILL and len(_metrics(workdir)) < 6:
+        for step in after:
+            proc = _train(workdir, *extra, wait=False)
+            ckpt = os.path.join(workdir, "checkpoints", str(step))
+            deadline = time.time() + 500
+            while not os.path.exists(ckpt) and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            assert proc.returncode in (0, -signal.SIGKILL), proc.stderr.read().decode()[-4000:]
+            if proc.returncode != -signal.SIGKILL or len(_metrics(workdir)) >= 6:
+                break
+        else:
             break
     else:
         raise AssertionError("the run finished before it could be killed, three times")

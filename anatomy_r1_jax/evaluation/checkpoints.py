@@ -5,8 +5,9 @@ items `state` (TrainState: step, params, frozen, ref_params, opt_state) and `met
 and `frozen` are read (a partial restore: the optimizer moments and the reference copy are never
 loaded), directly onto the shardings the config's rules give on the mesh. The model is then
 `nnx.merge(graphdef, params, frozen)` with the graphdef the run's config builds. A LoRA run's
-checkpoint may hold its adapters alone (`frozen` empty: the base weights are the config's base
-model, model.path or the tiny model of config.seed, as its meta says).
+checkpoint may hold its adapters alone (`frozen` empty): the base weights are then the config's base
+model (model.path or the tiny model of config.seed) or, after a full warm-up, the warm-up's last
+checkpoint of the same run (train/experiment.adapter_base, as its meta says).
 
 Checkpoint specs (command lines): "base" (the model as the config builds it: model.path, or the
 tiny model made from config.seed), a run workdir (its latest step), its `checkpoints` folder, or
@@ -189,20 +190,30 @@ def restore_model_state(setup: ModelSetup, step_dir: str):
     (so they fit `setup.graphdef` and every program compiled for it).
 
     The run may have split trainable and frozen parameters differently from this config (e.g.
-    model.freeze_vision changed): the other split is tried before giving up.
+    model.freeze_vision changed, or a LoRA run's full warm-up, which trains the base weights): the
+    split whose trainable part has the checkpoint's `params` names is restored, then split like the setup.
     """
     model = nnx.merge(setup.graphdef, setup.params, setup.frozen)
     path = os.path.join(os.path.abspath(step_dir), "state")
     stored = _stored_tree(path)
     base_frozen = None
     if lora.has_adapters(model) and not _parameter_names(None, stored.get("frozen")):
-        # A LoRA checkpoint without base weights (its meta names them): the config's base model.
-        base_frozen = base_state(setup)[1]
+        # A LoRA checkpoint without base weights: the config's base model, or the run's warm-up checkpoint.
+        step_dir = os.path.abspath(step_dir)
+        step = int(os.path.basename(step_dir)) if os.path.basename(step_dir).isdigit() else None
+        base = experiment.adapter_base(setup.config, step, os.path.dirname(step_dir))
+        base_frozen = restore_model_state(setup, base["base"])[1] if "base_step" in base else base_state(setup)[1]
     _check_parameter_names(setup, stored, step_dir, frozen=base_frozen is None)
     errors = []
-    for freeze in (setup.freeze_vision,) if base_frozen is not None else (setup.freeze_vision,
-                                                                            not setup.freeze_vision):
-        graphdef, params, frozen = split_model(model, freeze)
+    splits = [(setup.freeze_vision, None)] if base_frozen is not None else [
+        (freeze, trains) for trains in ((None, "base") if lora.has_adapters(model) else (None,))
+        for freeze in (setup.freeze_vision, not setup.freeze_vision)]
+    stored_params = _parameter_names(stored.get("params"), None)
+    for freeze, trains in splits:
+        graphdef, params, frozen = split_model(model, freeze, trains)
+        if _parameter_names(params, None) != stored_params:  # (a partial restore would leave them abstract)
+            errors.append(f"freeze_vision={freeze}, trains={trains}: other trainable parameters")
+            continue
         target = {"params": _abstract(params, setup.mesh, setup.rules)}
         if base_frozen is None:
             target["frozen"] = _abstract(frozen, setup.mesh, setup.rules)
@@ -213,11 +224,11 @@ def restore_model_state(setup: ModelSetup, step_dir: str):
                 out = checkpointer.restore(path, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
                                                                               partial_restore=True))
         except (ValueError, KeyError, TypeError) as error:  # orbax: structure or shape mismatch
-            errors.append(f"freeze_vision={freeze}: {type(error).__name__}: {error}")
+            errors.append(f"freeze_vision={freeze}, trains={trains}: {type(error).__name__}: {error}")
             continue
         if base_frozen is not None:
             return out["params"], base_frozen
-        if freeze != setup.freeze_vision:
+        if (freeze, trains) != (setup.freeze_vision, None):
             _, params, frozen = split_model(nnx.merge(graphdef, out["params"], out["frozen"]), setup.freeze_vision)
             return params, frozen
         return out["params"], out["frozen"]

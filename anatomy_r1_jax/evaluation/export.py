@@ -10,9 +10,12 @@
 
 The weights keep the run's dtype (config.model.param_dtype) unless another is asked for. A LoRA
 run (model.lora.rank > 0) is exported merged: W + alpha/r A B in every adapted layer, rounded once
-to that dtype; its adapters alone go to out/peft_adapters in PEFT's format when they apply to the
-base its checkpoints name (model.path): no warm-up folded into it (sft.steps = 0, as in the
-real-model configs, or a checkpoint of the warm-up). The merged export holds everything either way.
+to that dtype; its adapters alone go to out/peft_adapters in PEFT's format when the checkpoint does
+not hold its base weights itself (train/experiment.adapter_base): they apply to model.path (no
+warm-up: sft.steps = 0, as in the real-model configs; or a checkpoint of an adapter warm-up), or,
+after a full warm-up (model.lora.warmup="full"), to the run's warm-up checkpoint that
+base_model_name_or_path names (export it with scripts/export_hf.py for the base in Hugging Face
+layout). The merged export holds everything either way.
 """
 
 from __future__ import annotations
@@ -68,12 +71,12 @@ def export_checkpoint(config, checkpoint: str, out_dir: str, *, dtype: str | Non
     if jax.process_index() == 0:
         os.makedirs(out_dir, exist_ok=True)
     if lora.has_adapters(model):
-        # The adapters alone in PEFT's format while their base is the base checkpoint (no warm-up folded
-        # into it yet), then the merged model.
-        if config.sft.steps == 0 or (ref.step or 0) <= config.sft.steps:
-            lora.save_peft_adapters(model, os.path.join(out_dir, PEFT_DIR), base=experiment.base_checkpoint(config))
+        # The adapters alone in PEFT's format while their base is another checkpoint, then the merged model.
+        base = experiment.adapter_base(config, ref.step, os.path.dirname(ref.path or ""))
+        if not base["base_saved"]:
+            lora.save_peft_adapters(model, os.path.join(out_dir, PEFT_DIR), base=base["base"])
         else:
-            log.info("no PEFT adapters: the warm-up's adapters were folded into the base weights of %s", ref.name)
+            log.info("no PEFT adapters: the base weights of %s are its own (trained in the warm-up)", ref.name)
         model = lora.merge_adapters(model)
     save_pretrained(model, out_dir, max_shard_bytes=max_shard_bytes)
     if jax.process_index() == 0:

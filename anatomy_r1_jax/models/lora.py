@@ -20,7 +20,10 @@ scanned layer stack are stacked like the layers (`layers.stack_modules`, "layers
 run inside the same `lax.scan`. nnx.LoRA has no alpha / r scaling: `Dense` applies it.
 
 The KL reference of a LoRA run is the model with its adapters switched off (`without_adapters`),
-computed from the same frozen weights: no second copy. `merge_adapters` folds the adapters into the
+computed from the same frozen weights: no second copy. A supervised warm-up (config.sft) trains
+either the whole base model (`warmup="full"`: the adapters stay frozen at B = 0, so at GRPO's first
+step the policy and its reference are the warmed-up model and GRPO trains fresh adapters on it) or
+the adapters alone (`warmup="adapters"`: folded into the base weights before GRPO, `fold_adapters`). `merge_adapters` folds the adapters into the
 base weights (W + alpha/r A B) for export; `save_peft_adapters` writes the adapters alone in PEFT's
 format (transformers' module names).
 """
@@ -45,20 +48,31 @@ from anatomy_r1_jax.models.weights import WEIGHT_RULES, layer_paths, to_host
 LANGUAGE_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 VISION_TARGETS = ("qkv", "proj", "fc1", "fc2", "gate_proj", "up_proj", "down_proj")
 RANK_AXIS = "lora_rank"
+# What the supervised warm-up of a LoRA run trains: "full" every base weight (adapters frozen at B = 0),
+# "adapters" the adapters alone (then folded into the base weights before GRPO).
+WARMUPS = ("full", "adapters")
 
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
     """config.model.lora: rank 0 = off; alpha / rank scales the adapters' output; targets: decoder
-    module names (LANGUAGE_TARGETS); vision: also adapt the vision blocks (VISION_TARGETS)."""
+    module names (LANGUAGE_TARGETS); vision: also adapt the vision blocks (VISION_TARGETS); warmup:
+    what the supervised warm-up trains (WARMUPS); lr_scale: a phase that trains the adapters uses
+    its learning rate times this factor."""
 
     rank: int = 0
     alpha: float = 32.0
     dropout: float = 0.0
     targets: tuple[str, ...] = LANGUAGE_TARGETS
     vision: bool = False
+    warmup: str = "full"
+    lr_scale: float = 1.0
 
     def __post_init__(self):
+        if self.warmup not in WARMUPS:
+            raise ValueError(f"config model.lora.warmup={self.warmup!r}: use one of {WARMUPS}")
+        if self.lr_scale <= 0:
+            raise ValueError(f"config model.lora.lr_scale={self.lr_scale}: expected a positive factor")
         if self.rank < 0:
             raise ValueError(f"config model.lora.rank={self.rank}: expected 0 (off) or a positive rank")
         unknown = sorted(set(self.targets) - set(LANGUAGE_TARGETS))
@@ -73,11 +87,13 @@ class LoraConfig:
 
     @classmethod
     def from_config(cls, model_config) -> "LoraConfig":
-        """From a config's `model` fields (a run config without `model.lora`: off)."""
+        """From a config's `model` fields (a run config without `model.lora`: off; one without
+        `model.lora.warmup`, written before it existed, trained its adapters in the warm-up)."""
         lora = model_config.get("lora") or {}
         return cls(rank=int(lora.get("rank", 0)), alpha=float(lora.get("alpha", 32.0)),
                    dropout=float(lora.get("dropout", 0.0)), targets=tuple(lora.get("targets", LANGUAGE_TARGETS)),
-                   vision=bool(lora.get("vision", False)))
+                   vision=bool(lora.get("vision", False)), warmup=str(lora.get("warmup", "adapters")),
+                   lr_scale=float(lora.get("lr_scale", 1.0)))
 
     @property
     def enabled(self) -> bool:
@@ -86,6 +102,14 @@ class LoraConfig:
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
+
+    def trains(self, phase: str) -> str:
+        """What phase "sft" (the supervised warm-up) or "grpo" trains (partitioning.split_model):
+        "adapters", or "base" (every weight but the adapters: no LoRA, or LoRA's full warm-up, whose
+        weights become GRPO's frozen base; its adapters stay at B = 0 until GRPO trains them)."""
+        if not self.enabled or (phase == "sft" and self.warmup == "full"):
+            return "base"
+        return "adapters"
 
 
 def _targeted(model: nnx.Module, cfg: LoraConfig) -> Iterator[tuple[tuple, layers.Dense]]:

@@ -34,10 +34,15 @@ def remove_unfinished(directory: str) -> list[str]:
 
 
 class Checkpointer:
-    def __init__(self, directory: str, *, keep: int = 2, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+    def __init__(self, directory: str, *, keep: int = 2, preserve: tuple[int, ...] = (), async_save: bool = True):
+        """keep: the latest `keep` steps are kept; `preserve`: steps kept besides them (e.g. the
+        checkpoint a LoRA run's later ones name as their base)."""
+        self.directory, self.preserve = os.path.abspath(directory), tuple(preserve)
         remove_unfinished(self.directory)
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+        policy = ocp.checkpoint_managers.AnyPreservationPolicy([ocp.checkpoint_managers.LatestN(keep),
+                                                                 ocp.checkpoint_managers.CustomSteps(preserve)])
+        options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=async_save,
+                                               create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:

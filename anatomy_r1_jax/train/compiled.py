@@ -33,7 +33,7 @@ from anatomy_r1_jax.models import lora
 from anatomy_r1_jax.rl.batch import TrainBatch
 from anatomy_r1_jax.rl.rollout import generate
 from anatomy_r1_jax.rl.sampling import SamplingConfig
-from anatomy_r1_jax.train.partitioning import place_state
+from anatomy_r1_jax.train.partitioning import place_state, split_model
 from anatomy_r1_jax.train.precision import Precision, init_optimizer
 from anatomy_r1_jax.train.step import StepConfig, TrainState, policy_logps, train_step
 
@@ -118,10 +118,21 @@ class Programs:
         params, frozen = jax.jit(fold, out_shardings=out, donate_argnums=(0, 1))(state.params, state.frozen)
         return state.replace(params=params, frozen=frozen)
 
+    def switch_trainable(self, state: TrainState, trains: str, freeze_vision: bool) -> TrainState:
+        """`state` whose trainable part is `trains` (partitioning.split_model): the same arrays split
+        anew into params / frozen; the graphdef, and so every program but the update, is unchanged.
+        A LoRA run's full warm-up -> GRPO ("base" -> "adapters"): the warm-up's weights become the
+        frozen base, and so the KL reference (adapters off), and the adapters, still at B = 0 (the
+        policy is the warm-up model), the trainable part. Reset the optimizer (`reset_optimizer`) and
+        build the update (`update`) for the new state."""
+        _, params, frozen = split_model(nnx.merge(self.graphdef, state.params, state.frozen), freeze_vision, trains)
+        return state.replace(params=params, frozen=frozen)
+
     # ---- the update ---------------------------------------------------------------------------
     def update(self, tx: optax.GradientTransformation, cfg: StepConfig, state: TrainState):
         """Jitted `(state, batch) -> (state, metrics)` (train/step.py train_step), the state donated
-        and kept on `state`'s shardings, metrics replicated."""
+        and kept on `state`'s shardings, metrics replicated: built for `state`'s trainable part (one
+        update per phase when the phases train different parts, `switch_trainable`)."""
         state_sh = _shardings(state)
         step = _traced_under_rules(functools.partial(train_step, self.graphdef, tx, cfg), self.mesh, self.rules)
         return jax.jit(step, in_shardings=(state_sh, None), out_shardings=(state_sh, self.replicated),

@@ -233,6 +233,27 @@ def base_checkpoint(config) -> str:
     return config.model.path or f"tiny {config.model.family} model made from seed {config.seed}"
 
 
+def adapter_base(config, step: int | None, checkpoints: str) -> dict:
+    """What the adapters of a LoRA run's checkpoint `step` (in the folder `checkpoints`; None / 0:
+    the model as built) apply to: {"base": its name, "base_saved": whether the checkpoint holds
+    those base weights itself} and, when they are another checkpoint of the run, "base_step".
+
+        no warm-up, or before it                  base: the config's (model.path / tiny model of seed)
+        lora.warmup="adapters", after the warm-up base_saved: the warm-up was folded into the base weights
+        lora.warmup="full", within the warm-up    base_saved: the warm-up trains the base weights
+        lora.warmup="full", GRPO                  base: the warm-up's last checkpoint, checkpoints/<sft.steps>
+    """
+    warm, step = config.sft.steps, step or 0
+    saved = {"base": base_checkpoint(config), "base_saved": True}
+    if warm == 0 or step == 0:
+        return {**saved, "base_saved": False}
+    if lora.LoraConfig.from_config(config.model).warmup == "adapters":
+        return saved if step > warm else {**saved, "base_saved": False}
+    if step <= warm:
+        return saved
+    return {"base": os.path.join(checkpoints, str(warm)), "base_saved": False, "base_step": warm}
+
+
 def tiny_hf_config_for(tokenizer, family: str, **tiny) -> dict:
     """A tiny config.json dict sized to `tokenizer` (vocabulary and Qwen special-token ids)."""
     ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (

@@ -18,11 +18,16 @@ from anatomy_r1_jax.models import lora
 from anatomy_r1_jax.rl.batch import PromptBatch, TrainBatch
 
 
-def split_model(model: nnx.Module, freeze_vision: bool):
+def split_model(model: nnx.Module, freeze_vision: bool, trains: str | None = None):
     """(graphdef, trainable params, frozen rest). With freeze_vision the vision tower is frozen.
-    A model with low-rank adapters (models/lora.py) trains its adapters alone: every base weight is
-    frozen, in its stored dtype."""
-    kind = nnx.LoRAParam if lora.has_adapters(model) else nnx.Param
+    trains (lora.LoraConfig.trains of the phase): "adapters" the low-rank adapters (models/lora.py)
+    alone, every base weight frozen in its stored dtype; "base" every weight but the adapters (all
+    of a model without any); None: "adapters" when the model has any, else "base". The graphdef is
+    the same for every split, so one model's programs take the states of either."""
+    trains = trains or ("adapters" if lora.has_adapters(model) else "base")
+    if trains not in ("adapters", "base"):
+        raise ValueError(f"split_model: trains={trains!r}, expected 'adapters' or 'base'")
+    kind = nnx.LoRAParam if trains == "adapters" else nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
     trainable = nnx.All(kind, nnx.Not(nnx.PathContains("vision"))) if freeze_vision else kind
     return nnx.split(model, trainable, ...)
 

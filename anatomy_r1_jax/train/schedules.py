@@ -19,6 +19,7 @@ from typing import Callable
 
 import optax
 
+from anatomy_r1_jax.models import lora
 from anatomy_r1_jax.rl.registry import Registry
 from anatomy_r1_jax.train.step import make_optimizer
 
@@ -55,11 +56,14 @@ def learning_rate_schedule(name: str, *, lr: float, warmup_steps: int, steps: in
 
 
 def phase_schedules(config) -> dict[str, optax.Schedule]:
-    """{"sft": the warm-up's schedule, "grpo": GRPO's}, each counted from its phase's first step."""
+    """{"sft": the warm-up's schedule, "grpo": GRPO's}, each counted from its phase's first step; a
+    phase that trains LoRA adapters (lora.LoraConfig.trains) at its lr times model.lora.lr_scale."""
     s, o = config.sft, config.optim
-    return {"sft": learning_rate_schedule(s.schedule, lr=s.lr, warmup_steps=s.warmup_steps, steps=s.steps,
-                                          field="sft.schedule"),
-            "grpo": learning_rate_schedule(o.schedule, lr=o.lr, warmup_steps=o.warmup_steps,
+    adapters = lora.LoraConfig.from_config(config.model)
+    scale = {phase: adapters.lr_scale if adapters.trains(phase) == "adapters" else 1.0 for phase in ("sft", "grpo")}
+    return {"sft": learning_rate_schedule(s.schedule, lr=s.lr * scale["sft"], warmup_steps=s.warmup_steps,
+                                          steps=s.steps, field="sft.schedule"),
+            "grpo": learning_rate_schedule(o.schedule, lr=o.lr * scale["grpo"], warmup_steps=o.warmup_steps,
                                            steps=config.train.steps)}
 
 

@@ -96,7 +96,11 @@ class Trainer:
         # State: trainable params (+ frozen rest), a frozen reference copy when beta > 0, AdamW (and
         # a float32 master copy of params when the precision policy keeps one).
         # Each phase (warm-up, GRPO) has its own schedule and optimizer state (train/schedules.py).
-        self.graphdef, params, frozen = split_model(model, c.model.freeze_vision)
+        # A LoRA run's full warm-up trains the base weights and GRPO the adapters (lora.LoraConfig.trains):
+        # the state is split per phase, and each phase's update is built for its split (`_update`).
+        self.lora = lora.LoraConfig.from_config(c.model)
+        first = "sft" if c.sft.steps > 0 else "grpo"
+        self.graphdef, params, frozen = split_model(model, c.model.freeze_vision, self.lora.trains(first))
         # Held-out evaluation is scripts/evaluate.py's evaluator (greedy answers, compiled once),
         # batched like a GRPO step's rows.
         self.evaluator = Evaluator(self.graphdef, self.collator, self.image_processor, self.tokenizer, self.sampling,
@@ -108,9 +112,7 @@ class Trainer:
         self.eval_start: dict | None = None
         self.programs = Programs.create(self.graphdef, self.mesh, self.rules)
         self.schedules, self.tx = phase_schedules(c), phase_optimizers(c)
-        first = "sft" if c.sft.steps > 0 else "grpo"
         # A LoRA run holds no reference copy: its reference is the base model (adapters off).
-        self.lora = lora.LoraConfig.from_config(c.model)
         self.state = self.programs.init_state(self.tx[first], self.precision, params, frozen,
                                               reference=c.rl.beta != 0 and not self.lora.enabled)
         self._compile()
@@ -135,12 +137,16 @@ class Trainer:
                                       shard_block=c.train.batch_size // c.train.micro_batches // shards, **shard)
         self.it = iter(self.pipeline)
         self.it_sft = iter(self.pipeline_sft) if self.pipeline_sft is not None else None
-        self.ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=c.train.keep_checkpoints)
+        # The base a LoRA run's GRPO checkpoints name (the full warm-up's last checkpoint) is kept.
+        base = experiment.adapter_base(c, c.sft.steps + 1, "") if self.lora.enabled else {}
+        self.ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=c.train.keep_checkpoints,
+                                 preserve=(base["base_step"],) if "base_step" in base else ())
 
     # ---- compiled functions ------------------------------------------------------------------
     def _compile(self):
-        """The update of each phase, the old log-probs (num_iterations > 1) and the rollout, all
-        built by train/compiled.py (traced under the sharding rules, compiled once)."""
+        """The update of each phase (built when first used, for the state that phase trains), the old
+        log-probs (num_iterations > 1) and the rollout, all built by train/compiled.py (traced under
+        the sharding rules, compiled once)."""
         c = self.config
         common = dict(temperature=c.rl.temperature, logp_chunk=c.train.logp_chunk,
                       num_categories=max(1, len(self.data.categories)), precision=self.precision)
@@ -150,10 +156,15 @@ class Trainer:
                           old_logps="batch" if c.rl.num_iterations > 1 else "current",
                           drop_invalid_groups=c.rl.dynamic_sampling == "drop", **common)
         sft = StepConfig(objective="sft", advantage="none", group_size=1, beta=0.0, **{**common, "temperature": 1.0})
-        self.grpo_step = self.programs.update(self.tx["grpo"], grpo, self.state)
-        self.sft_step = self.programs.update(self.tx["sft"], sft, self.state)
+        self.step_configs, self.updates = {"grpo": grpo, "sft": sft}, {}
         self.old_logps = self.programs.old_logps(grpo)
         self.rollout = self.programs.rollout()
+
+    def _update(self, phase: str):
+        """The compiled update of `phase` ("sft" | "grpo"), built once, for the state that phase trains."""
+        if phase not in self.updates:
+            self.updates[phase] = self.programs.update(self.tx[phase], self.step_configs[phase], self.state)
+        return self.updates[phase]
 
     # ---- host-side pieces -------------------------------------------------------------------
     def _place(self, batch, micro_axis=False):
@@ -219,7 +230,7 @@ class Trainer:
         n = len(records)
         tb = TrainBatch(prompt=self._shard_prompts(batch), completions=comp, rewards=np.zeros((n,), np.float32),
                         categories=self._categories(records))
-        self.state, metrics = self.sft_step(self.state, self._place(_stack([tb]), micro_axis=True))
+        self.state, metrics = self._update("sft")(self.state, self._place(_stack([tb]), micro_axis=True))
         return {"sft/loss": metrics["loss"], "grad_norm": metrics["grad_norm"]}
 
     def _prompts_per_group(self, groups) -> int:
@@ -360,7 +371,7 @@ class Trainer:
         t0 = time.perf_counter()
         batches, out = self._grpo_batches(step)
         tb = self._place(_stack(batches), micro_axis=True)
-        self.state, metrics = run_iterations(self.grpo_step, self.old_logps, self.state, tb, c.rl.num_iterations)
+        self.state, metrics = run_iterations(self._update("grpo"), self.old_logps, self.state, tb, c.rl.num_iterations)
         metrics = jax.device_get(metrics)
         out["step_seconds"] = time.perf_counter() - t0
         out.update(update_metrics(metrics, self.category_index))
@@ -371,30 +382,47 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------------------
     def _begin_grpo(self):
         """After the warm-up: GRPO's reference policy is the policy it starts from (the warmed-up
-        one); its optimizer starts afresh (moments 0, its own schedule from its step 0)."""
-        self.state = self.programs.copy_params(self.state)
+        one); its optimizer starts afresh (moments 0, its own schedule from its step 0). A LoRA run's
+        full warm-up: its weights become the frozen base (the reference, adapters off) and GRPO trains
+        the adapters, still at B = 0; else the reference is a copy of the policy (or, LoRA with an
+        adapter warm-up, the adapters folded into the base)."""
+        if self.lora.trains("sft") != self.lora.trains("grpo"):
+            self.state = self.programs.switch_trainable(self.state, self.lora.trains("grpo"),
+                                                        self.config.model.freeze_vision)
+        else:
+            self.state = self.programs.copy_params(self.state)
         self.state = self.programs.reset_optimizer(self.tx["grpo"], self.precision, self.state)
 
-    def _meta(self, base_saved: bool) -> dict:
+    def _lora_base(self, step: int) -> dict:
+        """experiment.adapter_base of checkpoint `step` ({"base_saved": True} without LoRA)."""
+        if not self.lora.enabled:
+            return {"base_saved": True}
+        return experiment.adapter_base(self.config, step, self.ckpt.directory)
+
+    def _meta(self, step: int) -> dict:
         meta = {"pipeline": self.it.get_state(),
                 "pipeline_sft": self.it_sft.get_state() if self.it_sft is not None else None,
                 "gdqa": self.gdqa.to_json(), "eval_start": self.eval_start}
         if self.lora.enabled:
-            meta["lora"] = {"base": experiment.base_checkpoint(self.config), "base_saved": base_saved}
+            meta["lora"] = self._lora_base(step)
         return meta
 
     def _save(self, done: int) -> None:
-        """A LoRA checkpoint holds the adapters and their optimizer state; the frozen base weights
-        only once the warm-up's adapters were folded into them (then they are no longer the base
-        checkpoint's), else its meta names the base checkpoint they come from."""
-        base_saved = not self.lora.enabled or 0 < self.config.sft.steps < done
-        self.ckpt.save(done, self.state if base_saved else self.state.replace(frozen=None), self._meta(base_saved))
+        """A LoRA checkpoint holds the adapters and their optimizer state, and the frozen base weights
+        only where they are its own (trained in a full warm-up, or the warm-up's adapters folded into
+        them); else its meta names the checkpoint they come from (experiment.adapter_base)."""
+        base_saved = self._lora_base(done)["base_saved"]
+        self.ckpt.save(done, self.state if base_saved else self.state.replace(frozen=None), self._meta(done))
 
     def restore(self) -> int:
         step = self.ckpt.latest_step()
         if step is None:
             return 0
-        if self.ckpt.restore_meta(step).get("lora", {"base_saved": True})["base_saved"]:
+        base = self._lora_base(step)
+        if "base_step" in base:  # GRPO after a full warm-up: the base is the warm-up's last checkpoint
+            self.state, _ = self.ckpt.restore(base["base_step"], self.state)
+            self._begin_grpo()
+        if base["base_saved"]:
             self.state, meta = self.ckpt.restore(step, self.state)
         else:  # the base weights built at start-up are the checkpoint's
             state, meta = self.ckpt.restore(step, self.state.replace(frozen=None))
@@ -477,6 +505,7 @@ class Trainer:
             if writer is not None and logged:
                 writer.write(done, out)
             bar.set_postfix({k: f"{out[k]:.3f}" for k in ("sft/loss", "reward/total", "eval/accuracy") if k in out})
-            if done % c.train.checkpoint_every == 0 or last:
+            # (the full warm-up's last checkpoint always: it becomes the base of a LoRA run's GRPO checkpoints)
+            if done % c.train.checkpoint_every == 0 or last or done in self.ckpt.preserve:
                 self._save(done)
         return rows
