@@ -4,7 +4,7 @@
         [--config configs/default.py] [--measure-size small] [--reps 3]
         [--presets qwen2_5_vl_3b,qwen2_5_vl_7b] [--compile-presets fsdp,...] [--programs update,rollout]
         [--preset-shape paper|old|Q,G,S,M,Lp,T,HxW] [--attention chunked] [--remat full] [--skip-measured]
-        [--lora-ranks 16,64]
+        [--lora-ranks 16,64] [--grad-dtype float32|bfloat16]
 
 A strategy is a (mesh, rules) pair of data (STRATEGIES below); `--config FILE` adds the `mesh` and
 `sharding_rules` of a config file's `get_config()` as one more. Two parts:
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib.util
 import os
 import sys
@@ -90,6 +91,9 @@ def parse_args(argv=None):
     parser.add_argument("--lora-ranks", default="16,64",
                         help="LoRA ranks of the real-size rows beside full fine-tuning (\"\" = none); with "
                              "--compile-presets their updates are compiled too")
+    parser.add_argument("--grad-dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="optim.grad_dtype of the compiled updates (the micro-batch gradient accumulator): "
+                             "float32 as the real configs; bfloat16 as the first study's code accumulated")
     parser.add_argument("--skip-measured", action="store_true")
     return parser.parse_args(argv)
 
@@ -252,17 +256,18 @@ def analytic_rows(name: str, strategies: dict, devices: int):
     return rows
 
 
-def lower_update(cfg, mesh, rules, shape: PresetShape, model_kw: dict):
-    """The GRPO update (train/step.py) lowered on ShapeDtypeStructs: bf16 params and compute, bf16
-    grads, fp32 AdamW moments, the reference copy, the vision tower trainable; with model_kw `lora`
-    the adapters alone trainable, the base frozen and no reference copy (adapters off)."""
+def lower_update(cfg, mesh, rules, shape: PresetShape, model_kw: dict, grads: str = "float32"):
+    """The GRPO update (train/step.py) lowered on ShapeDtypeStructs: bf16 params and compute, `grads`
+    gradients, fp32 AdamW moments, the reference copy, the vision tower trainable; with model_kw
+    `lora` the adapters alone trainable, the base frozen and no reference copy (adapters off)."""
     tx = make_optimizer(1e-5, grad_clip=1.0, b2=0.99)
     reference = model_kw.get("lora") is None
     with sharding.use_rules(mesh, rules):
         graphdef, state = abstract.abstract_train_state(cfg, mesh, rules, tx, moment_dtype=jnp.float32,
                                                         reference=reference, **model_kw)
         batch = abstract.abstract_batch(preset_batch(cfg, shape), mesh, rules)
-        step_cfg = StepConfig(group_size=shape.group, beta=0.04, temperature=0.9, logp_chunk=128, precision=BF16,
+        step_cfg = StepConfig(group_size=shape.group, beta=0.04, temperature=0.9, logp_chunk=128,
+                              precision=dataclasses.replace(BF16, grads=grads),
                               max_completion_length=shape.completion_length)
     return Programs.create(graphdef, mesh, rules).update(tx, step_cfg, state).lower(state, batch)
 
@@ -305,10 +310,12 @@ def lower_rollout(cfg, mesh, rules, shape: PresetShape, model_kw: dict):
 LOWER = {"update": lower_update, "rollout": lower_rollout}
 
 
-def compiled_rows(names, strategies, devices, shape: PresetShape, programs, model_kw: dict, lora_ranks=()):
+def compiled_rows(names, strategies, devices, shape: PresetShape, programs, model_kw: dict, lora_ranks=(),
+                  grads: str = "float32"):
     """One row per (model, strategy, program): lowering and compile seconds, per-device compiled
-    memory; the update also with LoRA adapters of each of `lora_ranks`. Printed as each compile
-    ends (a long study keeps what it finished)."""
+    memory; the update (its gradients in `grads`) also with LoRA adapters of each of `lora_ranks`.
+    Printed as each compile ends (a long study keeps what it finished)."""
+    lower = {**LOWER, "update": functools.partial(lower_update, grads=grads)}
     variants = [(p, None) for p in programs] + [("update", r) for r in lora_ranks if "update" in programs]
     for name in names:
         cfg = QwenVLConfig.from_hf(preset_hf_config(name))
@@ -317,7 +324,7 @@ def compiled_rows(names, strategies, devices, shape: PresetShape, programs, mode
             for program, rank in variants:
                 t0 = time.perf_counter()
                 kw = model_kw if rank is None else {**model_kw, "lora": LoraConfig(rank=rank)}
-                lowered = LOWER[program](cfg, mesh, rules, shape, kw)
+                lowered = lower[program](cfg, mesh, rules, shape, kw)
                 t1 = time.perf_counter()
                 mem = compiled_memory(lowered.compile())
                 t2 = time.perf_counter()
@@ -367,13 +374,13 @@ def main(args):
     if names and compiled:
         shape = PresetShape.parse(args.preset_shape)
         model_kw = dict(remat=args.remat, attention=args.attention, scan_layers=args.scan_layers)
-        print(f"\nCompiled on ShapeDtypeStructs (bf16 params and compute, bf16 grads, fp32 AdamW moments, reference "
-              f"copy, vision trainable; model {model_kw}): {shape}. Update: the whole step (M micro-batches); "
-              "rollout: one micro-batch's generate. Memory per device from XLA:CPU's buffer assignment; peak = "
-              "arguments + outputs + temporaries - aliased.\n")
+        print(f"\nCompiled on ShapeDtypeStructs (bf16 params and compute, {args.grad_dtype} grads, fp32 AdamW moments, "
+              f"reference copy, vision trainable; model {model_kw}): {shape}. Update: the whole step (M "
+              "micro-batches); rollout: one micro-batch's generate. Memory per device from XLA:CPU's buffer "
+              "assignment; peak = arguments + outputs + temporaries - aliased.\n")
         print("| " + " | ".join(COMPILED_HEADER) + " |\n|" + "---|" * len(COMPILED_HEADER), flush=True)
         compiled_rows(names, {k: strategies.get(k) or STRATEGIES[k] for k in compiled}, args.devices, shape,
-                      [p for p in args.programs.split(",") if p], model_kw, ranks)
+                      [p for p in args.programs.split(",") if p], model_kw, ranks, args.grad_dtype)
     print("\nLoad average at the end: {:.1f} / {:.1f} / {:.1f}".format(*os.getloadavg()))
 
 
