@@ -4,7 +4,7 @@
         [--config configs/default.py] [--measure-size small] [--reps 3]
         [--presets qwen2_5_vl_3b,qwen2_5_vl_7b] [--compile-presets fsdp,...] [--programs update,rollout]
         [--preset-shape paper|old|Q,G,S,M,Lp,T,HxW] [--attention chunked] [--remat full] [--skip-measured]
-        [--lora-ranks 16,64]
+        [--lora-ranks 16,64] [--grad-dtype float32|bfloat16] [--buffers 20]
 
 A strategy is a (mesh, rules) pair of data (STRATEGIES below); `--config FILE` adds the `mesh` and
 `sharding_rules` of a config file's `get_config()` as one more. Two parts:
@@ -20,16 +20,19 @@ A strategy is a (mesh, rules) pair of data (STRATEGIES below); `--config FILE` a
    update and the rollout are compiled on ShapeDtypeStructs (scanned layers, remat, per-frame vision,
    prefix sharing at `--preset-shape`): lowering / compile seconds and memory_analysis() per device.
    LoRA rows (`--lora-ranks`): the same per-device state and compiled update for adapters alone
-   trained (models/lora.py), the base frozen, no reference copy.
+   trained (models/lora.py), the base frozen, no reference copy. `--buffers N`: the N largest values
+   of each program's temporaries at their peak (perf/buffers.py, from XLA's buffer-assignment dump).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib.util
 import os
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
@@ -90,6 +93,11 @@ def parse_args(argv=None):
     parser.add_argument("--lora-ranks", default="16,64",
                         help="LoRA ranks of the real-size rows beside full fine-tuning (\"\" = none); with "
                              "--compile-presets their updates are compiled too")
+    parser.add_argument("--grad-dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="optim.grad_dtype of the compiled updates (the micro-batch gradient accumulator): "
+                             "float32 as the real configs; bfloat16 as the first study's code accumulated")
+    parser.add_argument("--buffers", type=int, default=0,
+                        help="list the N largest buffers of each compiled program's temporaries at their peak")
     parser.add_argument("--skip-measured", action="store_true")
     return parser.parse_args(argv)
 
@@ -110,7 +118,7 @@ from anatomy_r1_jax import sharding  # noqa: E402
 from anatomy_r1_jax.models import QwenVL, QwenVLConfig  # noqa: E402
 from anatomy_r1_jax.models.lora import LoraConfig  # noqa: E402
 from anatomy_r1_jax.models.presets import preset_hf_config  # noqa: E402
-from anatomy_r1_jax.perf import abstract, hlo, report, workloads  # noqa: E402
+from anatomy_r1_jax.perf import abstract, buffers, hlo, report, workloads  # noqa: E402
 from anatomy_r1_jax.perf.memory import bytes_per_device, compiled_memory  # noqa: E402
 from anatomy_r1_jax.perf.timing import time_interleaved  # noqa: E402
 from anatomy_r1_jax.rl.sampling import SamplingConfig  # noqa: E402
@@ -252,17 +260,18 @@ def analytic_rows(name: str, strategies: dict, devices: int):
     return rows
 
 
-def lower_update(cfg, mesh, rules, shape: PresetShape, model_kw: dict):
-    """The GRPO update (train/step.py) lowered on ShapeDtypeStructs: bf16 params and compute, bf16
-    grads, fp32 AdamW moments, the reference copy, the vision tower trainable; with model_kw `lora`
-    the adapters alone trainable, the base frozen and no reference copy (adapters off)."""
+def lower_update(cfg, mesh, rules, shape: PresetShape, model_kw: dict, grads: str = "float32"):
+    """The GRPO update (train/step.py) lowered on ShapeDtypeStructs: bf16 params and compute, `grads`
+    gradients, fp32 AdamW moments, the reference copy, the vision tower trainable; with model_kw
+    `lora` the adapters alone trainable, the base frozen and no reference copy (adapters off)."""
     tx = make_optimizer(1e-5, grad_clip=1.0, b2=0.99)
     reference = model_kw.get("lora") is None
     with sharding.use_rules(mesh, rules):
         graphdef, state = abstract.abstract_train_state(cfg, mesh, rules, tx, moment_dtype=jnp.float32,
                                                         reference=reference, **model_kw)
         batch = abstract.abstract_batch(preset_batch(cfg, shape), mesh, rules)
-        step_cfg = StepConfig(group_size=shape.group, beta=0.04, temperature=0.9, logp_chunk=128, precision=BF16,
+        step_cfg = StepConfig(group_size=shape.group, beta=0.04, temperature=0.9, logp_chunk=128,
+                              precision=dataclasses.replace(BF16, grads=grads),
                               max_completion_length=shape.completion_length)
     return Programs.create(graphdef, mesh, rules).update(tx, step_cfg, state).lower(state, batch)
 
@@ -305,10 +314,27 @@ def lower_rollout(cfg, mesh, rules, shape: PresetShape, model_kw: dict):
 LOWER = {"update": lower_update, "rollout": lower_rollout}
 
 
-def compiled_rows(names, strategies, devices, shape: PresetShape, programs, model_kw: dict, lora_ranks=()):
+def compile_with_buffers(lowered, top: int, title: str):
+    """(compiled, None or a markdown table of the `top` largest buffers of its temporaries at their peak)."""
+    if not top:
+        return lowered.compile(), None
+    with tempfile.TemporaryDirectory() as directory:
+        compiled = lowered.compile(compiler_options=buffers.dump_options(directory))
+        peak = buffers.peak_buffers(directory)
+    rows = [[f"{b.bytes / GB:.3f}", f"`{b.shape}`", f"`{b.name}`", b.source] for b in peak.buffers[:top]]
+    return compiled, (f"\nBuffers of {title}: temporaries at their peak {peak.bytes / GB:.2f} GB (allocation "
+                      f"{peak.allocation / GB:.2f} GB)\n\n" +
+                      report.markdown_table(["GB", "shape", "value", "op / source"], rows))
+
+
+def compiled_rows(names, strategies, devices, shape: PresetShape, programs, model_kw: dict, lora_ranks=(),
+                  grads: str = "float32", top_buffers: int = 0):
     """One row per (model, strategy, program): lowering and compile seconds, per-device compiled
-    memory; the update also with LoRA adapters of each of `lora_ranks`. Printed as each compile
-    ends (a long study keeps what it finished)."""
+    memory; the update (its gradients in `grads`) also with LoRA adapters of each of `lora_ranks`.
+    Printed as each compile ends (a long study keeps what it finished); with `top_buffers` the
+    largest buffers of each program's temporaries after the table."""
+    lower = {**LOWER, "update": functools.partial(lower_update, grads=grads)}
+    breakdowns = []
     variants = [(p, None) for p in programs] + [("update", r) for r in lora_ranks if "update" in programs]
     for name in names:
         cfg = QwenVLConfig.from_hf(preset_hf_config(name))
@@ -317,14 +343,19 @@ def compiled_rows(names, strategies, devices, shape: PresetShape, programs, mode
             for program, rank in variants:
                 t0 = time.perf_counter()
                 kw = model_kw if rank is None else {**model_kw, "lora": LoraConfig(rank=rank)}
-                lowered = LOWER[program](cfg, mesh, rules, shape, kw)
+                lowered = lower[program](cfg, mesh, rules, shape, kw)
                 t1 = time.perf_counter()
-                mem = compiled_memory(lowered.compile())
+                label = program if rank is None else f"{program} LoRA r{rank}"
+                compiled, breakdown = compile_with_buffers(lowered, top_buffers, f"{name} {sname} {label}")
+                mem = compiled_memory(compiled)
                 t2 = time.perf_counter()
-                row = [name, sname, mesh_text(mesh), program if rank is None else f"{program} LoRA r{rank}",
+                breakdowns += [breakdown] if breakdown else []
+                row = [name, sname, mesh_text(mesh), label,
                        f"{t1 - t0:.0f}", f"{t2 - t1:.0f}",
                        f"{mem.argument / GB:.1f}", f"{mem.temp / GB:.1f}", f"{mem.peak / GB:.1f}"]
                 print("| " + " | ".join(map(str, row)) + " |", flush=True)
+    for text in breakdowns:
+        print(text)
 
 
 COMPILED_HEADER = ["model", "strategy", "mesh", "program", "lower s", "compile s", "arguments GB/dev",
@@ -367,13 +398,13 @@ def main(args):
     if names and compiled:
         shape = PresetShape.parse(args.preset_shape)
         model_kw = dict(remat=args.remat, attention=args.attention, scan_layers=args.scan_layers)
-        print(f"\nCompiled on ShapeDtypeStructs (bf16 params and compute, bf16 grads, fp32 AdamW moments, reference "
-              f"copy, vision trainable; model {model_kw}): {shape}. Update: the whole step (M micro-batches); "
-              "rollout: one micro-batch's generate. Memory per device from XLA:CPU's buffer assignment; peak = "
-              "arguments + outputs + temporaries - aliased.\n")
+        print(f"\nCompiled on ShapeDtypeStructs (bf16 params and compute, {args.grad_dtype} grads, fp32 AdamW moments, "
+              f"reference copy, vision trainable; model {model_kw}): {shape}. Update: the whole step (M "
+              "micro-batches); rollout: one micro-batch's generate. Memory per device from XLA:CPU's buffer "
+              "assignment; peak = arguments + outputs + temporaries - aliased.\n")
         print("| " + " | ".join(COMPILED_HEADER) + " |\n|" + "---|" * len(COMPILED_HEADER), flush=True)
         compiled_rows(names, {k: strategies.get(k) or STRATEGIES[k] for k in compiled}, args.devices, shape,
-                      [p for p in args.programs.split(",") if p], model_kw, ranks)
+                      [p for p in args.programs.split(",") if p], model_kw, ranks, args.grad_dtype, args.buffers)
     print("\nLoad average at the end: {:.1f} / {:.1f} / {:.1f}".format(*os.getloadavg()))
 
 

@@ -113,3 +113,19 @@ def test_sharding_study_programs_share_prefixes_and_budget_frames():
         lowered = study.lower_rollout(cfg, mesh, study.FSDP_RULES, study.PresetShape.parse(f"4,4,{s},2,48,8,4x8"), kw)
         assert lowered.args_info[0][2].input_ids.shape == (2 * s, 48)
         assert lowered.out_info.ids.shape == (8, 8)
+
+
+def test_peak_buffers_lists_the_temporaries_of_a_compiled_program(tmp_path):
+    """perf/buffers.py reads XLA's buffer-assignment dump: the [256, 256] float32 product is the
+    temporary at the peak, named with the op that made it, and the peak fits the allocation that
+    memory_analysis() reports."""
+    from anatomy_r1_jax.perf import buffers
+
+    x = jnp.ones((256, 128), jnp.float32)
+    compiled = jax.jit(lambda x: jnp.sin(x @ x.T).sum(0)).lower(x).compile(
+        compiler_options=buffers.dump_options(str(tmp_path)))
+    peak = buffers.peak_buffers(str(tmp_path))
+    temp = compiled_memory(compiled).temp
+    assert 256 * 256 * 4 <= peak.bytes <= peak.allocation == temp
+    top = peak.buffers[0]
+    assert (top.shape, top.bytes) == ("f32[256,256]", 256 * 256 * 4) and "dot_general" in top.source

@@ -5,6 +5,7 @@ import dataclasses
 import functools
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -189,6 +190,52 @@ def test_microbatch_accumulation_and_remat_are_exact():
     split, _, m_split = _run_steps(None, batches, 2, cfg, micro=2, remat=True)
     np.testing.assert_allclose(full, split, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(float(m_full["grad_norm"]), float(m_split["grad_norm"]), rtol=1e-4)
+
+
+def test_reference_logps_are_a_pass_apart_from_the_gradient_pass():
+    """No loop of the update reads both the policy's and the reference's weights: the reference's
+    log-probs of every micro-batch come first (one lax.map), so its weights (and a backend's copies
+    of them, e.g. XLA:CPU's float32 upcasts) are not live beside the gradient pass's; the loss is
+    that of the reference computed inside the gradient loop (test_microbatch_accumulation_...)."""
+    cfg = StepConfig(group_size=4, beta=0.04, temperature=0.9, logp_chunk=3)
+    graphdef, params, frozen = split_model(make_model(seed=3), freeze_vision=False)
+    ref = jax.tree.map(lambda x: x + 1, params)
+    tx = make_optimizer(1e-2)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen, ref_params=ref,
+                       opt_state=tx.init(params))
+    closed = jax.make_jaxpr(functools.partial(train_step, graphdef, tx, cfg))(state, _stack([_train_batch(seed=0)]))
+    sizes = [len(jax.tree.leaves(x)) for x in (state.step, params, frozen, ref)]
+    invars = closed.jaxpr.invars
+    policy = set(invars[sizes[0]: sizes[0] + sizes[1]])
+    reference = set(invars[sum(sizes[:3]): sum(sizes)])
+    loops = [{v for v in e.invars if not isinstance(v, jax.extend.core.Literal)} for e in closed.jaxpr.eqns
+             if e.primitive.name in ("scan", "while")]
+    reads = [(bool(v & policy), bool(v & reference)) for v in loops]
+    assert (True, False) in reads and (False, True) in reads  # a gradient loop and a reference pass
+    assert (True, True) not in reads
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_backward_through_the_cache_saves_it_once(scan_layers):
+    """The update's shared-prefix path differentiates through the KV cache: the layers take it one
+    slice each (run_layers' per_layer), so the backward saves each layer's slice, not the whole
+    [layers, ...] cache once per layer (n^2 slices, 45 of the 54 GB per device of the 3B update at
+    the paper's shape with one micro-batch)."""
+    cfg = tiny_model_cfg()
+    model = QwenVL(cfg, remat="full", scan_layers=scan_layers, rngs=nnx.Rngs(0))
+    b, length, slots = 2, 4, 16
+    cache = model.init_cache(b, slots).replace(index=jnp.asarray(slots - length, jnp.int32))
+    ids = jnp.ones((b, length), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (3, b, length))
+
+    def loss(k, v):
+        hidden, _ = model.forward(ids, pos, jnp.ones((b, length), jnp.int32), None, cache.replace(k=k, v=v))
+        return hidden.sum()
+
+    _, backward = jax.vjp(loss, cache.k, cache.v)  # a pytree whose leaves are the saved residuals
+    slices = [x for x in jax.tree.leaves(backward) if x.shape[-4:] == cache.k.shape[1:]]  # [..., B, S, KVH, D]
+    assert cache.k.shape[0] >= 2 and slices
+    assert sum(x.size for x in slices) <= 2 * cache.k.size  # k and v once, not once per layer
 
 
 def test_sharded_fsdp_tensor_equals_single_device():

@@ -140,9 +140,9 @@ class Attention(nnx.Module):
         self.v = Dense(e, self.num_kv_heads * d, axes=("embed", "kv_heads"), **kw)
         self.o = Dense(self.num_heads * d, e, axes=("heads", "embed"), use_bias=False, **kw)
 
-    def __call__(self, x, cos, sin, mask, kv=None, index=None, layer=0):
-        """x [B, L, E]; cos, sin [B, L, 1, D]; mask [B, 1, L, S]; kv = (k, v) the whole cache
-        [layers, B, S, KVH, D] or None; this layer's keys and values go to kv[:, layer] at slot index.
+    def __call__(self, x, cos, sin, mask, kv=None, index=None):
+        """x [B, L, E]; cos, sin [B, L, 1, D]; mask [B, 1, L, S]; kv = (k, v) this layer's cache
+        [B, S, KVH, D] or None; the new keys and values are written at slot index.
 
         Returns (y [B, L, E], updated (k, v) or None).
         """
@@ -152,11 +152,11 @@ class Attention(nnx.Module):
         k = self.k(x).reshape(b, length, self.num_kv_heads, self.head_dim)
         v = self.v(x).reshape(b, length, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if kv is not None:  # written in place, then this layer's slice read back
+        if kv is not None:  # written at slot index, then the whole cache attended to
             zero = jnp.zeros((), jnp.int32)
-            start = (jnp.asarray(layer, jnp.int32), zero, jnp.asarray(index, jnp.int32), zero, zero)
-            kv = tuple(jax.lax.dynamic_update_slice(c, n[None].astype(c.dtype), start) for c, n in zip(kv, (k, v)))
-            k, v = (constrain(c[layer], ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim")) for c in kv)
+            start = (zero, jnp.asarray(index, jnp.int32), zero, zero)
+            kv = tuple(jax.lax.dynamic_update_slice(c, n.astype(c.dtype), start) for c, n in zip(kv, (k, v)))
+            k, v = (constrain(c, ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim")) for c in kv)
         out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.implementation)
         return self.o(out.reshape(b, length, self.num_heads * self.head_dim)), kv
 
@@ -186,8 +186,8 @@ class DecoderLayer(nnx.Module):
         self.post_attention_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
         self.mlp = MLP(cfg, **kw)
 
-    def __call__(self, x, cos, sin, mask, kv=None, index=None, layer=0):
-        h, kv = self.attn(self.input_norm(x), cos, sin, mask, kv, index, layer)
+    def __call__(self, x, cos, sin, mask, kv=None, index=None):
+        h, kv = self.attn(self.input_norm(x), cos, sin, mask, kv, index)
         x = x + h
         x = x + self.mlp(self.post_attention_norm(x))
         return constrain(x, ("activation_batch", "activation_length", "activation_embed")), kv
@@ -225,12 +225,14 @@ class LanguageModel(nnx.Module):
         index = None if cache is None else cache.index
         mask, cache_mask = slot_mask(attention_mask, None if cache is None else cache.mask, index)
 
-        def step(layer, carry, i):
-            x, kv = carry
-            return layer(x, cos, sin, mask, kv, index, i)
+        def step(layer, x, i, kv):  # kv: this layer's (k, v), a slice of the cache (run_layers' per_layer)
+            return layer(x, cos, sin, mask, kv, index)
 
-        kv = None if cache is None else (cache.k, cache.v)
-        x, kv = run_layers(self.layers, (x, kv), step, scanned=self.scan_layers, remat=self.remat)
-        if cache is not None:
+        if cache is None:
+            x = run_layers(self.layers, x, lambda layer, x, i: step(layer, x, i, None)[0], scanned=self.scan_layers,
+                           remat=self.remat)
+        else:
+            x, kv = run_layers(self.layers, x, step, scanned=self.scan_layers, remat=self.remat,
+                               per_layer=(cache.k, cache.v))
             cache = KVCache(k=kv[0], v=kv[1], mask=cache_mask, index=cache.index + x.shape[1])
         return self.norm(x), cache

@@ -189,8 +189,14 @@ def stack_modules(make: Callable[[], nnx.Module], n: int) -> nnx.Module:
     return nnx.merge(graphdef, stacked)
 
 
-def run_layers(layers_: nnx.Module, carry, step: Callable, *, scanned: bool, remat: str):
+def run_layers(layers_: nnx.Module, carry, step: Callable, *, scanned: bool, remat: str, per_layer=None):
     """carry <- step(layer_i, carry, i) for i = 0 .. n-1; returns the last carry.
+
+    per_layer: a pytree of [n, ...] arrays (e.g. the KV cache) handed to the layers one slice each:
+    then step(layer_i, carry, i, per_layer[i]) -> (carry, y_i) and the result is (carry, ys), ys
+    the y_i stacked [n, ...]. A per-layer value must come this way, not in the carry: the backward
+    pass saves each step's inputs, so a whole-cache carry would be saved n times (n^2 layer-slices
+    of memory; the update's shared-prefix path differentiates through the cache).
 
     scanned: `layers_` is one module of stacked parameters (`stack_modules`), run by `jax.lax.scan`
     (one compiled layer whatever the depth; i is traced); otherwise an `nnx.List`, a Python loop.
@@ -203,12 +209,25 @@ def run_layers(layers_: nnx.Module, carry, step: Callable, *, scanned: bool, rem
     def remat_(fn):
         return fn if remat == "none" else jax.checkpoint(fn, policy=_POLICIES[remat])
 
+    sliced = per_layer is not None
+    call = step if sliced else (lambda layer, carry, i, _: (step(layer, carry, i), None))
     if scanned:
         graphdef, state = nnx.split(layers_)
         n = jax.tree.leaves(state)[0].shape[0]
-        body = remat_(lambda carry, xs: (step(nnx.merge(graphdef, xs[0]), carry, xs[1]), None))
-        carry, _ = jax.lax.scan(body, carry, (state, jnp.arange(n, dtype=jnp.int32)))
-        return carry
+        body = remat_(lambda carry, xs: call(nnx.merge(graphdef, xs[0]), carry, xs[1], xs[2]))
+        carry, ys = jax.lax.scan(body, carry, (state, jnp.arange(n, dtype=jnp.int32), per_layer))
+        return (carry, ys) if sliced else carry
+    ys = []
+    for i, layer in enumerate(layers_):  # i stays a Python int (static) here
+        x_i = jax.tree.map(lambda a: a[i], per_layer)  # noqa: B023
+        if remat == "none":
+            carry, y = call(layer, carry, i, x_i)
+        else:
+            graphdef, state = nnx.split(layer)
+            carry, y = remat_(lambda state, carry, x_i: call(nnx.merge(graphdef, state), carry, i, x_i))(  # noqa: B023
+                state, carry, x_i)
+        ys.append(y)
+    return (carry, jax.tree.map(lambda *y: jnp.stack(y), *ys)) if sliced else carry
     for i, layer in enumerate(layers_):  # i stays a Python int (static) here
         if remat == "none":
             carry = step(layer, carry, i)

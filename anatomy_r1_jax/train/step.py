@@ -129,18 +129,20 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: St
     advantages = advantages.reshape(m, n)
     keep = jnp.repeat(~invalid, g).reshape(m, n) if cfg.drop_invalid_groups else jnp.ones((m, n), bool)
 
+    # The reference's log-probs of every micro-batch first, outside jax.grad (no gradient flows to
+    # it, and nnx.remat inside the grad trace cannot update Variables merged from outer-trace state)
+    # and in a pass of their own: the reference's weights (and any backend copies of them, e.g.
+    # XLA:CPU's float32 upcasts of bf16 weights) are then dead before the gradient pass's policy
+    # weights, gradient accumulator and saved activations exist, instead of live beside them.
+    ref_logps = (_batch_logps(lambda: reference_model(graphdef, state), batch, cfg.temperature, cfg.logp_chunk, g)
+                 if cfg.beta != 0 else None)
+
     def micro(carry, xs):
         grad_acc, parts_acc, entropy_acc = carry
-        mb, adv_m, keep_m = xs
+        mb, adv_m, keep_m, ref = xs
 
         ids, mask = mb.completions.ids, mb.completions.mask
         loss_mask = mask * keep_m[:, None].astype(mask.dtype)
-        ref = None
-        if cfg.beta != 0:
-            # Outside jax.grad: no gradient flows to the reference, and nnx.remat inside the grad trace
-            # cannot update Variables merged from outer-trace state.
-            ref = completion_logps(reference_model(graphdef, state), mb.prompt, ids, mask, cfg.temperature,
-                                   cfg.logp_chunk, g)[0]
 
         def numerator(params):
             model = nnx.merge(graphdef, params, state.frozen)
@@ -160,7 +162,7 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: St
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, policy.grad_dtype), state.params)
     zero = jnp.zeros((), jnp.float32)
     parts0 = losses.LossParts(zero, zero, {k: zero for k in ("tokens", "kl", "ratio", "clip_low", "clip_high")})
-    xs = (batch, advantages, keep)
+    xs = (batch, advantages, keep, ref_logps)
     (grads, parts, entropy), _ = jax.lax.scan(micro, (zeros, parts0, zero), xs)
     den = jnp.maximum(parts.denominator, 1e-8)
     grads = jax.tree.map(lambda x: (x / den).astype(x.dtype), grads)
@@ -180,15 +182,21 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: St
     return new_state, metrics
 
 
+def _batch_logps(make_model, batch: TrainBatch, temperature: float, chunk: int, group_size: int) -> jax.Array:
+    """[M, n, T] log-probs of every micro-batch's completions under `make_model()` (an nnx module
+    merged inside the traced map), one micro-batch at a time (`lax.map`)."""
+
+    def one(mb):
+        return completion_logps(make_model(), mb.prompt, mb.completions.ids, mb.completions.mask, temperature, chunk,
+                                group_size)[0]
+
+    return jax.lax.map(one, batch)
+
+
 def policy_logps(graphdef: nnx.GraphDef, state: TrainState, batch: TrainBatch, temperature: float,
                  chunk: int = 128, group_size: int = 1) -> jax.Array:
     """[M, n, T] log-probs of the batch's completions under the current policy (the old log-probs of
     num_iterations > 1, computed once before the iterations; masked tokens 0)."""
-
-    def one(mb):
-        model = nnx.merge(graphdef, state.params, state.frozen)
-        logps = completion_logps(model, mb.prompt, mb.completions.ids, mb.completions.mask, temperature, chunk,
-                                 group_size)[0]
-        return logps * mb.completions.mask
-
-    return jax.lax.map(one, batch)
+    logps = _batch_logps(lambda: nnx.merge(graphdef, state.params, state.frozen), batch, temperature, chunk,
+                         group_size)
+    return logps * batch.completions.mask
