@@ -34,7 +34,8 @@ from anatomy_r1_jax.evaluation.metrics import mean_interval  # noqa: E402
 from anatomy_r1_jax.train.metrics import read_metrics  # noqa: E402
 from configs.methods import ARMS as METHOD_ARMS  # noqa: E402
 
-ARMS = tuple(METHOD_ARMS)  # every arm of configs/methods.py (the one table of arms)
+ARMS = tuple(METHOD_ARMS)
+READINGS = "<!-- readings: kept when the report is written again -->"  # every arm of configs/methods.py (the one table of arms)
 
 
 def _train(workdir: str, arm: str, seed: int, overrides: list[str]) -> None:
@@ -94,7 +95,7 @@ def summarize(runs: dict[str, list[str]]) -> tuple[str, dict]:
         for arm, s in stats.items():
             if arm != "grpo" and len(s["final_accuracy"]) == len(base):
                 s["vs_grpo"] = list(np.array(s["final_accuracy"]) - base)
-    f = lambda xs: "{:.3f} ± {:.3f}".format(*mean_interval(xs))  # noqa: E731
+    f = lambda xs: "{:.3f} ± {:.3f}".format(*mean_interval(xs)) if len(xs) > 1 else f"{xs[0]:.3f}"  # noqa: E731
     lines = ["| arm | seeds | accuracy after warm-up | final accuracy | gain over warm-up | final minus grpo "
              "(paired by seed) | reward AUC | invalid-gradient ratio | GDQA-triggered | re-rolled groups | seconds |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -104,7 +105,8 @@ def summarize(runs: dict[str, list[str]]) -> tuple[str, dict]:
                      f"{f(s['gain'])} | {vs} | {f(s['reward_auc'])} | {f(s['invalid_gradient_ratio'])} | "
                      f"{f(s['gdqa_triggered'])} | {np.mean(s['rerolled_groups']):.0f} | {np.mean(s['seconds']):.0f} |")
     lines.append("")
-    lines.append("Values: mean over seeds ± the 95% half-width of that mean (t with seeds - 1 degrees of freedom). "
+    lines.append("Values: mean over seeds ± the 95% half-width of that mean (t with seeds - 1 degrees of freedom; "
+                 "one seed: its value alone). "
                  "\"final minus grpo\" pairs each seed's arm with that seed's grpo run (same warm-up, data and eval "
                  "questions). Held-out accuracy is greedy on the whole validation split.")
     return "\n".join(lines), stats
@@ -190,9 +192,16 @@ def main():
     with open(os.path.join(a.report, "ablation.json"), "w") as f:
         json.dump(stats, f, indent=1)
     cmd = "python scripts/ablation.py " + " ".join(sys.argv[1:])
-    with open(os.path.join(a.report, "ablation.md"), "w") as f:
-        f.write(f"# ASC / GDQA ablation on the synthetic benchmark\n\nCommand: `{cmd}`\n\n{table}\n\n")
+    report = os.path.join(a.report, "ablation.md")
+    readings = ""  # what people wrote below READINGS survives a new report
+    if os.path.exists(report):
+        with open(report) as f:
+            text = f.read()
+        readings = text[text.index(READINGS):] if READINGS in text else ""
+    with open(report, "w") as f:
+        f.write(f"# ASC / GDQA ablation on the synthetic benchmark\n\nCommand: `{cmd}` (seeds {seeds})\n\n{table}\n\n")
         f.writelines(f"![{os.path.basename(pth)}]({os.path.basename(pth)})\n" for pth in plots)
+        f.write("\n" + (readings or READINGS + "\n"))
     print(table)
 
 

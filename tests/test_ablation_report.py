@@ -37,8 +37,17 @@ def test_summarize_reports_finished_seeds_paired_against_grpo(tmp_path):
     stats = json.loads((report / "ablation.json").read_text())
     assert stats["grpo"]["final_accuracy"] == [0.30, 0.20]  # seed 2 left out: its gdqa run has not finished
     assert [round(x, 6) for x in stats["gdqa"]["vs_grpo"]] == [0.10, 0.05]
-    assert "| gdqa | 2 |" in (report / "ablation.md").read_text()
+    text = (report / "ablation.md").read_text()
+    assert "| gdqa | 2 |" in text and "seeds [0, 1]" in text
     assert (report / "ablation_reward_sq.png").exists()
+
+    # Readings written below the marker survive the next report (seed 2 finished meanwhile).
+    (report / "ablation.md").write_text(text + "GDQA helps on seed 0.\n")
+    open(out / "gdqa_seed2" / "DONE", "w").close()
+    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "ablation.py"), "--summarize", "--out", str(out),
+                    "--seeds", "0,1,2", "--arms", ",".join(arms), "--report", str(report)], check=True, cwd=ROOT)
+    text = (report / "ablation.md").read_text()
+    assert "| gdqa | 3 |" in text and text.endswith(ablation.READINGS + "\nGDQA helps on seed 0.\n")
 
 
 def test_summarize_with_no_finished_seed_fails_in_one_line(tmp_path):
