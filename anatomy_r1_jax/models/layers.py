@@ -228,10 +228,3 @@ def run_layers(layers_: nnx.Module, carry, step: Callable, *, scanned: bool, rem
                 state, carry, x_i)
         ys.append(y)
     return (carry, jax.tree.map(lambda *y: jnp.stack(y), *ys)) if sliced else carry
-    for i, layer in enumerate(layers_):  # i stays a Python int (static) here
-        if remat == "none":
-            carry = step(layer, carry, i)
-        else:
-            graphdef, state = nnx.split(layer)
-            carry = remat_(lambda state, carry: step(nnx.merge(graphdef, state), carry, i))(state, carry)  # noqa: B023
-    return carry
