@@ -13,6 +13,7 @@ Ours runs two ways: "shared" (one prompt row per group, prefilled once and its K
 to the group's G rows, as the trainer runs steps without GDQA variants) and "per row" (N prompt
 rows, as transformers' generate gets them).
 `--split` also times prefill alone (one new token) to separate prompt processing from decoding;
+`--scan-layers` runs our model with its layers stacked under `lax.scan` (the real-model configs' setting);
 `--profile N` lists the N source lines where our rollout spends most time (anatomy_r1_jax.perf.profile).
 Prints markdown for docs/benchmarks.md.
 """
@@ -84,8 +85,9 @@ def prefill_agreement(model, ref, prompts, hf) -> float:
 OURS = {"ours shared": True, "ours per row": False}
 
 
-def run_case(case: workloads.Case, reps: int, split: bool, workdir: str, profile_top: int = 0) -> dict:
-    ref, model, config = workloads.reference_pair(case.size, workdir)
+def run_case(case: workloads.Case, reps: int, split: bool, workdir: str, profile_top: int = 0,
+             scan_layers: bool = False) -> dict:
+    ref, model, config = workloads.reference_pair(case.size, workdir, scan_layers=scan_layers)
     shared, prompts, hf = workloads.case_prompts(model.config, case)
     diff = prefill_agreement(model, ref, prompts, hf)
     inputs = workloads.torch_inputs(hf)
@@ -143,12 +145,13 @@ def tables(results: list[dict], split: bool) -> str:
 def main(argv=None):
     parser = report.comparison_parser(__doc__, "size,queries,group,prompt_length,new_tokens")
     parser.add_argument("--split", action="store_true", help="also time prefill alone")
+    parser.add_argument("--scan-layers", action="store_true", help="our layers stacked and run by lax.scan")
     args = parser.parse_args(argv)
     report.apply_torch_threads(args)
     cases = [workloads.Case.parse(c) for c in (args.case or DEFAULT_CASES)]
     print(f"Machine: {report.machine_line()}; torch threads {torch.get_num_threads()}\n")
     with tempfile.TemporaryDirectory() as workdir:
-        results = [run_case(c, args.reps, args.split, workdir, args.profile) for c in cases]
+        results = [run_case(c, args.reps, args.split, workdir, args.profile, args.scan_layers) for c in cases]
     print(f"Command: `{report.command_line()}`\n")
     print(f"Sampling: temperature {SAMPLING['temperature']}, top-k {SAMPLING['top_k']}, top-p {SAMPLING['top_p']}; "
           f"fp32; medians of {args.reps} interleaved runs; tok/s = completion tokens (rows x new tokens) per second "

@@ -238,6 +238,27 @@ def test_backward_through_the_cache_saves_it_once(scan_layers):
     assert sum(x.size for x in slices) <= 2 * cache.k.size  # k and v once, not once per layer
 
 
+def test_a_decode_step_writes_the_cache_in_place():
+    """The layers hand back only the new tokens' keys and values, written into the stacked cache
+    once; a decode step's temporaries stay below one cache. Returning each layer's updated
+    [B, S, KVH, D] slice made the scan's outputs a second whole cache (temporaries were 2x the
+    cache: every generated token copied it)."""
+    model = QwenVL(tiny_model_cfg(), scan_layers=True, rngs=nnx.Rngs(0))
+    b, slots = 4, 1024
+    cache = model.init_cache(b, slots).replace(index=jnp.asarray(100, jnp.int32))
+    graphdef, state = nnx.split(model)
+
+    def decode(state, cache):
+        pos = jnp.broadcast_to(cache.index, (3, b, 1)).astype(jnp.int32)
+        return nnx.merge(graphdef, state).forward(jnp.ones((b, 1), jnp.int32), pos, jnp.ones((b, 1), jnp.int32),
+                                                   None, cache)
+
+    memory = jax.jit(decode, donate_argnums=1).lower(state, cache).compile().memory_analysis()
+    cache_bytes = cache.k.nbytes + cache.v.nbytes
+    assert cache.k.shape[0] >= 2
+    assert memory.temp_size_in_bytes < cache_bytes
+
+
 def test_sharded_fsdp_tensor_equals_single_device():
     assert jax.device_count() >= 8
     cfg = StepConfig(group_size=4, beta=0.04, temperature=0.9, logp_chunk=3)

@@ -79,6 +79,13 @@ class KVCache:
         return self.mask.shape[1]
 
 
+def write_slots(cache: jax.Array, new: jax.Array, index, axis: int = 1) -> jax.Array:
+    """cache [..., S, ...] with new [..., L, ...] written at slots [index, index + L) of `axis`."""
+    start = [jnp.zeros((), jnp.int32)] * cache.ndim
+    start[axis] = jnp.asarray(index, jnp.int32)
+    return jax.lax.dynamic_update_slice(cache, new, tuple(start))
+
+
 def mrope_cos_sin(position_ids: jax.Array, head_dim: int, theta: float,
                   mrope_section: Sequence[int]) -> tuple[jax.Array, jax.Array]:
     """position_ids [3, B, L] -> cos, sin [B, L, 1, D] float32 (see the module docstring)."""
@@ -103,7 +110,7 @@ def slot_mask(attention_mask: jax.Array, cache_mask: jax.Array | None, index) ->
     if cache_mask is None:
         keys, q_slot = new, jnp.arange(length)
     else:
-        cache_mask = jax.lax.dynamic_update_slice(cache_mask, new, (0, index))
+        cache_mask = write_slots(cache_mask, new, index)
         keys, q_slot = cache_mask, index + jnp.arange(length)
     causal = jnp.arange(keys.shape[1])[None, :] <= q_slot[:, None]  # [L, S]
     return keys[:, None, None, :] & causal[None, None], cache_mask
@@ -142,9 +149,12 @@ class Attention(nnx.Module):
 
     def __call__(self, x, cos, sin, mask, kv=None, index=None):
         """x [B, L, E]; cos, sin [B, L, 1, D]; mask [B, 1, L, S]; kv = (k, v) this layer's cache
-        [B, S, KVH, D] or None; the new keys and values are written at slot index.
+        [B, S, KVH, D] or None; the queries attend to it with the new keys and values at slots
+        [index, index + L).
 
-        Returns (y [B, L, E], updated (k, v) or None).
+        Returns (y [B, L, E], the new (k, v) [B, L, KVH, D] in the cache's dtype, or None). Only the
+        new entries come back: the caller writes them into the stacked cache once, in place, where
+        returning the layer's updated [B, S, ...] slice would copy the whole cache every decode step.
         """
         b, length, _ = x.shape
         q = constrain(self.q(x).reshape(b, length, self.num_heads, self.head_dim),
@@ -152,13 +162,14 @@ class Attention(nnx.Module):
         k = self.k(x).reshape(b, length, self.num_kv_heads, self.head_dim)
         v = self.v(x).reshape(b, length, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if kv is not None:  # written at slot index, then the whole cache attended to
-            zero = jnp.zeros((), jnp.int32)
-            start = (zero, jnp.asarray(index, jnp.int32), zero, zero)
-            kv = tuple(jax.lax.dynamic_update_slice(c, n.astype(c.dtype), start) for c, n in zip(kv, (k, v)))
-            k, v = (constrain(c, ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim")) for c in kv)
+        new = None
+        if kv is not None:  # written at slot index into this layer's slice, then the whole slice attended to
+            new = tuple(n.astype(c.dtype) for c, n in zip(kv, (k, v)))
+            k, v = (constrain(write_slots(c, n, index),
+                              ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim"))
+                    for c, n in zip(kv, new))
         out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.implementation)
-        return self.o(out.reshape(b, length, self.num_heads * self.head_dim)), kv
+        return self.o(out.reshape(b, length, self.num_heads * self.head_dim)), new
 
 
 class MLP(nnx.Module):
@@ -232,7 +243,8 @@ class LanguageModel(nnx.Module):
             x = run_layers(self.layers, x, lambda layer, x, i: step(layer, x, i, None)[0], scanned=self.scan_layers,
                            remat=self.remat)
         else:
-            x, kv = run_layers(self.layers, x, step, scanned=self.scan_layers, remat=self.remat,
-                               per_layer=(cache.k, cache.v))
-            cache = KVCache(k=kv[0], v=kv[1], mask=cache_mask, index=cache.index + x.shape[1])
+            x, (k, v) = run_layers(self.layers, x, step, scanned=self.scan_layers, remat=self.remat,
+                                   per_layer=(cache.k, cache.v))  # k, v: the new entries [layers, B, L, KVH, D]
+            cache = KVCache(k=write_slots(cache.k, k, cache.index, axis=2), v=write_slots(cache.v, v, cache.index, axis=2),
+                            mask=cache_mask, index=cache.index + x.shape[1])
         return self.norm(x), cache

@@ -87,14 +87,15 @@ def save_reference(config: dict, path: str | os.PathLike, *, seed: int = 0):
     return model
 
 
-def reference_pair(size: str, workdir: str | os.PathLike, *, seed: int = 0):
-    """(transformers model, our QwenVL loaded from its saved checkpoint, config dict): identical weights."""
+def reference_pair(size: str, workdir: str | os.PathLike, *, seed: int = 0, **model_options):
+    """(transformers model, our QwenVL loaded from its saved checkpoint, config dict): identical weights.
+    model_options go to `load_pretrained` (e.g. scan_layers=True)."""
     from anatomy_r1_jax.models.weights import load_pretrained
 
     config = size_config(size)
     path = os.path.join(workdir, size)
     ref = save_reference(config, path, seed=seed)
-    return ref, load_pretrained(path), config
+    return ref, load_pretrained(path, **model_options), config
 
 
 def parameter_count(config: dict) -> int:
