@@ -28,10 +28,12 @@ def main(argv):
     del argv
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax / grain chatter
     logging.getLogger("anatomy_r1_jax").setLevel(logging.INFO)
+    from anatomy_r1_jax.train.compiled import use_compilation_cache
     from anatomy_r1_jax.train.distributed import maybe_initialize
     from anatomy_r1_jax.train.trainer import Trainer
 
     maybe_initialize()
+    use_compilation_cache(_CONFIG.value.compilation_cache)
     Trainer(_CONFIG.value, _WORKDIR.value).run()  # its last log line: the held-out accuracy (and gain)
 
 

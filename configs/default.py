@@ -13,6 +13,10 @@ def get_config(arg=None):
     del arg
     c = ml_collections.ConfigDict()
     c.seed = 0
+    # jax's persistent compilation cache: compiled programs are kept here and a restarted run (after a
+    # preemption or kill -9) or evaluate.py on the same shapes loads them instead of compiling again
+    # (programs that compile in under a second are not kept); "" = off.
+    c.compilation_cache = "~/.cache/anatomy_r1_jax/xla"
 
     c.model = dict(
         path="",  # local HF checkpoint directory; "" = a tiny model made from scratch

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 
@@ -15,12 +16,15 @@ TINY = ["--config.sft.steps=2", "--config.train.steps=4", "--config.train.batch_
         "--config.model.tiny.hidden_size=32", "--config.model.tiny.intermediate_size=64",
         "--config.model.tiny.num_hidden_layers=1", "--config.gdqa.trigger=off"]
 LORA = ["--config.model.lora.rank=16", "--config.train.keep_checkpoints=6"]
+# One compilation cache for this module's runs (per pytest worker): a restart loads its programs.
+CACHE = tempfile.mkdtemp(prefix="xla_cache_")
 TIMING = ("step_seconds", "tokens_per_second", "time")
 
 
 def _train(workdir, *extra, wait=True):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--workdir={workdir}", *TINY, *extra]
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--workdir={workdir}", *TINY,
+           f"--config.compilation_cache={CACHE}", *extra]
     if not wait:
         return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -63,7 +67,8 @@ def test_train_writes_metrics_plots_checkpoints_and_resumes_after_sigkill(tmp_pa
     assert os.path.exists(os.path.join(uninterrupted, "curves.png"))
     assert os.listdir(os.path.join(uninterrupted, "tensorboard"))
     assert "6" in os.listdir(os.path.join(uninterrupted, "checkpoints"))
-    _kill_and_resume(tmp_path, uninterrupted)
+    assert [n for n in os.listdir(CACHE) if n.endswith("-cache")]  # compiled programs kept for a restart
+    _kill_and_resume(tmp_path, uninterrupted, truncate_cache=True)
 
 
 def test_lora_run_resumes_after_sigkill(tmp_path):
@@ -103,9 +108,11 @@ def test_lora_run_with_a_full_warm_up_resumes_after_sigkill_in_either_phase(tmp_
     _kill_and_resume(tmp_path, uninterrupted, *lora, after=(1, 4))
 
 
-def _kill_and_resume(tmp_path, uninterrupted: str, *extra, after: tuple[int, ...] = (3,)):
+def _kill_and_resume(tmp_path, uninterrupted: str, *extra, after: tuple[int, ...] = (3,), truncate_cache=False):
     """The run of `uninterrupted`, killed with SIGKILL once its checkpoint after[0] is complete and
-    restarted, (killed again once after[1] is, ...), ends with the same metrics."""
+    restarted, (killed again once after[1] is, ...), ends with the same metrics. truncate_cache: every
+    compilation-cache entry is cut in half before the final restart (as a kill during a cache write
+    leaves one), which must only cost a recompilation."""
     # The later steps of this tiny model take about a second, so under load the run may finish before
     # the kill lands: then start over in a fresh workdir.
     for attempt in range(3):
@@ -125,6 +132,10 @@ def _kill_and_resume(tmp_path, uninterrupted: str, *extra, after: tuple[int, ...
             break
     else:
         raise AssertionError("the run finished before it could be killed, three times")
+    if truncate_cache:
+        for name in os.listdir(CACHE):
+            with open(os.path.join(CACHE, name), "r+b") as f:
+                f.truncate(os.path.getsize(f.name) // 2)
     _train(workdir, *extra)
     assert _metrics(workdir) == _metrics(uninterrupted)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Callable
 
 import jax
@@ -184,3 +185,12 @@ def run_iterations(update, old_logps, state: TrainState, batch: TrainBatch, num_
     for _ in range(num_iterations):
         state, metrics = update(state, batch)
     return state, metrics
+
+
+def use_compilation_cache(directory: str) -> None:
+    """Keep compiled programs in `directory` (jax's persistent compilation cache; "" = off): a
+    restarted run loads the update, rollout and evaluation programs it compiled before (keyed by the
+    program, its shapes and shardings, the jax version and the devices) instead of compiling them
+    again. Call before the first compilation."""
+    if directory:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
