@@ -151,7 +151,7 @@ def test_warm_up_fold_keeps_the_policy_and_restarts_the_adapters():
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen, ref_params=None, opt_state=None)
     before = logps(nnx.merge(graphdef, params, frozen), batch)
     base = logps(lora.without_adapters(nnx.merge(graphdef, params, frozen)), batch)
-    folded = programs.copy_params(state)
+    folded = programs.copy_params(state, reference=False)
     model = nnx.merge(graphdef, folded.params, folded.frozen)
     assert all(not np.asarray(d.lora.lora_b[...]).any() for _, d in lora.adapted_layers(model))
     np.testing.assert_allclose(logps(model, batch), before, atol=1e-4)

@@ -98,11 +98,12 @@ class Programs:
         master, opt_state = self.init_optimizer(tx, precision, state.params)
         return state.replace(master=master, opt_state=opt_state)
 
-    def copy_params(self, state: TrainState) -> TrainState:
-        """`state` whose reference policy is its current policy: a copy of its current params, or in
-        a LoRA run (reference = adapters off) the adapters folded into the frozen base weights and
-        restarted from zero (models/lora.py fold_adapters); no-op without a reference."""
-        if state.ref_params is not None:
+    def copy_params(self, state: TrainState, *, reference: bool) -> TrainState:
+        """`state` whose reference policy is its current policy: with `reference`, a copy of its
+        current params (rl.beta != 0), or in a LoRA run (reference = adapters off) the adapters folded
+        into the frozen base weights and restarted from zero (models/lora.py fold_adapters); else
+        unchanged."""
+        if reference:
             ref = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=_shardings(state.params))(state.params)
             return state.replace(ref_params=ref)
         if not lora.has_adapters(nnx.merge(self.graphdef, state.params, state.frozen)):

@@ -93,8 +93,9 @@ class Trainer:
         self.gdqa = GDQAState(trigger=c.gdqa.trigger, num_variants=c.gdqa.num_variants, kinds=tuple(c.gdqa.kinds))
         self.reroll = reroll_policy(c)  # GDQA online / dynamic sampling: all-equal groups re-rolled in the step
 
-        # State: trainable params (+ frozen rest), a frozen reference copy when beta > 0, AdamW (and
-        # a float32 master copy of params when the precision policy keeps one).
+        # State: trainable params (+ frozen rest), a frozen reference copy in GRPO when beta != 0 (made
+        # when GRPO starts: the warm-up holds none), AdamW (and a float32 master copy of params when the
+        # precision policy keeps one).
         # Each phase (warm-up, GRPO) has its own schedule and optimizer state (train/schedules.py).
         # A LoRA run's full warm-up trains the base weights and GRPO the adapters (lora.LoraConfig.trains):
         # the state is split per phase, and each phase's update is built for its split (`_update`).
@@ -113,8 +114,9 @@ class Trainer:
         self.programs = Programs.create(self.graphdef, self.mesh, self.rules)
         self.schedules, self.tx = phase_schedules(c), phase_optimizers(c)
         # A LoRA run holds no reference copy: its reference is the base model (adapters off).
+        self.kl_reference = c.rl.beta != 0 and not self.lora.enabled
         self.state = self.programs.init_state(self.tx[first], self.precision, params, frozen,
-                                              reference=c.rl.beta != 0 and not self.lora.enabled)
+                                              reference=self.kl_reference and first == "grpo")
         self._compile()
 
         shards = self.shard.count
@@ -390,7 +392,7 @@ class Trainer:
             self.state = self.programs.switch_trainable(self.state, self.lora.trains("grpo"),
                                                         self.config.model.freeze_vision)
         else:
-            self.state = self.programs.copy_params(self.state)
+            self.state = self.programs.copy_params(self.state, reference=self.kl_reference)
         self.state = self.programs.reset_optimizer(self.tx["grpo"], self.precision, self.state)
 
     def _lora_base(self, step: int) -> dict:
@@ -402,7 +404,8 @@ class Trainer:
     def _meta(self, step: int) -> dict:
         meta = {"pipeline": self.it.get_state(),
                 "pipeline_sft": self.it_sft.get_state() if self.it_sft is not None else None,
-                "gdqa": self.gdqa.to_json(), "eval_start": self.eval_start}
+                "gdqa": self.gdqa.to_json(), "eval_start": self.eval_start,
+                "kl_reference": self.state.ref_params is not None}
         if self.lora.enabled:
             meta["lora"] = self._lora_base(step)
         return meta
@@ -422,11 +425,16 @@ class Trainer:
         if "base_step" in base:  # GRPO after a full warm-up: the base is the warm-up's last checkpoint
             self.state, _ = self.ckpt.restore(base["base_step"], self.state)
             self._begin_grpo()
+        elif step > self.config.sft.steps > 0:  # a GRPO checkpoint: the state in GRPO's form to restore into
+            self._begin_grpo()
+        like = self._like_saved_reference(step)
         if base["base_saved"]:
-            self.state, meta = self.ckpt.restore(step, self.state)
+            self.state, meta = self.ckpt.restore(step, like)
         else:  # the base weights built at start-up are the checkpoint's
-            state, meta = self.ckpt.restore(step, self.state.replace(frozen=None))
+            state, meta = self.ckpt.restore(step, like.replace(frozen=None))
             self.state = state.replace(frozen=self.state.frozen)
+        if self.state.ref_params is not None and step <= self.config.sft.steps:
+            self.state = self.state.replace(ref_params=None)  # an older warm-up checkpoint's unused copy
         self.it.set_state(meta["pipeline"])
         if self.it_sft is not None and meta.get("pipeline_sft") is not None:
             self.it_sft.set_state(meta["pipeline_sft"])
@@ -434,6 +442,21 @@ class Trainer:
         self.eval_start = meta.get("eval_start")
         log.info("resumed from step %d", step)
         return step
+
+    def _like_saved_reference(self, step: int):
+        """The state to restore checkpoint `step` into: with a KL reference copy where the checkpoint
+        holds one. A GRPO checkpoint must hold one exactly when this run has one (rl.beta != 0);
+        warm-up checkpoints from before 2026-11-30 hold an unused copy (dropped after the restore)."""
+        saved = self.ckpt.restore_meta(step).get("kl_reference", self.kl_reference)  # older: as this config
+        wanted = self.state.ref_params is not None
+        if step > self.config.sft.steps and saved != wanted:
+            raise ValueError(
+                f"{self.ckpt.directory}: GRPO checkpoint {step} was saved {'with' if saved else 'without'} a KL "
+                f"reference policy (rl.beta {'!=' if saved else '=='} 0) and this run has rl.beta={self.config.rl.beta}: "
+                f"resume it with rl.beta {'!= 0' if saved else '= 0'}, or train in a new workdir")
+        if saved and not wanted:
+            return self.state.replace(ref_params=self.state.params)  # a placeholder of the right shapes
+        return self.state
 
     def run(self) -> list[dict]:
         """The loop: resumes from the last complete checkpoint, trains to sft.steps + train.steps.
