@@ -306,6 +306,11 @@ def test_dynamic_sampling_drop_trains_on_the_valid_groups_alone():
     np.testing.assert_allclose(dropped, alone, rtol=1e-5, atol=1e-7)  # without drop: about half (diluted)
     np.testing.assert_allclose(norms_d, norms_a, rtol=1e-4)
     assert float(m_d["invalid_gradient_ratio"]) == 0.5
+    # The logged entropy is the policy's over every sampled token, dropped groups included.
+    entropies = [float(_run_steps(None, [b], 1, c)[2]["entropy"]) for c in (cfg, drop)]
+    alone = float(_run_steps(None, [_slice_batch(b, 0, 4)], 1, cfg)[2]["entropy"])
+    assert entropies[0] == pytest.approx(entropies[1], rel=1e-6)
+    assert abs(entropies[0] - alone) > 5e-6 * alone  # the random model's groups differ by about 1.5e-5 of it
 
 
 def _shared(b: TrainBatch, queries=2) -> TrainBatch:

@@ -138,7 +138,7 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: St
                  if cfg.beta != 0 else None)
 
     def micro(carry, xs):
-        grad_acc, parts_acc, entropy_acc = carry
+        grad_acc, parts_acc, entropy_acc = carry  # entropy_acc: (sum over completion tokens, their count)
         mb, adv_m, keep_m, ref = xs
 
         ids, mask = mb.completions.ids, mb.completions.mask
@@ -149,13 +149,13 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: St
             logps, entropy = completion_logps(model, mb.prompt, ids, mask, cfg.temperature, cfg.logp_chunk, g)
             old = mb.completions.logps if cfg.old_logps == "batch" else jax.lax.stop_gradient(logps)
             parts = _loss_parts(cfg, logps, old, ref, adv_m, loss_mask, valid_fraction)
-            ent = jnp.sum(jax.lax.stop_gradient(entropy) * loss_mask)
+            ent = jnp.sum(jax.lax.stop_gradient(entropy) * mask)  # every sampled token, dropped groups too
             return parts.numerator, (parts, ent)
 
         grads, (parts, ent) = jax.grad(numerator, has_aux=True)(state.params)
         grad_acc = jax.tree.map(lambda acc, gr: acc + gr.astype(acc.dtype), grad_acc, grads)
         parts_acc = jax.tree.map(jnp.add, parts_acc, parts)
-        return (grad_acc, parts_acc, entropy_acc + ent), None
+        return (grad_acc, parts_acc, (entropy_acc[0] + ent, entropy_acc[1] + jnp.sum(mask))), None
 
     policy = cfg.precision
     precision_lib.check_weights(policy, state.params)
@@ -163,7 +163,7 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: St
     zero = jnp.zeros((), jnp.float32)
     parts0 = losses.LossParts(zero, zero, {k: zero for k in ("tokens", "kl", "ratio", "clip_low", "clip_high")})
     xs = (batch, advantages, keep, ref_logps)
-    (grads, parts, entropy), _ = jax.lax.scan(micro, (zeros, parts0, zero), xs)
+    (grads, parts, (entropy, tokens)), _ = jax.lax.scan(micro, (zeros, parts0, (zero, zero)), xs)
     den = jnp.maximum(parts.denominator, 1e-8)
     grads = jax.tree.map(lambda x: (x / den).astype(x.dtype), grads)
     params, master, opt_state = precision_lib.apply_gradients(tx, policy, state.params, state.master,
@@ -172,7 +172,7 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: St
 
     grad_norm = optax.tree.norm(precision_lib.cast(grads, jnp.float32))
     metrics = {"loss": losses.loss_value(parts), "grad_norm": grad_norm,
-               "entropy": entropy / jnp.maximum(parts.metric_sums["tokens"], 1.0),
+               "entropy": entropy / jnp.maximum(tokens, 1.0),  # the policy's, per sampled token
                "update_skipped": 1 - opt_state.last_finite.astype(jnp.int32),
                **losses.finalize_metrics(parts.metric_sums)}
     cats = batch.categories.reshape(-1)[::g]
