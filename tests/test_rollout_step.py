@@ -141,7 +141,7 @@ def one_device_mesh():
     return sharding.make_mesh([("data", 1)], devices=jax.devices()[:1])
 
 
-def _run_steps(mesh, batches, steps, cfg, micro=1, remat=False, grad_norms=None):
+def _run_steps(mesh, batches, steps, cfg, micro=1, remat=False, grad_norms=None, entropies=None):
     """`steps` updates compiled the way the trainer compiles them (train/compiled.py), on `mesh`
     (None: one device)."""
     mesh = one_device_mesh() if mesh is None else mesh
@@ -164,6 +164,8 @@ def _run_steps(mesh, batches, steps, cfg, micro=1, remat=False, grad_norms=None)
         losses.append(float(metrics["loss"]))
         if grad_norms is not None:
             grad_norms.append(float(metrics["grad_norm"]))
+        if entropies is not None:
+            entropies.append(float(metrics["entropy"]))
     assert step_fn._cache_size() == 1  # one compilation for every step
     return np.array(losses), state, metrics
 
@@ -300,17 +302,16 @@ def test_dynamic_sampling_drop_trains_on_the_valid_groups_alone():
     assert len(set(b.rewards[:4].tolist())) > 1
     cfg = StepConfig(group_size=4, beta=0.04, temperature=0.9, logp_chunk=3)
     drop = dataclasses.replace(cfg, drop_invalid_groups=True)
-    norms_d, norms_a = [], []
-    dropped, _, m_d = _run_steps(None, [b], 2, drop, grad_norms=norms_d)
-    alone, _, _ = _run_steps(None, [_slice_batch(b, 0, 4)], 2, cfg, grad_norms=norms_a)
+    norms_d, norms_a, entropy_d, entropy_a = [], [], [], []
+    dropped, _, m_d = _run_steps(None, [b], 2, drop, grad_norms=norms_d, entropies=entropy_d)
+    alone, _, _ = _run_steps(None, [_slice_batch(b, 0, 4)], 2, cfg, grad_norms=norms_a, entropies=entropy_a)
     np.testing.assert_allclose(dropped, alone, rtol=1e-5, atol=1e-7)  # without drop: about half (diluted)
     np.testing.assert_allclose(norms_d, norms_a, rtol=1e-4)
     assert float(m_d["invalid_gradient_ratio"]) == 0.5
     # The logged entropy is the policy's over every sampled token, dropped groups included.
-    entropies = [float(_run_steps(None, [b], 1, c)[2]["entropy"]) for c in (cfg, drop)]
-    alone = float(_run_steps(None, [_slice_batch(b, 0, 4)], 1, cfg)[2]["entropy"])
-    assert entropies[0] == pytest.approx(entropies[1], rel=1e-6)
-    assert abs(entropies[0] - alone) > 5e-6 * alone  # the random model's groups differ by about 1.5e-5 of it
+    every = float(_run_steps(None, [b], 1, cfg)[2]["entropy"])  # without drop, first step
+    assert entropy_d[0] == pytest.approx(every, rel=1e-6)
+    assert abs(every - entropy_a[0]) > 5e-6 * every  # the random model's groups differ by about 1.5e-5 of it
 
 
 def _shared(b: TrainBatch, queries=2) -> TrainBatch:
