@@ -34,8 +34,8 @@ from anatomy_r1_jax.evaluation.metrics import mean_interval  # noqa: E402
 from anatomy_r1_jax.train.metrics import read_metrics  # noqa: E402
 from configs.methods import ARMS as METHOD_ARMS  # noqa: E402
 
-ARMS = tuple(METHOD_ARMS)
-READINGS = "<!-- readings: kept when the report is written again -->"  # every arm of configs/methods.py (the one table of arms)
+ARMS = tuple(METHOD_ARMS)  # every arm of configs/methods.py (the one table of arms)
+READINGS = "<!-- readings: kept when the report is written again -->"  # what follows it survives a new report
 
 
 def _train(workdir: str, arm: str, seed: int, overrides: list[str]) -> None:

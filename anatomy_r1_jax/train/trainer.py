@@ -424,17 +424,17 @@ class Trainer:
         base = self._lora_base(step)
         if "base_step" in base:  # GRPO after a full warm-up: the base is the warm-up's last checkpoint
             self.state, _ = self.ckpt.restore(base["base_step"], self.state)
+        if step > self.config.sft.steps > 0:  # a GRPO checkpoint: the state in GRPO's form to restore into
             self._begin_grpo()
-        elif step > self.config.sft.steps > 0:  # a GRPO checkpoint: the state in GRPO's form to restore into
-            self._begin_grpo()
+        wanted = self.state.ref_params is not None
         like = self._like_saved_reference(step)
         if base["base_saved"]:
             self.state, meta = self.ckpt.restore(step, like)
         else:  # the base weights built at start-up are the checkpoint's
             state, meta = self.ckpt.restore(step, like.replace(frozen=None))
             self.state = state.replace(frozen=self.state.frozen)
-        if self.state.ref_params is not None and step <= self.config.sft.steps:
-            self.state = self.state.replace(ref_params=None)  # an older warm-up checkpoint's unused copy
+        if not wanted:  # an older warm-up checkpoint's unused reference copy is dropped
+            self.state = self.state.replace(ref_params=None)
         self.it.set_state(meta["pipeline"])
         if self.it_sft is not None and meta.get("pipeline_sft") is not None:
             self.it_sft.set_state(meta["pipeline_sft"])
