@@ -33,7 +33,7 @@ def main(argv):
     from anatomy_r1_jax.train.trainer import Trainer
 
     maybe_initialize()
-    use_compilation_cache(_CONFIG.value.compilation_cache)
+    use_compilation_cache(_CONFIG.value)
     Trainer(_CONFIG.value, _WORKDIR.value).run()  # its last log line: the held-out accuracy (and gain)
 
 

@@ -15,8 +15,10 @@ def get_config(arg=None):
     c.seed = 0
     # jax's persistent compilation cache: compiled programs are kept here and a restarted run (after a
     # preemption or kill -9) or evaluate.py on the same shapes loads them instead of compiling again
-    # (programs that compile in under a second are not kept); "" = off.
+    # (programs that compile in under a second are not kept); "" = off. Past max_gb the least recently
+    # used programs are deleted (a real model's update and rollout take tens to hundreds of MB each).
     c.compilation_cache = "~/.cache/anatomy_r1_jax/xla"
+    c.compilation_cache_max_gb = 8.0
 
     c.model = dict(
         path="",  # local HF checkpoint directory; "" = a tiny model made from scratch

@@ -81,7 +81,7 @@ def main(argv):
     ensure_flags_parsed()
     maybe_initialize()
     config = config_from_flags(_CONFIG, _CHECKPOINTS.value)
-    use_compilation_cache(config.get("compilation_cache", ""))
+    use_compilation_cache(_CONFIG.value)  # this machine's cache (--config.compilation_cache=...), not the run's
     accuracy = _ACCURACY.value or run_accuracy(config.rl.rewards)
     settings = EvalSettings(batch_size=_BATCH.value, samples=_SAMPLES.value, ks=tuple(int(k) for k in _KS.value),
                             temperature=_TEMPERATURE.value, top_p=_TOP_P.value, top_k=_TOP_K.value, seed=_SEED.value,

@@ -108,3 +108,42 @@ def test_num_iterations_two_is_a_clipped_second_epoch():
     np.testing.assert_allclose(float(second["loss"]), loss, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(float(second["ratio"]), (ratio * mask).sum() / mask.sum(), rtol=1e-4)
     np.testing.assert_allclose(float(second["clip_fraction"]), clipped.sum() / mask.sum(), rtol=1e-4)
+
+
+_CACHE_USER = """
+import sys, jax, jax.numpy as jnp, ml_collections, numpy as np
+from anatomy_r1_jax.train.compiled import use_compilation_cache
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+use_compilation_cache(ml_collections.ConfigDict(dict(compilation_cache=sys.argv[1],
+                                                     compilation_cache_max_gb=float(sys.argv[2]))))
+for n in sys.argv[3:]:  # one program per n (n is a constant of its HLO)
+    jax.block_until_ready(jax.jit(lambda x: jnp.tanh(x @ x.T) * int(n))(np.ones((8, 8), np.float32)))
+"""
+
+
+def test_the_compilation_cache_replaces_a_program_cut_short_and_stays_under_its_bound(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    cache = tmp_path / "xla"
+
+    def run(max_gb, *programs):
+        env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+        out = subprocess.run([sys.executable, "-c", _CACHE_USER, str(cache), str(max_gb), *programs], env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return {p.name: p.stat().st_size for p in cache.glob("*-cache")}, sorted(p.name for p in cache.glob("*-atime"))
+
+    entries, times = run(8.0, "1")
+    assert len(entries) == 1 and len(times) == 1
+    (name, size), = entries.items()
+    # A kill -9 inside jax's write: half the program on disk, its access time not yet written.
+    (cache / name).write_bytes((cache / name).read_bytes()[:size // 2])
+    (cache / times[0]).unlink()
+    entries, times = run(8.0, "1")
+    assert entries == {name: size} and len(times) == 1  # compiled again and written whole (jax alone keeps the half)
+
+    cap = 1.5 * size / 2**30  # room for one program of this size, not two
+    entries, _ = run(cap, "2", "3")
+    assert len(entries) == 1 and sum(entries.values()) <= cap * 2**30  # least recently used evicted

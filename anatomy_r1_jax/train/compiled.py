@@ -188,10 +188,38 @@ def run_iterations(update, old_logps, state: TrainState, batch: TrainBatch, num_
     return state, metrics
 
 
-def use_compilation_cache(directory: str) -> None:
-    """Keep compiled programs in `directory` (jax's persistent compilation cache; "" = off): a
-    restarted run loads the update, rollout and evaluation programs it compiled before (keyed by the
-    program, its shapes and shardings, the jax version and the devices) instead of compiling them
-    again. Call before the first compilation."""
-    if directory:
-        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
+def use_compilation_cache(config) -> None:
+    """Keep compiled programs in `config.compilation_cache` (jax's persistent compilation cache;
+    "" = off): a restarted run loads the update, rollout and evaluation programs it compiled before
+    (keyed by the program, its shapes and shardings, the jax version and the devices) instead of
+    compiling them again. Call before the first compilation.
+
+    The folder is bounded: past `config.compilation_cache_max_gb` jax deletes the least recently
+    used programs. jax writes an entry's program, then its access time (`-atime`), under the
+    folder's lock; a program without its time is a write cut short (a kill -9 mid-write). jax would
+    read it, fail, compile, and never replace it (it does not overwrite an existing key), and its
+    eviction would stop at the missing time: such entries are deleted here, under the same lock."""
+    directory = os.path.expanduser(config.compilation_cache)
+    if not directory:
+        return
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_compilation_cache_max_size", int(config.compilation_cache_max_gb * 2**30))
+    drop_unfinished_cache_entries(directory)
+
+
+def drop_unfinished_cache_entries(directory: str) -> list[str]:
+    """Deletes the programs in jax's cache `directory` that have no access-time file (see
+    `use_compilation_cache`), and access times without a program; returns the programs' names."""
+    import filelock
+
+    if not os.path.isdir(directory):
+        return []
+    with filelock.FileLock(os.path.join(directory, ".lockfile"), timeout=60):
+        names = set(os.listdir(directory))
+        programs = {n.removesuffix("-cache") for n in names if n.endswith("-cache")}
+        times = {n.removesuffix("-atime") for n in names if n.endswith("-atime")}
+        for key in programs - times:
+            os.remove(os.path.join(directory, key + "-cache"))
+        for key in times - programs:
+            os.remove(os.path.join(directory, key + "-atime"))
+    return sorted(k + "-cache" for k in programs - times)
