@@ -192,15 +192,9 @@ def test_gdqa_calibration_file_applies_when_grpo_resumes_from_a_warm_up(tmp_path
 
 
 def _train_with(workdir, *, sft_steps, train_steps, calibration, group_size=2, num_variants=4):
-    overrides = {"--config.sft.steps": str(sft_steps), "--config.train.steps": str(train_steps),
-                 "--config.gdqa.trigger": "adaptive", "--config.gdqa.calibration": calibration,
-                 "--config.rl.group_size": str(group_size), "--config.gdqa.num_variants": str(num_variants)}
-    base = [a for a in TINY if a.split("=")[0] not in overrides]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--workdir={workdir}", *base,
-           f"--config.compilation_cache={CACHE}", *[f"{k}={v}" for k, v in overrides.items()]]
-    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-4000:]
+    _train(workdir, f"--config.sft.steps={sft_steps}", f"--config.train.steps={train_steps}",
+           "--config.gdqa.trigger=adaptive", f"--config.gdqa.calibration={calibration}",
+           f"--config.rl.group_size={group_size}", f"--config.gdqa.num_variants={num_variants}")  # later flags win
 
 
 def test_held_out_accuracy_equals_evaluate_py(tmp_path):
@@ -212,8 +206,7 @@ def test_held_out_accuracy_equals_evaluate_py(tmp_path):
     warm = {"--config.sft.steps": "60", "--config.sft.lr": "1e-2", "--config.sft.batch_size": "8",
             "--config.train.steps": "0", "--config.train.checkpoint_every": "60", "--config.data.eval_size": "0",
             "--config.data.synthetic.n": "200"}
-    base = [a for a in TINY if a.split("=")[0] not in warm]
-    _train(workdir, *base, *[f"{k}={v}" for k, v in warm.items()])
+    _train(workdir, *[f"{k}={v}" for k, v in warm.items()])
     start = [r for r in _metrics(workdir) if "eval/accuracy" in r][-1]
     assert start["step"] == 60 and start["eval/n"] == 20 and start["eval/format"] == 1.0
     assert 0.0 < start["eval/accuracy"] < 1.0  # a non-trivial answer set to compare
@@ -222,7 +215,7 @@ def test_held_out_accuracy_equals_evaluate_py(tmp_path):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
     out_dir = str(tmp_path / "eval")
     cmd = [sys.executable, os.path.join(ROOT, "scripts", "evaluate.py"), f"--checkpoints={workdir}",
-           "--datasets=synthetic:val", f"--out={out_dir}"]
+           "--datasets=synthetic:val", f"--out={out_dir}", f"--config.compilation_cache={CACHE}"]
     out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
     (name,) = os.listdir(os.path.join(out_dir, "results"))
