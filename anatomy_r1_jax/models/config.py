@@ -1,4 +1,5 @@
-"""`QwenVLConfig`: one frozen description of a Qwen2-VL / Qwen2.5-VL checkpoint.
+"""`QwenVLConfig`: one frozen description of a Qwen2-VL / Qwen2.5-VL checkpoint (its vision tower's
+shape: `VisionConfig`).
 
 Read from a Hugging Face `config.json`: the transformers-5 layout (nested `text_config`, rope in
 `text_config.rope_parameters`) and the flat pre-v5 hub layout (text fields at top level,
@@ -13,7 +14,88 @@ import json
 import os
 
 from anatomy_r1_jax.models import presets
-from anatomy_r1_jax.models.vision import VisionConfig
+from anatomy_r1_jax.models.layers import ACTIVATIONS
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """Vision tower shape. `width` is the ViT width (HF Qwen2-VL `embed_dim`, Qwen2.5-VL
+    `hidden_size`); `out_hidden_size` the merger output = the language model width (HF Qwen2-VL
+    `hidden_size`, Qwen2.5-VL `out_hidden_size`)."""
+
+    family: str
+    depth: int
+    width: int
+    out_hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    hidden_act: str
+    in_channels: int = 3
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    rope_theta: float = 10000.0
+    window_size: int = 0  # Qwen2.5-VL only (pixels)
+    fullatt_block_indexes: tuple[int, ...] = ()  # Qwen2.5-VL only
+    tokens_per_second: int = 2  # Qwen2.5-VL only (used by the language model's video rope)
+    mlp_ratio: int = 4  # Qwen2-VL only (intermediate_size = width * mlp_ratio)
+
+    def __post_init__(self):
+        if self.family not in presets.FAMILIES:
+            raise ValueError(f"unknown family {self.family!r}; expected one of {presets.FAMILIES}")
+        if self.width % self.num_heads or (self.width // self.num_heads) % 4:
+            raise ValueError(f"width {self.width} / heads {self.num_heads} must give a head_dim divisible by 4")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"unsupported hidden_act {self.hidden_act!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Length of one pixel_values row: C * T * p * p (the processor's flattening order)."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
+
+    @property
+    def uses_windows(self) -> bool:
+        return self.family == "qwen2_5_vl"
+
+    @classmethod
+    def from_hf(cls, family: str, vision_config: dict) -> "VisionConfig":
+        """From a transformers-5 `vision_config` dict (older hub files' `in_chans` is accepted too)."""
+        c = vision_config
+        common = dict(
+            family=family, depth=c["depth"], num_heads=c["num_heads"],
+            in_channels=c.get("in_channels", c.get("in_chans", 3)), patch_size=c.get("patch_size", 14),
+            temporal_patch_size=c.get("temporal_patch_size", 2), spatial_merge_size=c.get("spatial_merge_size", 2),
+            rope_theta=float((c.get("rope_parameters") or {}).get("rope_theta", 10000.0)))
+        if family == "qwen2_vl":
+            ratio = c.get("mlp_ratio", 4)
+            return cls(**common, width=c["embed_dim"], out_hidden_size=c["hidden_size"],
+                       intermediate_size=int(c["embed_dim"] * ratio), mlp_ratio=ratio,
+                       hidden_act=c.get("hidden_act", "quick_gelu"))
+        if family == "qwen2_5_vl":
+            return cls(**common, width=c["hidden_size"], out_hidden_size=c["out_hidden_size"],
+                       intermediate_size=c["intermediate_size"], hidden_act=c.get("hidden_act", "silu"),
+                       window_size=c.get("window_size", 112),
+                       fullatt_block_indexes=tuple(c.get("fullatt_block_indexes", (7, 15, 23, 31))),
+                       tokens_per_second=c.get("tokens_per_second", 2))
+        raise ValueError(f"unknown family {family!r}; expected one of {presets.FAMILIES}")
+
+    def to_hf(self) -> dict:
+        """The transformers-5 `vision_config` dict (inverse of `from_hf`)."""
+        common = {"depth": self.depth, "num_heads": self.num_heads, "in_channels": self.in_channels,
+                  "patch_size": self.patch_size, "temporal_patch_size": self.temporal_patch_size,
+                  "spatial_merge_size": self.spatial_merge_size, "hidden_act": self.hidden_act,
+                  "rope_parameters": {"rope_type": "axial", "rope_theta": self.rope_theta}}
+        if self.family == "qwen2_vl":
+            return {"model_type": "qwen2_vl_vision", **common, "embed_dim": self.width,
+                    "hidden_size": self.out_hidden_size, "mlp_ratio": self.mlp_ratio}
+        return {"model_type": "qwen2_5_vl_vision", **common, "hidden_size": self.width,
+                "out_hidden_size": self.out_hidden_size, "intermediate_size": self.intermediate_size,
+                "window_size": self.window_size, "fullatt_block_indexes": list(self.fullatt_block_indexes),
+                "tokens_per_second": self.tokens_per_second}
 
 
 @dataclasses.dataclass(frozen=True)

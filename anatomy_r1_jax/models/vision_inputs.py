@@ -36,7 +36,7 @@ import numpy as np
 from flax import struct
 
 if TYPE_CHECKING:
-    from anatomy_r1_jax.models.vision import VisionConfig
+    from anatomy_r1_jax.models.config import VisionConfig
 
 
 @struct.dataclass
