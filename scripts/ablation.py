@@ -112,6 +112,24 @@ def summarize(runs: dict[str, list[str]]) -> tuple[str, dict]:
     return "\n".join(lines), stats
 
 
+def per_seed_table(stats: dict, seeds: list[int]) -> str:
+    """Seed by seed: the warm-up's held-out accuracy, each arm's gain over it (± the run's paired 95%
+    interval over the questions) and its final accuracy minus grpo's on the same seed."""
+    head = " | ".join(f"seed {s}" for s in seeds)
+    lines = [f"| arm | {head} |", "|---|" + "---|" * len(seeds),
+             "| warm-up accuracy | " + " | ".join(f"{x:.3f}" for x in next(iter(stats.values()))["warmup_accuracy"]) + " |"]
+    for arm, s in stats.items():
+        cells = []
+        for i, (gain, ci) in enumerate(zip(s["gain"], s["gain_ci95"])):
+            vs = f"; {s['vs_grpo'][i]:+.3f} vs grpo" if "vs_grpo" in s else ""
+            cells.append(f"{gain:+.3f} ± {ci:.3f}{vs}")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Per seed: gain of the final held-out accuracy over the warm-up's (± its paired 95% interval over "
+                 "the validation questions) and, after the semicolon, the final accuracy minus that seed's grpo run.")
+    return "\n".join(lines)
+
+
 def _mean_curve(dirs: list[str], key: str) -> tuple[np.ndarray, np.ndarray]:
     curves = [[(r["step"], r[key]) for r in grpo_rows(d) if key in r] for d in dirs]
     n = min(len(c) for c in curves)
@@ -199,7 +217,8 @@ def main():
             text = f.read()
         readings = text[text.index(READINGS):] if READINGS in text else ""
     with open(report, "w") as f:
-        f.write(f"# ASC / GDQA ablation on the synthetic benchmark\n\nCommand: `{cmd}` (seeds {seeds})\n\n{table}\n\n")
+        f.write(f"# ASC / GDQA ablation on the synthetic benchmark\n\nCommand: `{cmd}` (seeds {seeds})\n\n{table}\n\n"
+                f"{per_seed_table(stats, seeds)}\n\n")
         f.writelines(f"![{os.path.basename(pth)}]({os.path.basename(pth)})\n" for pth in plots)
         f.write("\n" + (readings or READINGS + "\n"))
     print(table)

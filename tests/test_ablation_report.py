@@ -39,6 +39,8 @@ def test_summarize_reports_finished_seeds_paired_against_grpo(tmp_path):
     assert [round(x, 6) for x in stats["gdqa"]["vs_grpo"]] == [0.10, 0.05]
     text = (report / "ablation.md").read_text()
     assert "| gdqa | 2 |" in text and "seeds [0, 1]" in text
+    assert "| arm | seed 0 | seed 1 |\n" in text and "| warm-up accuracy | 0.100 | 0.100 |" in text
+    assert "| gdqa | +0.300 ± 0.010; +0.100 vs grpo | +0.150 ± 0.010; +0.050 vs grpo |" in text
     assert (report / "ablation_reward_sq.png").exists()
 
     # Readings written below the marker survive the next report (seed 2 finished meanwhile).
