@@ -1,6 +1,10 @@
 """The compiled functions as the trainer builds them (train/compiled.py): traced under the sharding
 rules, compiled once, and num_iterations > 1 as PPO epochs over one rollout with a working clip."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -122,10 +126,6 @@ for n in sys.argv[3:]:  # one program per n (n is a constant of its HLO)
 
 
 def test_the_compilation_cache_replaces_a_program_cut_short_and_stays_under_its_bound(tmp_path):
-    import os
-    import subprocess
-    import sys
-
     cache = tmp_path / "xla"
 
     def run(max_gb, *programs):

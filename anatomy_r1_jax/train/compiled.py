@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 from typing import Callable
 
@@ -28,6 +29,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
+
+log = logging.getLogger(__name__)
 
 from anatomy_r1_jax import sharding
 from anatomy_r1_jax.models import lora
@@ -207,13 +210,13 @@ def use_compilation_cache(config) -> None:
     drop_unfinished_cache_entries(directory)
 
 
-def drop_unfinished_cache_entries(directory: str) -> list[str]:
+def drop_unfinished_cache_entries(directory: str) -> None:
     """Deletes the programs in jax's cache `directory` that have no access-time file (see
-    `use_compilation_cache`), and access times without a program; returns the programs' names."""
+    `use_compilation_cache`), and access times without a program."""
     import filelock
 
     if not os.path.isdir(directory):
-        return []
+        return
     with filelock.FileLock(os.path.join(directory, ".lockfile"), timeout=60):
         names = set(os.listdir(directory))
         programs = {n.removesuffix("-cache") for n in names if n.endswith("-cache")}
@@ -222,4 +225,6 @@ def drop_unfinished_cache_entries(directory: str) -> list[str]:
             os.remove(os.path.join(directory, key + "-cache"))
         for key in times - programs:
             os.remove(os.path.join(directory, key + "-atime"))
-    return sorted(k + "-cache" for k in programs - times)
+    if programs - times:
+        log.info("compilation cache %s: dropped %d program(s) whose write was cut short", directory,
+                 len(programs - times))
