@@ -98,3 +98,31 @@ def test_bench_device_reports_utilisation_with_the_device_name(capsys):
     assert r["mfu"] > 0 and 0 < r["decode_tps"] and r["bound_tps"] > 0 and r["rows"] == 4
     cfg = bench_device.QwenVLConfig.from_hf(bench_device.hf_config_of("tiny"))
     assert r["model_flops"] == flops.update_flops(cfg, queries=2, group=2, prompt_length=48, completion_length=6)
+
+
+def test_step_model_terms_follow_the_layout():
+    """perf/step_model: the fsdp layout pays (n - 1) / n of the weights over the link per decode
+    token, the local one reads them from HBM only; the trimmed update runs each micro-batch at its
+    bucketed longest group (whole groups sorted by length), the padded one at T_max."""
+    import dataclasses
+
+    import numpy as np
+
+    from anatomy_r1_jax.models import QwenVLConfig
+    from anatomy_r1_jax.models.presets import preset_hf_config
+    from anatomy_r1_jax.perf import flops, step_model
+
+    lengths = np.array([3, 9, 1, 2, 16, 4, 5, 6])  # 4 groups of 2: longest 9, 2, 16, 6
+    assert step_model.trimmed_lengths(lengths, 2, 2, 16, 4) == [8, 16]
+    cfg = QwenVLConfig.from_hf(preset_hf_config("qwen2_5_vl_3b"))
+    hw, load = step_model.HARDWARE["8x H100"], step_model.Workload()
+    weights = flops.language_weight_count(cfg) * 2
+    after = step_model.step(cfg, hw, load, step_model.AFTER, tensor=1, hbm_eff=1.0)
+    assert weights / hw.hbm * 1e3 < after["decode_step_ms"] < 1.5 * weights / hw.hbm * 1e3
+    no_gather = dataclasses.replace(step_model.BEFORE, rollout_weights="local", logits_gather=False)
+    before = step_model.step(cfg, hw, load, step_model.BEFORE, hbm_eff=1.0)
+    local = step_model.step(cfg, hw, load, no_gather, tensor=1, hbm_eff=1.0)
+    gathered = (before["decode_step_ms"] - local["decode_step_ms"]) * 1e-3
+    assert gathered > 7 / 8 * weights / hw.link
+    assert before["update_lengths"] == [512] * 4 and after["update_lengths"] == sorted(after["update_lengths"])
+    assert after["update_s"] < before["update_s"] and after["tokens_per_s_per_gpu"] > 10 * before["tokens_per_s_per_gpu"]
