@@ -75,7 +75,8 @@ def summarize(runs: dict[str, list[str]]) -> tuple[str, dict]:
     stats = {}
     for arm, dirs in runs.items():
         s = {k: [] for k in ("warmup_accuracy", "final_accuracy", "gain", "gain_ci95", "reward_auc",
-                             "invalid_gradient_ratio", "gdqa_triggered", "rerolled_groups", "seconds")}
+                             "invalid_gradient_ratio", "accuracy_invalid_ratio", "gdqa_triggered", "rerolled_groups",
+                             "rescued_groups", "seconds")}
         for d in dirs:
             rows = grpo_rows(d)
             evals = [r for r in read_metrics(os.path.join(d, "metrics.jsonl")) if "eval/accuracy" in r]
@@ -85,9 +86,13 @@ def summarize(runs: dict[str, list[str]]) -> tuple[str, dict]:
             s["gain_ci95"].append(evals[-1].get("eval/gain_ci95", np.nan))
             s["reward_auc"].append(float(np.mean([r["reward/total"] for r in rows])))
             s["invalid_gradient_ratio"].append(float(np.mean([r["invalid_gradient_ratio"] for r in rows])))
+            # groups with all-equal accuracy (logged since issue 23; NaN for runs made before)
+            s["accuracy_invalid_ratio"].append(float(np.mean([r.get("accuracy_invalid_ratio", np.nan) for r in rows])))
             s["gdqa_triggered"].append(float(np.mean([r.get("gdqa_triggered", 0.0) for r in rows])))
             s["rerolled_groups"].append(float(np.sum([r.get("gdqa/rerolled_groups", 0.0)
                                                       + r.get("dynamic_sampling/rerolled_groups", 0.0) for r in rows])))
+            s["rescued_groups"].append(float(np.sum([r.get("gdqa/rescued_groups", 0.0)
+                                                     + r.get("dynamic_sampling/rescued_groups", 0.0) for r in rows])))
             s["seconds"].append(float(rows[-1]["time"] - rows[0]["time"]) if "time" in rows[0] else np.nan)
         stats[arm] = s
     if "grpo" in stats:
@@ -97,13 +102,16 @@ def summarize(runs: dict[str, list[str]]) -> tuple[str, dict]:
                 s["vs_grpo"] = list(np.array(s["final_accuracy"]) - base)
     f = lambda xs: "{:.3f} ± {:.3f}".format(*mean_interval(xs)) if len(xs) > 1 else f"{xs[0]:.3f}"  # noqa: E731
     lines = ["| arm | seeds | accuracy after warm-up | final accuracy | gain over warm-up | final minus grpo "
-             "(paired by seed) | reward AUC | invalid-gradient ratio | GDQA-triggered | re-rolled groups | seconds |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "(paired by seed) | reward AUC | invalid-gradient ratio | accuracy-only invalid ratio | GDQA-triggered | "
+             "re-rolled groups | rescued groups | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for arm, s in stats.items():
         vs = f(s["vs_grpo"]) if "vs_grpo" in s else "-"
         lines.append(f"| {arm} | {len(s['final_accuracy'])} | {f(s['warmup_accuracy'])} | {f(s['final_accuracy'])} | "
                      f"{f(s['gain'])} | {vs} | {f(s['reward_auc'])} | {f(s['invalid_gradient_ratio'])} | "
-                     f"{f(s['gdqa_triggered'])} | {np.mean(s['rerolled_groups']):.0f} | {np.mean(s['seconds']):.0f} |")
+                     f"{f(s['accuracy_invalid_ratio'])} | {f(s['gdqa_triggered'])} | "
+                     f"{np.mean(s['rerolled_groups']):.0f} | {np.mean(s['rescued_groups']):.0f} | "
+                     f"{np.mean(s['seconds']):.0f} |")
     lines.append("")
     lines.append("Values: mean over seeds ± the 95% half-width of that mean (t with seeds - 1 degrees of freedom; "
                  "one seed: its value alone). "
@@ -160,7 +168,7 @@ def plot(runs: dict[str, list[str]], out_dir: str) -> list[str]:
     fig, ax = plt.subplots(figsize=(8, 3.6))
     classes = sorted({k.split("/", 1)[1] for d in runs["grpo"] for r in grpo_rows(d) for k in r
                       if k.startswith("invalid_gradient_ratio/")})
-    arms = [a for a in ("grpo", "gdqa", "gdqa_online") if a in runs]
+    arms = [a for a in ("grpo", "gdqa", "gdqa_online", "gdqa_accuracy", "gdqa_accuracy_original") if a in runs]
     width = 0.8 / (2 * len(arms))
     for i, arm in enumerate(arms):
         for j, (phase, sl) in enumerate((("start", slice(0, 10)), ("end", slice(-10, None)))):

@@ -27,9 +27,7 @@ METHOD.md section 6):
 shuffle. A run that sees only m queries (train.steps x batch_size) then goes through the whole
 curriculum, and the curriculum and "none" arms train on the same queries in a different order.
 
-Diagnostics of an order, without a model (used by tests and scripts/score_curriculum.py):
-`window_class_shares` (class share per window of steps) and `class_r2` (how much of S(q) the answer
-class explains).
+Diagnostics of an order, without a model: methods/curriculum_check.py.
 """
 
 from __future__ import annotations
@@ -57,7 +55,7 @@ class Curriculum:
 
     schedule: str = "none"
     num_stages: int = 4
-    c0: float = 0.3
+    c0: float = 0.5
     competence_steps: int = 0
     batch_size: int = 1
     span: int = 0
@@ -173,32 +171,3 @@ def curriculum_order(scores: np.ndarray, classes: np.ndarray | None, curriculum:
     head = shuffled[:span]
     head = head[order_fn(scores[head], classes[head], **kw)]
     return np.concatenate([head, shuffled[span:]]).astype(np.int64)
-
-
-# ---- diagnostics of an order (model-free) ------------------------------------------------------
-
-
-def window_class_shares(order: np.ndarray, classes: np.ndarray, *, queries: int, num_classes: int) -> np.ndarray:
-    """[W, C] share of each class among the records of each window of `queries` consecutive
-    positions of `order` (the last, shorter window included)."""
-    labels = np.asarray(classes)[np.asarray(order)]
-    windows = [labels[i: i + queries] for i in range(0, len(labels), queries)]
-    return np.stack([np.bincount(w, minlength=num_classes) / len(w) for w in windows]) if windows else \
-        np.zeros((0, num_classes))
-
-
-def window_means(order: np.ndarray, values: np.ndarray, *, queries: int) -> np.ndarray:
-    """[W] mean of per-record `values` over each window of `queries` consecutive positions."""
-    v = np.asarray(values, np.float64)[np.asarray(order)]
-    return np.array([v[i: i + queries].mean() for i in range(0, len(v), queries)])
-
-
-def class_r2(scores: np.ndarray, classes: np.ndarray) -> float:
-    """R^2 of S(q) on the answer class: between-class variance / total variance, in [0, 1]
-    (1: S(q) is a function of the class; NaN when S(q) is constant)."""
-    scores, classes = np.asarray(scores, np.float64), np.asarray(classes)
-    total = np.sum((scores - scores.mean()) ** 2)
-    fitted = np.zeros_like(scores)
-    for c in np.unique(classes):
-        fitted[classes == c] = scores[classes == c].mean()
-    return float(np.sum((fitted - scores.mean()) ** 2) / total) if total > 0 else float("nan")
