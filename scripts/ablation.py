@@ -49,10 +49,47 @@ def _train(workdir: str, arm: str, seed: int, overrides: list[str]) -> None:
     open(done, "w").close()
 
 
+def arm_mismatch(workdir: str, arm: str) -> list[str]:
+    """The fields of ARMS[arm] that the run in `workdir` (its config.json) trained with other values:
+    a run folder named by an arm that has since changed (asc_seedN and anatomy_r1_seedN made before
+    issue 23 are the staged arms, now asc_staged and anatomy_r1_staged). A field the run's config
+    lacks (older runs) counts as its configs/default.py value. [] when there is no config.json of a run
+    of that arm yet."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return []
+    from configs import default
+
+    with open(path) as f:
+        trained = json.load(f)
+    if trained.get("method") != arm:  # the warm-up's config, copied before the arm's run wrote its own
+        return []
+    defaults = default.get_config().to_dict()
+    wrong = []
+    for dotted, want in METHOD_ARMS[arm].items():
+        have, fallback = trained, defaults
+        for part in dotted.split("."):
+            have = have.get(part, None) if isinstance(have, dict) else None
+            fallback = fallback.get(part) if isinstance(fallback, dict) else None
+        have = fallback if have is None else have
+        if have != want:
+            wrong.append(f"{dotted}={have!r} (arm {arm}: {want!r})")
+    return wrong
+
+
+def check_arm(workdir: str, arm: str) -> None:
+    """Stops with one line when the run folder of `arm` holds a run of another setting."""
+    wrong = arm_mismatch(workdir, arm)
+    if wrong:
+        raise SystemExit(f"{workdir} was trained with {', '.join(wrong)}: not the arm {arm} of configs/methods.py; "
+                         f"rename the folder after the arm it is (e.g. asc_seed0 -> asc_staged_seed0) or remove it")
+
+
 def run_arm(arm: str, seed: int, out: str, overrides: list[str]) -> str:
     warmup = os.path.join(out, f"warmup_seed{seed}")
     _train(warmup, "grpo", seed, [*overrides, "train.steps=0"])
     workdir = os.path.join(out, f"{arm}_seed{seed}")
+    check_arm(workdir, arm)
     if not os.path.exists(workdir):
         shutil.copytree(warmup, workdir, ignore=shutil.ignore_patterns("DONE", "tensorboard"))
     _train(workdir, arm, seed, overrides)
@@ -208,6 +245,10 @@ def main():
         if not seeds:
             p.error(f"--summarize: no seed has finished every arm under {a.out}")
         print(f"summarizing seeds {seeds} (every arm finished)", flush=True)
+    if a.summarize:
+        for seed in seeds:
+            for arm in arms:
+                check_arm(os.path.join(a.out, f"{arm}_seed{seed}"), arm)
     runs = {arm: [] for arm in arms}
     for seed in seeds:  # seed by seed: a stopped sweep has complete, paired seeds
         for arm in arms:
