@@ -20,7 +20,8 @@ tiny default model's own token embeddings, seeds --embedding-seeds) and question
 S_sym): R^2 of the score on the answer class, and for the "staged" and "competence" schedules (a real
 run's batch of --batch-size, one epoch, windows of --window-steps steps) the largest and smallest
 class share over the windows, the share of the largest class in each window, and the odd-one-out
-rule's best window against its whole-file score (methods/curriculum_check.py).
+rule's and the best single-class rule's best window against their whole-file scores, and the
+Spearman correlation of the batch S(q) with the step (methods/curriculum_check.py).
 """
 
 from __future__ import annotations
@@ -109,8 +110,9 @@ def _table_backends(args) -> list[tuple[str, object]]:
 def curriculum_table(args) -> str:
     """The markdown table of --table (see the module docstring)."""
     lines = ["| records | backend | score | R^2 on class | schedule | largest class share per window "
-             "(max / min over windows) | smallest share (min) | odd-one-out: best window (all) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "(max / min over windows) | smallest share (min) | odd-one-out: best window (all) | "
+             "best single class: best window (all) | Spearman batch S(q) ~ step |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     backends = _table_backends(args)
     for path in args.data:
         records = read_records(path, format=args.format)
@@ -124,7 +126,8 @@ def curriculum_table(args) -> str:
                     lines.append(f"| {os.path.basename(path)} | {name} | {score} | {check.r2:.2f} | {schedule} | "
                                  f"{', '.join(top)} ({check.shares.max():.2f} / {check.shares.max(axis=1).min():.2f}) | "
                                  f"{check.shares.min():.2f} | {check.odd_one_out.max():.2f} "
-                                 f"({check.odd_one_out_all:.2f}) |")
+                                 f"({check.odd_one_out_all:.2f}) | {check.best_class.max():.2f} "
+                                 f"({check.best_class_all:.2f}) | {check.spearman:.2f} |")
     return "\n".join(lines)
 
 
@@ -140,7 +143,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--out", help="scores JSON (also the cache); required without --table")
     parser.add_argument("--stages", type=int, default=5, help="stages to summarise S(q) over (--table: of 'staged')")
     parser.add_argument("--table", action="store_true", help="print what the curricula do with each --data file")
-    parser.add_argument("--embedding-seeds", default="0,1", help="--table: tiny-model seeds of the embedding backend")
+    parser.add_argument("--embedding-seeds", default="0,1",
+                        help="--table: tiny-model seeds of the embedding backend ('' for none)")
     parser.add_argument("--batch-size", type=int, default=8, help="--table: queries per step (REAL_MODEL's 8)")
     parser.add_argument("--window-steps", type=int, default=25, help="--table: steps per window")
     parser.add_argument("--c0", type=float, default=Curriculum.c0, help="--table: the competence schedule's c(0)")
