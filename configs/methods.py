@@ -9,11 +9,13 @@ table, applied in that order by `override` (which refuses a field the config doe
 
 The arms (curriculum schedule, GDQA trigger, dynamic sampling; GDQA signal, rescued groups' prompt):
   grpo                   = (none,       off,      off)       plain GRPO, the paper's baseline
-  grpo_dynamic           = (none,       off,      resample)  GRPO + DAPO-style dynamic sampling (all-equal groups re-rolled)
+  grpo_dynamic           = (none,       off,      resample)  GRPO + DAPO-style dynamic sampling (all-equal
+                           groups re-rolled)
   asc                    = (competence, off,      off)       ASC: the class-stratified competence curriculum
   asc_staged             = (staged,     off,      off)       ASC as four S(q) stages (collapses onto classes: issue 23)
   gdqa                   = (none,       adaptive, off)       Group Diversity Question Augmentation, calibrated trigger
-  gdqa_online            = (none,       online,   off)       GDQA, all-equal groups re-rolled over their variants in the step
+  gdqa_online            = (none,       online,   off)       GDQA, all-equal groups re-rolled over their
+                           variants in the step
   gdqa_accuracy          = (none,       online,   off; accuracy, variant)   GDQA as a recognition signal: only
                            all-wrong groups re-rolled, rescued = accuracy varies, no permutation of class-name answers
   gdqa_accuracy_original = (none,       online,   off; accuracy, original)  the same, rescued groups trained on the

@@ -124,7 +124,8 @@ def curriculum_table(args) -> str:
                     check = check_order(records, sim, cur, score=score, window_steps=args.window_steps)
                     top = [f"{row.max():.2f} {check.classes[int(row.argmax())][:3]}" for row in check.shares]
                     lines.append(f"| {os.path.basename(path)} | {name} | {score} | {check.r2:.2f} | {schedule} | "
-                                 f"{', '.join(top)} ({check.shares.max():.2f} / {check.shares.max(axis=1).min():.2f}) | "
+                                 f"{', '.join(top)} ({check.shares.max():.2f} / "
+                                 f"{check.shares.max(axis=1).min():.2f}) | "
                                  f"{check.shares.min():.2f} | {check.odd_one_out.max():.2f} "
                                  f"({check.odd_one_out_all:.2f}) | {check.best_class.max():.2f} "
                                  f"({check.best_class_all:.2f}) | {check.spearman:.2f} |")

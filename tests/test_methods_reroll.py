@@ -56,7 +56,8 @@ def test_the_new_arms():
     assert tuple(methods.ARMS["grpo_dynamic"][k] for k in fields) == ("none", "off", "resample")
     assert tuple(methods.ARMS["gdqa_online"][k] for k in fields) == ("none", "online", "off")
     fields += ("gdqa.signal", "gdqa.rescued_prompt")
-    assert tuple(methods.ARMS["anatomy_r1"][k] for k in fields) == ("competence", "online", "off", "accuracy", "variant")
+    assert tuple(methods.ARMS["anatomy_r1"][k] for k in fields) == (
+        "competence", "online", "off", "accuracy", "variant")
     assert tuple(methods.ARMS["asc"][k] for k in fields) == ("competence", "off", "off", "reward", "variant")
     assert methods.ARMS["gdqa_accuracy_original"]["gdqa.rescued_prompt"] == "original"
     assert methods.ARMS["anatomy_r1_staged"]["curriculum.schedule"] == "staged"
@@ -85,8 +86,9 @@ def _micro(first):
                for p in range(len(first))]
     texts = [t for grp in first for t in grp]
     total, acc = _score(texts, None)
-    return reroll_mod.MicroRollout([[r] * len(first[0]) for r in records], {"length": np.array([len(t) for t in texts])},
-                                   texts, total, acc, prompt=("prompt", -1))
+    lengths = {"length": np.array([len(t) for t in texts])}
+    return reroll_mod.MicroRollout([[r] * len(first[0]) for r in records], lengths, texts, total, acc,
+                                   prompt=("prompt", -1))
 
 
 # before the re-roll: format-only spread (all wrong), all correct, all wrong (same format)
