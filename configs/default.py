@@ -128,9 +128,16 @@ def get_config(arg=None):
     # stage is dominated by the two pale classes and the policy collapses onto them (docs/results/default_run.md);
     # the paper's methods are the arms of configs/synthetic.py (method=asc|gdqa|gdqa_online|anatomy_r1).
     c.method = "grpo"
+    # schedule (methods/curriculum.py): "none" | "competence" (the curriculum arms' default: difficulty
+    # = S(q)'s percentile within its answer class, batches from the questions with difficulty <=
+    # c(t) = min(1, sqrt(c0^2 + (1 - c0^2) t / T)); T = competence_steps, 0: the span's last step) |
+    # "staged" (num_stages stages by S(q); collapses onto classes where S(q) follows the class).
+    # score: S(q) as "distractors" (mean similarity of the answer to its distractors) or "symmetric"
+    # (mean over all option pairs) (methods/similarity.py).
     # span: how many leading queries of each epoch the schedule orders: "run" (train.steps x
     # batch_size, so a run shorter than an epoch still climbs every stage), 0 (the whole epoch), or N.
-    c.curriculum = dict(backend="matrix", matrix="", schedule="none", num_stages=4, span="run")
+    c.curriculum = dict(backend="matrix", matrix="", score="distractors", schedule="none", num_stages=4, c0=0.5,
+                        competence_steps=0, span="run")
     # calibration (adaptive trigger): "auto" = a pass of G plain rollouts over the GRPO run's queries
     # before its first step; or an evaluate.py result of the base model on the training records with
     # --samples G; or "" (none). Queries whose G rewards all agree and are not all correct start out
@@ -139,8 +146,13 @@ def get_config(arg=None):
     # calibration_steps: batches the "auto" pass covers (0: the run's steps, at most one epoch).
     # trigger: "adaptive" | "always" | "off" | "online" (no variants up front: a group whose rewards come out
     # all equal is re-rolled over its variants within the step, before the update, up to max_rerolls rounds).
+    # signal (methods/reroll.py SIGNALS; the online re-roll): "reward" (groups whose total rewards are all
+    # equal are re-rolled, rescued when they differ after) | "accuracy" (only all-wrong groups are re-rolled,
+    # rescued when the accuracy varies after; "permute" is dropped from kinds when the accuracy reward scores
+    # the class name, augmentation.variant_kinds). rescued_prompt: what a group a variant re-roll rescued
+    # trains on: "variant" (the prompts its rows were sampled with) | "original" (the query's own prompt).
     c.gdqa = dict(trigger="off", kinds=("rephrase", "permute"), num_variants=4, calibration="auto",
-                  calibration_steps=0, max_rerolls=1)
+                  calibration_steps=0, max_rerolls=1, signal="reward", rescued_prompt="variant")
 
     c.mesh = [("data", -1)]
     # Logical names -> mesh axes (anatomy_r1_jax/sharding.py): activations (names of their own, MaxText

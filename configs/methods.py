@@ -7,13 +7,25 @@ table, applied in that order by `override` (which refuses a field the config doe
   REAL_MODEL          what every real checkpoint trains with (METHOD.md)
   REAL_MODELS[name]   per checkpoint: its preset name, family and mesh
 
-The arms (curriculum schedule, GDQA trigger, dynamic sampling):
-  grpo         = (none,   off,      off)       plain GRPO, the paper's baseline
-  grpo_dynamic = (none,   off,      resample)  GRPO + DAPO-style dynamic sampling (all-equal groups re-rolled)
-  asc          = (staged, off,      off)       Anatomical Similarity Curriculum only
-  gdqa         = (none,   adaptive, off)       Group Diversity Question Augmentation, calibrated trigger
-  gdqa_online  = (none,   online,   off)       GDQA, all-equal groups re-rolled over their variants in the step
-  anatomy_r1   = (staged, adaptive, off)       ASC + GDQA (the paper's method)
+The arms (curriculum schedule, GDQA trigger, dynamic sampling; GDQA signal, rescued groups' prompt):
+  grpo                   = (none,       off,      off)       plain GRPO, the paper's baseline
+  grpo_dynamic           = (none,       off,      resample)  GRPO + DAPO-style dynamic sampling (all-equal
+                           groups re-rolled)
+  asc                    = (competence, off,      off)       ASC: the class-stratified competence curriculum
+  asc_staged             = (staged,     off,      off)       ASC as four S(q) stages (collapses onto classes: issue 23)
+  gdqa                   = (none,       adaptive, off)       Group Diversity Question Augmentation, calibrated trigger
+  gdqa_online            = (none,       online,   off)       GDQA, all-equal groups re-rolled over their
+                           variants in the step
+  gdqa_accuracy          = (none,       online,   off; accuracy, variant)   GDQA as a recognition signal: only
+                           all-wrong groups re-rolled, rescued = accuracy varies, no permutation of class-name answers
+  gdqa_accuracy_original = (none,       online,   off; accuracy, original)  the same, rescued groups trained on the
+                           original prompt (the one evaluation asks)
+  anatomy_r1             = (competence, online,   off; accuracy, variant)   ASC + GDQA, the paper's method arm
+  anatomy_r1_staged      = (staged,     adaptive, off)       staged ASC + calibrated GDQA (this project's method arm
+                           before issue 23)
+Unnamed signal and prompt: (reward, variant). The arms named asc and anatomy_r1 before issue 23 are
+asc_staged and anatomy_r1_staged (the ablation reports of docs/results/ written before issue 23 name
+them by their old names).
 """
 
 import copy
@@ -21,11 +33,18 @@ import copy
 import ml_collections
 
 ARMS = {name: {"method": name, "curriculum.schedule": schedule, "gdqa.trigger": trigger,
-               "rl.dynamic_sampling": dynamic}
-        for name, schedule, trigger, dynamic in (
-            ("grpo", "none", "off", "off"), ("grpo_dynamic", "none", "off", "resample"),
-            ("asc", "staged", "off", "off"), ("gdqa", "none", "adaptive", "off"),
-            ("gdqa_online", "none", "online", "off"), ("anatomy_r1", "staged", "adaptive", "off"))}
+               "rl.dynamic_sampling": dynamic, "gdqa.signal": signal, "gdqa.rescued_prompt": prompt}
+        for name, schedule, trigger, dynamic, signal, prompt in (
+            ("grpo", "none", "off", "off", "reward", "variant"),
+            ("grpo_dynamic", "none", "off", "resample", "reward", "variant"),
+            ("asc", "competence", "off", "off", "reward", "variant"),
+            ("asc_staged", "staged", "off", "off", "reward", "variant"),
+            ("gdqa", "none", "adaptive", "off", "reward", "variant"),
+            ("gdqa_online", "none", "online", "off", "reward", "variant"),
+            ("gdqa_accuracy", "none", "online", "off", "accuracy", "variant"),
+            ("gdqa_accuracy_original", "none", "online", "off", "accuracy", "original"),
+            ("anatomy_r1", "competence", "online", "off", "accuracy", "variant"),
+            ("anatomy_r1_staged", "staged", "adaptive", "off", "reward", "variant"))}
 
 # METHOD.md's recipe for a real checkpoint (--config.model.path=/local/checkpoint is required). The
 # sampler and optimizer values are written out, not inherited, so that tuning the tiny default run

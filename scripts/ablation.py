@@ -49,10 +49,47 @@ def _train(workdir: str, arm: str, seed: int, overrides: list[str]) -> None:
     open(done, "w").close()
 
 
+def arm_mismatch(workdir: str, arm: str) -> list[str]:
+    """The fields of ARMS[arm] that the run in `workdir` (its config.json) trained with other values:
+    a run folder named by an arm that has since changed (asc_seedN and anatomy_r1_seedN made before
+    issue 23 are the staged arms, now asc_staged and anatomy_r1_staged). A field the run's config
+    lacks (older runs) counts as its configs/default.py value. [] when there is no config.json of a run
+    of that arm yet."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return []
+    from configs import default
+
+    with open(path) as f:
+        trained = json.load(f)
+    if trained.get("method") != arm:  # the warm-up's config, copied before the arm's run wrote its own
+        return []
+    defaults = default.get_config().to_dict()
+    wrong = []
+    for dotted, want in METHOD_ARMS[arm].items():
+        have, fallback = trained, defaults
+        for part in dotted.split("."):
+            have = have.get(part, None) if isinstance(have, dict) else None
+            fallback = fallback.get(part) if isinstance(fallback, dict) else None
+        have = fallback if have is None else have
+        if have != want:
+            wrong.append(f"{dotted}={have!r} (arm {arm}: {want!r})")
+    return wrong
+
+
+def check_arm(workdir: str, arm: str) -> None:
+    """Stops with one line when the run folder of `arm` holds a run of another setting."""
+    wrong = arm_mismatch(workdir, arm)
+    if wrong:
+        raise SystemExit(f"{workdir} was trained with {', '.join(wrong)}: not the arm {arm} of configs/methods.py; "
+                         f"rename the folder after the arm it is (e.g. asc_seed0 -> asc_staged_seed0) or remove it")
+
+
 def run_arm(arm: str, seed: int, out: str, overrides: list[str]) -> str:
     warmup = os.path.join(out, f"warmup_seed{seed}")
     _train(warmup, "grpo", seed, [*overrides, "train.steps=0"])
     workdir = os.path.join(out, f"{arm}_seed{seed}")
+    check_arm(workdir, arm)
     if not os.path.exists(workdir):
         shutil.copytree(warmup, workdir, ignore=shutil.ignore_patterns("DONE", "tensorboard"))
     _train(workdir, arm, seed, overrides)
@@ -75,7 +112,8 @@ def summarize(runs: dict[str, list[str]]) -> tuple[str, dict]:
     stats = {}
     for arm, dirs in runs.items():
         s = {k: [] for k in ("warmup_accuracy", "final_accuracy", "gain", "gain_ci95", "reward_auc",
-                             "invalid_gradient_ratio", "gdqa_triggered", "rerolled_groups", "seconds")}
+                             "invalid_gradient_ratio", "accuracy_invalid_ratio", "gdqa_triggered", "rerolled_groups",
+                             "rescued_groups", "seconds")}
         for d in dirs:
             rows = grpo_rows(d)
             evals = [r for r in read_metrics(os.path.join(d, "metrics.jsonl")) if "eval/accuracy" in r]
@@ -85,9 +123,13 @@ def summarize(runs: dict[str, list[str]]) -> tuple[str, dict]:
             s["gain_ci95"].append(evals[-1].get("eval/gain_ci95", np.nan))
             s["reward_auc"].append(float(np.mean([r["reward/total"] for r in rows])))
             s["invalid_gradient_ratio"].append(float(np.mean([r["invalid_gradient_ratio"] for r in rows])))
+            # groups with all-equal accuracy (logged since issue 23; NaN for runs made before)
+            s["accuracy_invalid_ratio"].append(float(np.mean([r.get("accuracy_invalid_ratio", np.nan) for r in rows])))
             s["gdqa_triggered"].append(float(np.mean([r.get("gdqa_triggered", 0.0) for r in rows])))
             s["rerolled_groups"].append(float(np.sum([r.get("gdqa/rerolled_groups", 0.0)
                                                       + r.get("dynamic_sampling/rerolled_groups", 0.0) for r in rows])))
+            s["rescued_groups"].append(float(np.sum([r.get("gdqa/rescued_groups", 0.0)
+                                                     + r.get("dynamic_sampling/rescued_groups", 0.0) for r in rows])))
             s["seconds"].append(float(rows[-1]["time"] - rows[0]["time"]) if "time" in rows[0] else np.nan)
         stats[arm] = s
     if "grpo" in stats:
@@ -97,13 +139,16 @@ def summarize(runs: dict[str, list[str]]) -> tuple[str, dict]:
                 s["vs_grpo"] = list(np.array(s["final_accuracy"]) - base)
     f = lambda xs: "{:.3f} ± {:.3f}".format(*mean_interval(xs)) if len(xs) > 1 else f"{xs[0]:.3f}"  # noqa: E731
     lines = ["| arm | seeds | accuracy after warm-up | final accuracy | gain over warm-up | final minus grpo "
-             "(paired by seed) | reward AUC | invalid-gradient ratio | GDQA-triggered | re-rolled groups | seconds |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "(paired by seed) | reward AUC | invalid-gradient ratio | accuracy-only invalid ratio | GDQA-triggered | "
+             "re-rolled groups | rescued groups | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for arm, s in stats.items():
         vs = f(s["vs_grpo"]) if "vs_grpo" in s else "-"
         lines.append(f"| {arm} | {len(s['final_accuracy'])} | {f(s['warmup_accuracy'])} | {f(s['final_accuracy'])} | "
                      f"{f(s['gain'])} | {vs} | {f(s['reward_auc'])} | {f(s['invalid_gradient_ratio'])} | "
-                     f"{f(s['gdqa_triggered'])} | {np.mean(s['rerolled_groups']):.0f} | {np.mean(s['seconds']):.0f} |")
+                     f"{f(s['accuracy_invalid_ratio'])} | {f(s['gdqa_triggered'])} | "
+                     f"{np.mean(s['rerolled_groups']):.0f} | {np.mean(s['rescued_groups']):.0f} | "
+                     f"{np.mean(s['seconds']):.0f} |")
     lines.append("")
     lines.append("Values: mean over seeds ± the 95% half-width of that mean (t with seeds - 1 degrees of freedom; "
                  "one seed: its value alone). "
@@ -160,7 +205,7 @@ def plot(runs: dict[str, list[str]], out_dir: str) -> list[str]:
     fig, ax = plt.subplots(figsize=(8, 3.6))
     classes = sorted({k.split("/", 1)[1] for d in runs["grpo"] for r in grpo_rows(d) for k in r
                       if k.startswith("invalid_gradient_ratio/")})
-    arms = [a for a in ("grpo", "gdqa", "gdqa_online") if a in runs]
+    arms = [a for a in ("grpo", "gdqa", "gdqa_online", "gdqa_accuracy", "gdqa_accuracy_original") if a in runs]
     width = 0.8 / (2 * len(arms))
     for i, arm in enumerate(arms):
         for j, (phase, sl) in enumerate((("start", slice(0, 10)), ("end", slice(-10, None)))):
@@ -200,6 +245,10 @@ def main():
         if not seeds:
             p.error(f"--summarize: no seed has finished every arm under {a.out}")
         print(f"summarizing seeds {seeds} (every arm finished)", flush=True)
+    if a.summarize:
+        for seed in seeds:
+            for arm in arms:
+                check_arm(os.path.join(a.out, f"{arm}_seed{seed}"), arm)
     runs = {arm: [] for arm in arms}
     for seed in seeds:  # seed by seed: a stopped sweep has complete, paired seeds
         for arm in arms:

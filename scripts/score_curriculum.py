@@ -10,6 +10,18 @@ the derived matrix is also written to --save-matrix when given). The
 "embedding" backend needs the policy LM's embedding table and runs inside the trainer
 (anatomy_r1_jax.methods.similarity.token_embedder). The output is score_records' cache file:
 {"fingerprint": ..., "scores": {record id: S(q)}}; existing scores with the same fingerprint are kept.
+
+What a curriculum will do with a records file, before training (the table of docs/methods.md):
+
+    python scripts/score_curriculum.py --table --data GRPO.json GRPO-ASC-Learning.json GRPO-GDQA.json
+
+For each file, similarity backend (the synthetic benchmark's class matrix, or --matrix FILE; and the
+tiny default model's own token embeddings, seeds --embedding-seeds) and question score (S(q),
+S_sym): R^2 of the score on the answer class, and for the "staged" and "competence" schedules (a real
+run's batch of --batch-size, one epoch, windows of --window-steps steps) the largest and smallest
+class share over the windows, the share of the largest class in each window, and the odd-one-out
+rule's and the best single-class rule's best window against their whole-file scores, and the
+Spearman correlation of the batch S(q) with the step (methods/curriculum_check.py).
 """
 
 from __future__ import annotations
@@ -29,8 +41,10 @@ check_installed()  # one line naming a missing package
 import numpy as np  # noqa: E402
 
 from anatomy_r1_jax.data import read_records  # noqa: E402
-from anatomy_r1_jax.methods.curriculum import stage_slices  # noqa: E402
-from anatomy_r1_jax.methods.similarity import make_similarity, score_records  # noqa: E402
+from anatomy_r1_jax.methods.curriculum import Curriculum, curriculum_order, stage_slices  # noqa: E402
+from anatomy_r1_jax.methods.curriculum_check import check_order  # noqa: E402
+from anatomy_r1_jax.methods.similarity import (ClassSimilarity, answer_classes, make_similarity,  # noqa: E402
+                                               score_records, scores_array)
 
 
 def read_rollouts(path: str) -> list[dict]:
@@ -67,17 +81,81 @@ def _backend(args, records):
     raise SystemExit(f"backend {args.backend!r} is not available from the command line")
 
 
+def _table_backends(args) -> list[tuple[str, object]]:
+    """(name, similarity) for --table: the class matrix, then the tiny model's embeddings per seed."""
+    if args.matrix:
+        out = [(f"matrix {os.path.basename(args.matrix)}", make_similarity("matrix", matrix=args.matrix))]
+    else:
+        from anatomy_r1_jax.data.synthetic import CLASS_SIMILARITY, CLASSES
+
+        out = [("matrix (synthetic benchmark's)", ClassSimilarity(CLASSES, CLASS_SIMILARITY))]
+    if args.embedding_seeds:
+        import tempfile
+
+        from anatomy_r1_jax.methods.similarity import token_embedder
+        from anatomy_r1_jax.train import experiment
+        from configs import default
+
+        workdir = tempfile.mkdtemp(prefix="score_curriculum_")
+        for seed in (int(x) for x in args.embedding_seeds.split(",")):
+            config = default.get_config()
+            config.seed = seed
+            tokenizer = experiment.build_tokenizer(config, workdir)
+            table = experiment.build_model(config, tokenizer).language.embed_tokens.embedding[...]
+            embed = token_embedder(table, lambda t, tok=tokenizer: tok(t, add_special_tokens=False)["input_ids"])
+            out.append((f"embedding (tiny model, seed {seed})", make_similarity("embedding", embed=embed)))
+    return out
+
+
+def curriculum_table(args) -> str:
+    """The markdown table of --table (see the module docstring)."""
+    lines = ["| records | backend | score | R^2 on class | schedule | largest class share per window "
+             "(max / min over windows) | smallest share (min) | odd-one-out: best window (all) | "
+             "best single class: best window (all) | Spearman batch S(q) ~ step |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    backends = _table_backends(args)
+    for path in args.data:
+        records = read_records(path, format=args.format)
+        for name, sim in backends:
+            for score in ("distractors", "symmetric"):
+                for schedule in ("staged", "competence"):
+                    cur = Curriculum(schedule=schedule, num_stages=args.stages, c0=args.c0, batch_size=args.batch_size,
+                                     span=len(records))
+                    check = check_order(records, sim, cur, score=score, window_steps=args.window_steps)
+                    top = [f"{row.max():.2f} {check.classes[int(row.argmax())][:3]}" for row in check.shares]
+                    lines.append(f"| {os.path.basename(path)} | {name} | {score} | {check.r2:.2f} | {schedule} | "
+                                 f"{', '.join(top)} ({check.shares.max():.2f} / "
+                                 f"{check.shares.max(axis=1).min():.2f}) | "
+                                 f"{check.shares.min():.2f} | {check.odd_one_out.max():.2f} "
+                                 f"({check.odd_one_out_all:.2f}) | {check.best_class.max():.2f} "
+                                 f"({check.best_class_all:.2f}) | {check.spearman:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, help="records file (any format read_records accepts)")
+    parser.add_argument("--data", required=True, nargs="+", help="records file(s) (any format read_records accepts; "
+                        "several only with --table)")
     parser.add_argument("--format", default="auto")
     parser.add_argument("--backend", default="matrix", choices=("matrix", "confusion"))
     parser.add_argument("--matrix", help="class-similarity JSON (backend matrix)")
     parser.add_argument("--rollouts", help="calibration predictions: JSONL or an evaluate.py result (backend confusion)")
     parser.add_argument("--save-matrix", help="where to write the confusion-derived matrix")
-    parser.add_argument("--out", required=True, help="scores JSON (also the cache)")
-    parser.add_argument("--stages", type=int, default=5, help="stages to summarise S(q) over")
+    parser.add_argument("--out", help="scores JSON (also the cache); required without --table")
+    parser.add_argument("--stages", type=int, default=5, help="stages to summarise S(q) over (--table: of 'staged')")
+    parser.add_argument("--table", action="store_true", help="print what the curricula do with each --data file")
+    parser.add_argument("--embedding-seeds", default="0,1",
+                        help="--table: tiny-model seeds of the embedding backend ('' for none)")
+    parser.add_argument("--batch-size", type=int, default=8, help="--table: queries per step (REAL_MODEL's 8)")
+    parser.add_argument("--window-steps", type=int, default=25, help="--table: steps per window")
+    parser.add_argument("--c0", type=float, default=Curriculum.c0, help="--table: the competence schedule's c(0)")
     args = parser.parse_args(argv)
+    if args.table:
+        print(curriculum_table(args))
+        return {}
+    if not args.out or len(args.data) != 1:
+        parser.error("give one --data file and --out (or --table)")
+    args.data = args.data[0]
 
     records = read_records(args.data, format=args.format)
     backend, fingerprint = _backend(args, records)
@@ -86,6 +164,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(f"{len(values)} records: S(q) mean {values.mean():.3f} min {values.min():.3f} max {values.max():.3f}")
     stage_means = [values[s].mean() for s in stage_slices(len(values), args.stages) if s.stop > s.start]
     print("staged curriculum, mean S(q) per stage:", " ".join(f"{m:.3f}" for m in stage_means))
+    sq = scores_array(records, scores)
+    classes, names = answer_classes(records)
+    order = curriculum_order(sq, classes, Curriculum(schedule="staged", num_stages=args.stages), seed=0, epoch=0)
+    for k, part in enumerate(stage_slices(len(order), args.stages)):
+        shares = np.bincount(classes[order[part]], minlength=len(names)) / max(part.stop - part.start, 1)
+        print(f"stage {k + 1} (seed 0, epoch 0):", ", ".join(f"{names[c]} {shares[c]:.0%}"
+                                                            for c in np.argsort(-shares) if shares[c] > 0))
     return scores
 
 

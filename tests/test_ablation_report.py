@@ -58,3 +58,18 @@ def test_summarize_with_no_finished_seed_fails_in_one_line(tmp_path):
                         str(tmp_path), "--seeds", "0", "--arms", "grpo", "--report", str(tmp_path / "r")],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "no seed has finished every arm" in r.stderr
+
+
+def test_a_run_folder_of_an_arm_that_changed_is_refused(tmp_path):
+    """asc_seed0 made before issue 23 trained the staged curriculum: it is not the arm asc any more."""
+    run = tmp_path / "asc_seed0"
+    _fake_run(str(run), 0.1, 0.2, done=True)
+    (run / "config.json").write_text(json.dumps({"method": "asc", "curriculum": {"schedule": "staged"}}))
+    assert ablation.arm_mismatch(str(run), "asc") == ["curriculum.schedule='staged' (arm asc: 'competence')"]
+    _fake_run(str(tmp_path / "grpo_seed0"), 0.1, 0.2, done=True)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "ablation.py"), "--summarize", "--out",
+                        str(tmp_path), "--seeds", "0", "--arms", "grpo,asc", "--report", str(tmp_path / "r")],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1 and "not the arm asc of configs/methods.py" in r.stderr
+    (run / "config.json").write_text(json.dumps({"method": "asc_staged", "curriculum": {"schedule": "staged"}}))
+    assert ablation.arm_mismatch(str(run), "asc_staged") == []  # the fields it lacks: configs/default.py's

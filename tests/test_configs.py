@@ -65,6 +65,7 @@ def test_default_config_is_the_grpo_arm_and_presets_refuse_unknown_fields():
     config = default.get_config()
     assert all(_value(config, k) == v for k, v in methods.ARMS["grpo"].items())
     assert synthetic.get_config(None).to_dict() == config.to_dict()
-    assert synthetic.get_config("method=anatomy_r1").curriculum.schedule == "staged"
+    assert synthetic.get_config("method=anatomy_r1_staged").curriculum.schedule == "staged"
+    assert synthetic.get_config("method=asc").curriculum.schedule == "competence"
     with pytest.raises(KeyError, match="'rl.temprature' is not a field"):
         methods.override(config, {"rl.temprature": 1.0})

@@ -179,3 +179,29 @@ def test_order_fn_must_return_a_permutation(records, processor):
     with pytest.raises(ValueError, match="permutation"):
         next(it)
     it.close()
+
+
+def test_competence_curriculum_order_resumes_exactly(records, processor):
+    """The trainer's order_fn for the competence curriculum (a pure function of the epoch): a restored
+    iterator gives the batches the first would have, across an epoch boundary, and each epoch is
+    the curriculum's order."""
+    import functools
+
+    from anatomy_r1_jax.methods.curriculum import Curriculum, curriculum_order
+
+    scores, classes = np.linspace(0.1, 0.9, N), np.arange(N) % 2
+    order = functools.partial(curriculum_order, scores, classes, Curriculum(schedule="competence", c0=0.5,
+                                                                           batch_size=2), seed=5)
+    make = lambda: iter(QueryPipeline(records, batch_size=2, image_processor=processor,  # noqa: E731
+                                      order_fn=lambda epoch: order(epoch=epoch)))
+    it = make()
+    head = _take(it, 4)
+    state = json.loads(json.dumps(it.get_state()))
+    tail = _take(it, 3)  # 14 queries in all: into epoch 1
+    it.close()
+    restored = make()
+    restored.set_state(state)
+    _assert_same_batches(tail, _take(restored, 3))
+    restored.close()
+    stream = np.concatenate([order(epoch=0), order(epoch=1)])[:14]
+    assert list(itertools.chain(*_indices(head + tail))) == stream.tolist()

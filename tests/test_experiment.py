@@ -35,3 +35,20 @@ def test_plain_grpo_on_a_records_file_needs_no_similarity_source(records_file, t
     config.curriculum.schedule = "staged"
     with pytest.raises(ValueError, match="curriculum.backend='matrix' needs curriculum.matrix"):
         experiment.similarity_scores(config, data, model=None, tokenizer=None, workdir=str(tmp_path))
+
+
+def test_curriculum_score_chooses_the_question_score(records_file, tmp_path):
+    """curriculum.score: "distractors" (S(q)) or "symmetric" (S_sym over all option pairs), each cached
+    under its own fingerprint in the same workdir."""
+    from anatomy_r1_jax.methods import similarity as sim_lib
+
+    config = synthetic.get_config("method=asc")
+    config.data.train = records_file
+    config.curriculum.matrix = os.path.join(os.path.dirname(records_file), "class_similarity.json")
+    data = experiment.build_data(config, str(tmp_path))
+    sim = sim_lib.make_similarity("matrix", matrix=config.curriculum.matrix)
+    for score, fn in (("distractors", sim_lib.question_similarity), ("symmetric", sim_lib.symmetric_similarity)):
+        config.curriculum.score = score
+        got = experiment.similarity_scores(config, data, model=None, tokenizer=None, workdir=str(tmp_path))
+        np.testing.assert_allclose(got, [fn(r, sim) for r in data.train])
+    assert not np.allclose([sim_lib.question_similarity(r, sim) for r in data.train], got)

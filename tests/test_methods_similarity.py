@@ -8,7 +8,7 @@ import pytest
 from anatomy_r1_jax.data import read_records
 from anatomy_r1_jax.data.records import Record
 from anatomy_r1_jax.methods import similarity as sim_mod
-from anatomy_r1_jax.methods.curriculum import curriculum_order, stage_slices
+from anatomy_r1_jax.methods.curriculum import Curriculum, curriculum_order, stage_slices
 
 GRPO = "/work/shared/data/anatomy_r1/GRPO.json"
 CLASSES = ["Liver", "Omentum", "Abdominal Wall Cavity", "Gallbladder", "Cystic Plate", "Gut"]
@@ -47,7 +47,7 @@ def test_released_records_scores_with_matrix(records, matrix_file):
         assert s == pytest.approx(expected) and 0.0 <= s <= 1.0
     scores = np.array([sim_mod.question_similarity(r, sim) for r in records])
     assert scores.min() < 0.2 and scores.max() > 0.5  # the released data spans easy and hard questions
-    order = curriculum_order(scores, schedule="staged", num_stages=5, seed=0, epoch=0)
+    order = curriculum_order(scores, None, Curriculum(schedule="staged", num_stages=5), seed=0, epoch=0)
     means = [scores[order[s]].mean() for s in stage_slices(len(scores), 5)]
     assert means == sorted(means) and means[0] < means[-1]
 

@@ -265,3 +265,42 @@ def test_each_phase_applies_its_own_learning_rate(trainer, monkeypatch):
     out = trainer.grpo_iteration(1)
     assert out["grad_norm"] > 0 and out["invalid_gradient_ratio"] < 1.0
     check(moves(after_sft, jax.device_get(trainer.state.params)), 1e-5)
+
+
+@pytest.mark.parametrize("rollout_batch_size", [0, 2])
+@pytest.mark.parametrize("rescued_prompt", ["variant", "original"])
+def test_accuracy_signal_rescues_all_wrong_groups_and_trains_on_the_chosen_prompt(
+        trainer, monkeypatch, rescued_prompt, rollout_batch_size):
+    """GDQA on accuracy (issue 23): the first rollouts answer a class no question has (formatted, all
+    wrong): every group is re-rolled; the re-rolls name the answer on even rows, so every group's
+    accuracy varies after (rescued). With rescued_prompt "original" the update's rows carry the
+    query's own prompt (the first rollout's) and their rewards are scored against it; with "variant"
+    the prompts the re-roll sampled with. One rollout call per step (rollout_batch_size 0: calls 0
+    and 1 = rollout and re-roll) or one per micro-batch of 2 groups (calls 0, 1 and re-rolls 2, 3)."""
+    calls = 1 if rollout_batch_size == 0 else 2
+    records = []
+
+    def answer(call, k, prompt):
+        right = call >= calls and k % 2 == 0
+        text = records[(call % calls) * (4 // calls) + k // G].answer_text if right else "Spleen"
+        return f"<think>{call}</think><answer>{text}</answer>"
+
+    policy, records_seen = _use(trainer, monkeypatch, answer, **{
+        "gdqa.trigger": "online", "gdqa.kinds": ("rephrase",), "gdqa.num_variants": 2,
+        "gdqa.signal": "accuracy", "gdqa.rescued_prompt": rescued_prompt,
+        "rl.rollout_batch_size": rollout_batch_size})
+    records = records_seen
+    batches, out = trainer._grpo_batches(step=3)
+    assert len(policy.prompts) == 2 * calls  # the rollouts, then their re-rolls
+    assert out["gdqa/rerolled/all_wrong"] == 4.0 and out["gdqa/rescued/all_wrong"] == 4.0
+    assert out["gdqa/rescued_groups"] == 4.0 and out["gdqa/accuracy_varies_after"] == 4.0
+    assert out["accuracy_invalid_ratio"] == 0.0
+    first, rerolled = sum(policy.prompts[:calls], []), sum(policy.prompts[calls:], [])
+    for i, b in enumerate(batches):
+        prompts, texts, rewards, s = _rows(trainer, b)
+        sampled = rerolled if rescued_prompt == "variant" else first
+        assert prompts == sampled[i * 2 * G:(i + 1) * 2 * G]
+        assert s == (1 if rescued_prompt == "original" else 2)
+        np.testing.assert_array_equal(rewards, [2.0 if k % 2 == 0 else 1.0 for k in range(len(texts))])
+    if rescued_prompt == "variant":
+        assert any(len(set(rerolled[p * G:(p + 1) * G])) > 1 for p in range(4))  # variants were used

@@ -9,10 +9,12 @@ from anatomy_r1_jax.methods.augmentation import (
     question_rephrasings,
     register_trigger,
 )
-from anatomy_r1_jax.methods.curriculum import SCHEDULES, curriculum_order, register_schedule
+from anatomy_r1_jax.methods.curriculum import SCHEDULES, Curriculum, curriculum_order, register_schedule
 from anatomy_r1_jax.methods.similarity import (
     SIMILARITY_BACKENDS,
+    QUESTION_SCORES,
     ClassSimilarity,
+    answer_classes,
     load_scores,
     make_similarity,
     question_similarity,

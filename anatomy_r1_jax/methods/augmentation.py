@@ -38,6 +38,18 @@ from anatomy_r1_jax.rl.registry import Registry
 
 KINDS = ("rephrase", "permute", "template")
 
+
+def variant_kinds(kinds: Sequence[str], *, signal: str, accuracy_key: str) -> tuple[str, ...]:
+    """The variant kinds a run uses: `kinds`, less "permute" when GDQA's signal is the accuracy
+    (gdqa.signal="accuracy") and the run's accuracy reward scores the class name
+    (rewards.CLASS_NAME_ACCURACY): a class-name answer scores the same under any option order, so a
+    permutation adds no recognition signal, only a prompt evaluation never shows."""
+    from anatomy_r1_jax.rl.rewards import CLASS_NAME_ACCURACY
+
+    if signal == "accuracy" and accuracy_key in CLASS_NAME_ACCURACY:
+        return tuple(k for k in kinds if k != "permute")
+    return tuple(kinds)
+
 # Every question form of SSG-VQA in the released files, with {np} the target phrase.
 SSG_TEMPLATES = (
     "What is the name of the {np}?",

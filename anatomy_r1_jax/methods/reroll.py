@@ -1,15 +1,32 @@
 """Re-rolling zero-variance groups within a GRPO step: GDQA online and DAPO-style dynamic sampling.
 
 A group whose G rewards are all equal has advantage 0 for every member: no gradient. After a step's
-rollout and rewards, and before its update, each such group is rolled out again:
+rollout and rewards, and before its update, the groups that the run's signal says need it are
+rolled out again:
 
 - "variants" (GDQA online, `gdqa.trigger="online"`): the query's G rows spread over its variants,
   row j conditioned on variant j % n (`augmentation.spread_variants`, variant 0 the query itself);
 - "same" (dynamic sampling, `rl.dynamic_sampling="resample"`): G fresh samples of the same prompts.
 
-The group's new G completions and rewards replace its old ones, whatever they are; a group still
-all-equal is re-rolled again next round, for at most `rounds` rounds. `rl.dynamic_sampling="drop"`
-re-rolls nothing: the update gives all-equal groups zero weight (train/step.py).
+Which groups, and which count as rescued, is the group signal (`gdqa.signal`, SIGNALS):
+
+- "reward":   re-roll a group whose total rewards are all equal; rescued when they are not after.
+  A group whose only spread is the format reward counts as diverse, and all-correct groups are
+  re-rolled too (the behaviour before issue 23; dynamic sampling always uses it).
+- "accuracy": re-roll a group whose accuracy rewards are all 0 (all wrong, whatever its format
+  spread); rescued when its accuracy rewards vary after: a recognition signal. All-correct groups
+  are left alone.
+
+The group's new G completions and rewards replace its old ones, whatever they are; a group that
+still needs it is re-rolled again next round, for at most `rounds` rounds. With
+`gdqa.rescued_prompt="original"`, a group a variant re-roll rescued is trained on its original
+prompt (`on_original_prompt`: the records, hence the prompt and the re-scored rewards, of the query
+itself), the one evaluation asks. `rl.dynamic_sampling="drop"` re-rolls nothing: the update gives
+all-equal groups zero weight (train/step.py).
+
+Per step (RerollStats.metrics): re-rolled and rescued groups, both also by the group's outcome
+before the re-roll (`group_outcomes`: all wrong, all correct, format only), and how many re-rolled
+groups have accuracy that varies after it.
 
 Fixed shapes: a re-roll is one rollout call over the same P groups as the micro-batch's rollout;
 groups that need none ride along unchanged as padding whose rows are discarded. The rollout and
@@ -54,12 +71,51 @@ def same_group(group: Sequence[Record], state: GDQAState, rng: np.random.Generat
 
 
 @dataclasses.dataclass(frozen=True)
+class GroupSignal:
+    """needs_reroll(total [P*G], accuracy [P*G], G) -> [P] bool: groups to re-roll;
+    learns(total, accuracy, G) -> [P] bool: groups that carry the signal (rescued, after a re-roll)."""
+
+    needs_reroll: Callable[[np.ndarray, np.ndarray, int], np.ndarray]
+    learns: Callable[[np.ndarray, np.ndarray, int], np.ndarray]
+
+
+def _all_wrong(total: np.ndarray, accuracy: np.ndarray, g: int) -> np.ndarray:
+    del total
+    return np.all(np.asarray(accuracy).reshape(-1, g) <= 0, axis=1)
+
+
+SIGNALS: Registry[GroupSignal] = Registry("group signal")
+SIGNALS.register("reward")(GroupSignal(needs_reroll=lambda total, acc, g: all_equal_groups(total, g),
+                                       learns=lambda total, acc, g: ~all_equal_groups(total, g)))
+SIGNALS.register("accuracy")(GroupSignal(needs_reroll=_all_wrong,
+                                         learns=lambda total, acc, g: ~all_equal_groups(acc, g)))
+
+OUTCOMES = ("all_wrong", "all_correct", "format_only")
+
+
+def group_outcomes(total: np.ndarray, accuracy: np.ndarray, group_size: int) -> np.ndarray:
+    """[P] str per group of G rows: "format_only" (accuracy all equal, total rewards not: the only
+    spread is the format), "all_wrong" / "all_correct" (total rewards all equal, accuracy all 0 / all
+    positive), else "diverse" (accuracy varies)."""
+    acc = np.asarray(accuracy, np.float64).reshape(-1, group_size)
+    same_acc, same_total = all_equal_groups(acc.ravel(), group_size), all_equal_groups(total, group_size)
+    return np.where(~same_acc, "diverse", np.where(~same_total, "format_only",
+                                                   np.where(acc[:, 0] > 0, "all_correct", "all_wrong")))
+
+
+@dataclasses.dataclass(frozen=True)
 class RerollPolicy:
-    """regroup: a REGROUPS name; rounds: most re-rolls of one group per step; prefix: of its metrics."""
+    """regroup: a REGROUPS name; rounds: most re-rolls of one group per step; prefix: of its metrics;
+    signal: a SIGNALS name; rescued_prompt: "variant" | "original" (see the module docstring)."""
 
     regroup: str
     rounds: int
     prefix: str
+    signal: str = "reward"
+    rescued_prompt: str = "variant"
+
+
+RESCUED_PROMPTS = ("variant", "original")
 
 
 def reroll_policy(config) -> RerollPolicy | None:
@@ -71,8 +127,15 @@ def reroll_policy(config) -> RerollPolicy | None:
     if online and mode == "resample":
         raise ValueError("config gdqa.trigger='online' and rl.dynamic_sampling='resample' both re-roll all-equal "
                          "groups: set one of them ('off' for dynamic sampling)")
+    signal, prompt = config.gdqa.signal, config.gdqa.rescued_prompt
+    SIGNALS.get(signal)
+    if prompt not in RESCUED_PROMPTS:
+        raise ValueError(f"config gdqa.rescued_prompt={prompt!r}: use one of {RESCUED_PROMPTS}")
+    if not online and (signal, prompt) != ("reward", "variant") and config.gdqa.trigger != "off":
+        raise ValueError(f"config gdqa.signal={signal!r} / gdqa.rescued_prompt={prompt!r} apply to the online re-roll "
+                         f"(gdqa.trigger='online'), not to gdqa.trigger={config.gdqa.trigger!r}")
     if online:
-        return RerollPolicy("variants", int(config.gdqa.max_rerolls), "gdqa")
+        return RerollPolicy("variants", int(config.gdqa.max_rerolls), "gdqa", signal, prompt)
     if mode == "resample":
         return RerollPolicy("same", int(config.rl.max_resample_rounds), "dynamic_sampling")
     return None
@@ -81,35 +144,48 @@ def reroll_policy(config) -> RerollPolicy | None:
 @dataclasses.dataclass
 class MicroRollout:
     """One micro-batch's rollout on the host: groups [P][G] records (row p * G + j conditioned on
-    groups[p][j]), completions (host Completions, rows [P * G]), texts [P * G], rewards [P * G],
-    prompt: what the rollout that last sampled rows of `groups` was given (opaque here: the
-    trainer's prompt batch of all P groups, which a re-roll's rollout builds anew)."""
+    groups[p][j]), completions (host Completions, rows [P * G]), texts [P * G], rewards [P * G] (total)
+    and accuracy [P * G] (the run's accuracy reward), prompt: what the rollout that last sampled rows
+    of `groups` was given (opaque here: the trainer's prompt batch of all P groups, which a re-roll's
+    rollout builds anew; None once the groups changed without a rollout: to be built again)."""
 
     groups: list[list[Record]]
     completions: Any
     texts: list[str]
     rewards: np.ndarray
+    accuracy: np.ndarray
     prompt: Any = None
 
 
 @dataclasses.dataclass
 class RerollStats:
     """calls: re-roll rollouts; rows: rows they sampled (padding included); rerolled: groups
-    re-rolled at least once; rescued: of those, the groups whose final rewards are not all equal;
+    re-rolled at least once; rescued: of those, the groups that carry the signal after it
+    (GroupSignal.learns); by_outcome: {outcome: [rerolled, rescued]} by the group's outcome before the
+    re-roll (OUTCOMES); accuracy_varies: re-rolled groups whose accuracy rewards vary after it;
     seconds: time in re-roll rollouts and their rewards."""
 
     calls: int = 0
     rows: int = 0
     rerolled: int = 0
     rescued: int = 0
+    accuracy_varies: int = 0
     seconds: float = 0.0
+    by_outcome: dict = dataclasses.field(default_factory=lambda: {o: [0, 0] for o in OUTCOMES})
 
     def __add__(self, other: "RerollStats") -> "RerollStats":
-        return RerollStats(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+        counts = {f.name: getattr(self, f.name) + getattr(other, f.name)
+                  for f in dataclasses.fields(self) if f.name != "by_outcome"}
+        by = {o: [a + b for a, b in zip(self.by_outcome[o], other.by_outcome[o])] for o in OUTCOMES}
+        return RerollStats(**counts, by_outcome=by)
 
     def metrics(self, prefix: str) -> dict[str, float]:
-        return {f"{prefix}/reroll_rows": float(self.rows), f"{prefix}/reroll_seconds": self.seconds,
-                f"{prefix}/rerolled_groups": float(self.rerolled), f"{prefix}/rescued_groups": float(self.rescued)}
+        out = {f"{prefix}/reroll_rows": float(self.rows), f"{prefix}/reroll_seconds": self.seconds,
+               f"{prefix}/rerolled_groups": float(self.rerolled), f"{prefix}/rescued_groups": float(self.rescued),
+               f"{prefix}/accuracy_varies_after": float(self.accuracy_varies)}
+        for o, (rerolled, rescued) in self.by_outcome.items():
+            out[f"{prefix}/rerolled/{o}"], out[f"{prefix}/rescued/{o}"] = float(rerolled), float(rescued)
+        return out
 
 
 def _replace_rows(old, new, rows: np.ndarray):
@@ -124,17 +200,21 @@ def reroll_zero_variance(
     rounds: int,
     regroup: Callable[[list[Record]], list[Record]],
     rollout: Callable[[list[list[Record]], int], tuple[Any, list[str]]],
-    score: Callable[[list[str], list[Record]], np.ndarray],
-) -> tuple[MicroRollout, RerollStats]:
-    """Re-rolls the micro-batch's all-equal groups (see the module docstring).
+    score: Callable[[list[str], list[Record]], tuple[np.ndarray, np.ndarray]],
+    signal: str = "reward",
+) -> tuple[MicroRollout, RerollStats, np.ndarray]:
+    """Re-rolls the micro-batch's groups that `signal` (a SIGNALS name) says need it (see the module
+    docstring).
 
     regroup(group) -> the G records of its re-roll; rollout(groups [P][G], round) -> (host
     Completions [P * G rows], texts [P * G], its prompt) with the micro-batch's fixed shape; score(texts,
-    records) -> rewards, for the re-rolled rows only. Returns the micro-batch with the re-rolled
-    groups' records, completions, texts and rewards in place of theirs, and what it cost.
+    records) -> (total rewards, accuracy rewards), for the re-rolled rows only. Returns the micro-batch
+    with the re-rolled groups' records, completions, texts and rewards in place of theirs, what it
+    cost and found, and rescued [P] bool (re-rolled groups that carry the signal after it).
     """
-    g = group_size
-    first = all_equal_groups(micro.rewards, g)
+    g, sig = group_size, SIGNALS.get(signal)
+    outcomes = group_outcomes(micro.rewards, micro.accuracy, g)
+    first = sig.needs_reroll(micro.rewards, micro.accuracy, g)
     todo, stats = first.copy(), RerollStats()
     for r in range(rounds):
         if not todo.any():
@@ -143,16 +223,30 @@ def reroll_zero_variance(
         groups = [regroup(grp) if t else grp for grp, t in zip(micro.groups, todo)]
         completions, texts, prompt = rollout(groups, r)
         rows = np.repeat(todo, g)
-        rewards = micro.rewards.copy()
-        rewards[rows] = score([t for t, keep in zip(texts, rows) if keep],
-                              [rec for grp, t in zip(groups, todo) if t for rec in grp])
+        rewards, accuracy = micro.rewards.copy(), micro.accuracy.copy()
+        rewards[rows], accuracy[rows] = score([t for t, keep in zip(texts, rows) if keep],
+                                              [rec for grp, t in zip(groups, todo) if t for rec in grp])
         micro = MicroRollout(groups=groups, completions=_replace_rows(micro.completions, completions, rows),
                              texts=[new if keep else old for old, new, keep in zip(micro.texts, texts, rows)],
-                             rewards=rewards, prompt=prompt)
+                             rewards=rewards, accuracy=accuracy, prompt=prompt)
         stats.calls += 1
         stats.rows += len(texts)
         stats.seconds += time.perf_counter() - t0
-        todo &= all_equal_groups(rewards, g)
-    stats.rerolled = int(first.sum()) if stats.calls else 0
-    stats.rescued = int((first & ~all_equal_groups(micro.rewards, g)).sum())
-    return micro, stats
+        todo &= sig.needs_reroll(rewards, accuracy, g)
+    rerolled = first if stats.calls else np.zeros_like(first)
+    rescued = rerolled & sig.learns(micro.rewards, micro.accuracy, g)
+    stats.rerolled, stats.rescued = int(rerolled.sum()), int(rescued.sum())
+    stats.accuracy_varies = int((rerolled & ~all_equal_groups(micro.accuracy, g)).sum())
+    for o in OUTCOMES:
+        stats.by_outcome[o] = [int((rerolled & (outcomes == o)).sum()), int((rescued & (outcomes == o)).sum())]
+    return micro, stats, rescued
+
+
+def on_original_prompt(micro: MicroRollout, rescued: np.ndarray) -> MicroRollout:
+    """The micro-batch with each rescued group's G records replaced by its query (groups[p][0], the
+    original prompt), so that the update trains its completions on the prompt evaluation asks and
+    their rewards are scored against it; its prompt batch is to be built again (prompt None)."""
+    if not np.any(rescued):
+        return micro
+    groups = [[grp[0]] * len(grp) if r else grp for grp, r in zip(micro.groups, rescued)]
+    return dataclasses.replace(micro, groups=groups, prompt=None)

@@ -1,9 +1,14 @@
 """Anatomical similarity of a question's options, S(q), for the curriculum (ASC). Our reconstruction.
 
-    S(q) = 1/|D| * sum_{d in D} sim(c, d)  in [0, 1]
+Question scores (config.curriculum.score), registered by name:
 
-c the correct option text, D the distractor texts. A high S(q) means the distractors look like the
-answer: a hard question. `sim(a, b) -> float in [0, 1]` comes from a backend, registered by name:
+- "distractors": S(q) = 1/|D| * sum_{d in D} sim(c, d)  in [0, 1]
+  c the correct option text, D the distractor texts. A high S(q) means the distractors look like
+  the answer: a hard question. Largely a function of the answer class (R^2 0.57 on GRPO.json).
+- "symmetric":   S_sym(q) = mean over all unordered option pairs {a, b} of sim(a, b)  in [0, 1]
+  how alike the options are among themselves, whichever is correct (less tied to the class).
+
+`sim(a, b) -> float in [0, 1]` comes from a backend, registered by name:
 
 - "matrix":    a class-similarity matrix file {"classes": [...], "matrix": [[...]]} (ClassSimilarity).
 - "confusion": built from calibration rollouts of the base model: how often class i is answered
@@ -50,13 +55,40 @@ def class_key(name: str) -> str:
     return " ".join(name.replace("_", " ").split()).casefold()
 
 
-def question_similarity(record: Record, sim: Similarity) -> float:
-    """S(q): mean similarity of the correct option to each distractor, in [0, 1]."""
+QuestionScore = Callable[[Record, Similarity], float]
+QUESTION_SCORES: Registry[QuestionScore] = Registry("question score")
+
+
+def _check_options(record: Record) -> None:
     if len(record.options) < 2:
         raise ValueError(f"record {record.id!r} has fewer than two options")
+
+
+@QUESTION_SCORES.register("distractors")
+def question_similarity(record: Record, sim: Similarity) -> float:
+    """S(q): mean similarity of the correct option to each distractor, in [0, 1]."""
+    _check_options(record)
     correct = record.options[record.answer_index]
     distractors = [o for i, o in enumerate(record.options) if i != record.answer_index]
     return float(np.mean([sim(correct, d) for d in distractors]))
+
+
+@QUESTION_SCORES.register("symmetric")
+def symmetric_similarity(record: Record, sim: Similarity) -> float:
+    """S_sym(q): mean similarity over all unordered pairs of options, in [0, 1]."""
+    _check_options(record)
+    o = record.options
+    return float(np.mean([sim(o[i], o[j]) for i in range(len(o)) for j in range(i + 1, len(o))]))
+
+
+def odd_one_out(record: Record, sim: Similarity) -> float:
+    """The image-free shortcut's expected accuracy on `record`: pick, uniformly among ties, an option
+    least similar to the others, argmin_i sum_{j != i} sim(o_i, o_j); 1/|ties| if the answer is one
+    of them, else 0."""
+    o = record.options
+    totals = np.array([sum(sim(o[i], o[j]) for j in range(len(o)) if j != i) for i in range(len(o))])
+    least = np.flatnonzero(np.isclose(totals, totals.min()))
+    return float(record.answer_index in least) / len(least)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -229,12 +261,17 @@ def score_records(
     cache_path: str | os.PathLike | None = None,
     *,
     fingerprint: str = "",
+    score: str = "distractors",
 ) -> dict[str, float]:
-    """{record id: S(q)} for `records`, reusing and extending a JSON cache keyed by record id.
+    """{record id: S(q)} for `records` (`score`: a QUESTION_SCORES name), reusing and extending a
+    JSON cache keyed by record id.
 
     The cache file is {"fingerprint": str, "scores": {id: float}}; a cache written with another
-    fingerprint (name the backend and its source in it) is ignored and overwritten.
+    fingerprint (name the backend and its source in it; the score name is added here) is ignored
+    and overwritten.
     """
+    score_fn = QUESTION_SCORES.get(score)
+    fingerprint = fingerprint if score == "distractors" else f"{fingerprint}|{score}"
     by_id: dict[str, Record] = {}
     for r in records:
         if r.id in by_id and (by_id[r.id].options, by_id[r.id].answer) != (r.options, r.answer):
@@ -249,7 +286,7 @@ def score_records(
     missing = [r for rid, r in by_id.items() if rid not in cached]
     if missing and hasattr(backend, "prepare"):
         backend.prepare(o for r in missing for o in r.options)
-    cached.update({r.id: question_similarity(r, backend) for r in missing})
+    cached.update({r.id: score_fn(r, backend) for r in missing})
     if cache_path is not None and missing:
         _write_json(cache_path, {"fingerprint": fingerprint, "scores": cached})
     return {rid: cached[rid] for rid in by_id}
@@ -258,3 +295,11 @@ def score_records(
 def scores_array(records: Sequence[Record], scores: dict[str, float]) -> np.ndarray:
     """[n] float64 S(q) in record order (the input of curriculum_order)."""
     return np.array([scores[r.id] for r in records], np.float64)
+
+
+def answer_classes(records: Sequence[Record]) -> tuple[np.ndarray, list[str]]:
+    """([n] int64 answer-class index per record, class names in first-seen order): the class is the
+    correct option's text in class_key normal form (the curriculum's strata)."""
+    names: dict[str, int] = {}
+    ids = [names.setdefault(class_key(r.options[r.answer_index]), len(names)) for r in records]
+    return np.array(ids, np.int64), list(names)

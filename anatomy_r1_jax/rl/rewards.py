@@ -43,6 +43,9 @@ _LETTER_RE = re.compile(r"[(\[]?(?P<letter>[A-Z])[)\]]?[.:,)]?(?:\s+(?P<text>.+)
 
 REWARDS: Registry[RewardFn] = Registry("reward")
 register_reward = REWARDS.register
+# The accuracy rewards that score an answer by its class name (the option text) as well as by its
+# letter: permuting the options cannot change such an answer's reward ("accuracy" scores the letter).
+CLASS_NAME_ACCURACY = frozenset({"accuracy_lenient"})
 
 
 def extract_answer(text: str) -> str | None:

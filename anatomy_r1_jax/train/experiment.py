@@ -179,7 +179,8 @@ def similarity_scores(config, data: Data, model, tokenizer, workdir: str) -> np.
         fingerprint = f"embedding:{config.model.path or 'tiny'}"
     else:
         raise ValueError(f"unknown curriculum.backend {backend!r} (matrix, embedding)")
-    scores = sim_lib.score_records(data.train, sim, os.path.join(workdir, "sq_scores.json"), fingerprint=fingerprint)
+    scores = sim_lib.score_records(data.train, sim, os.path.join(workdir, "sq_scores.json"), fingerprint=fingerprint,
+                                   score=config.curriculum.score)
     return sim_lib.scores_array(data.train, scores)
 
 

@@ -29,9 +29,11 @@ from anatomy_r1_jax.data import prompts
 from anatomy_r1_jax.evaluation.evaluator import EvalSettings, Evaluator
 from anatomy_r1_jax.evaluation.metrics import paired_difference
 from anatomy_r1_jax.evaluation.scoring import run_accuracy, score, summarize
-from anatomy_r1_jax.methods.augmentation import GDQAState, assign_group_variants
-from anatomy_r1_jax.methods.curriculum import curriculum_order
-from anatomy_r1_jax.methods.reroll import REGROUPS, MicroRollout, RerollStats, reroll_policy, reroll_zero_variance
+from anatomy_r1_jax.methods.augmentation import GDQAState, all_equal_groups, assign_group_variants, variant_kinds
+from anatomy_r1_jax.methods.curriculum import Curriculum, curriculum_order
+from anatomy_r1_jax.methods.reroll import (REGROUPS, MicroRollout, RerollStats, on_original_prompt, reroll_policy,
+                                          reroll_zero_variance)
+from anatomy_r1_jax.methods.similarity import answer_classes
 from anatomy_r1_jax.models import lora
 from anatomy_r1_jax.rl.batch import Completions, TrainBatch
 from anatomy_r1_jax.rl.rewards import compute_rewards
@@ -118,7 +120,8 @@ class Trainer:
         self.eos_id = self.sampling.eos_ids[0]
         # The accuracy reward the run trains on (the first with a non-zero weight) is its reported accuracy.
         self.accuracy_key = run_accuracy(c.rl.rewards)
-        self.gdqa = GDQAState(trigger=c.gdqa.trigger, num_variants=c.gdqa.num_variants, kinds=tuple(c.gdqa.kinds))
+        self.gdqa = GDQAState(trigger=c.gdqa.trigger, num_variants=c.gdqa.num_variants,
+                              kinds=variant_kinds(c.gdqa.kinds, signal=c.gdqa.signal, accuracy_key=self.accuracy_key))
         self.reroll = reroll_policy(c)  # GDQA online / dynamic sampling: all-equal groups re-rolled in the step
 
         # State: trainable params (+ frozen rest), a frozen reference copy in GRPO when beta != 0 (made
@@ -164,9 +167,8 @@ class Trainer:
         self.pipeline_sft = QueryPipeline(self.data.train, batch_size=c.sft.batch_size // shards,
                                           image_processor=self.image_processor, order_fn=None, seed=c.seed + 1,
                                           shard_block=c.sft.batch_size // shards, **shard) if c.sft.steps > 0 else None
-        span = c.train.steps * c.train.batch_size if c.curriculum.span == "run" else int(c.curriculum.span)
-        order = functools.partial(curriculum_order, self.sq, schedule=c.curriculum.schedule,
-                                  num_stages=c.curriculum.num_stages, seed=c.seed, span=span)
+        order = functools.partial(curriculum_order, self.sq, answer_classes(self.data.train)[0],
+                                  Curriculum.from_config(c), seed=c.seed)
         self.pipeline = QueryPipeline(self.data.train, batch_size=c.train.batch_size // shards,
                                       image_processor=self.image_processor,
                                       order_fn=lambda epoch: order(epoch=epoch), seed=c.seed,
@@ -375,11 +377,10 @@ class Trainer:
         groups_all = [[assign_group_variants(r, g, self.gdqa, rng) for r in chunk] for chunk in chunks]
         triggered = sum(self.gdqa.is_triggered(r.id) for r in records)
         s = self._prompts_per_group([grp for groups in groups_all for grp in groups])  # one S for all calls
-        score = lambda texts, rows: compute_rewards(texts, rows, dict(c.rl.rewards))[0]  # noqa: E731
         rolled = []
         for i, groups in enumerate(groups_all):
             batch, comp, rows, texts = self._rollout_groups(groups, images[i], jax.random.fold_in(key, i), s)
-            rolled.append(MicroRollout(groups, comp, texts, score(texts, rows), prompt=(batch, s)))
+            rolled.append(MicroRollout(groups, comp, texts, *self._score(texts, rows), prompt=(batch, s)))
         t_rollout = time.perf_counter() - t0
         tokens_rolled = sum(int(np.asarray(mr.completions.mask).sum()) for mr in rolled)
         out = {}
@@ -388,8 +389,11 @@ class Trainer:
             regroup = functools.partial(REGROUPS.get(self.reroll.regroup), state=self.gdqa, rng=rng)
             for i in range(calls):
                 rollout = functools.partial(self._reroll_rollout, images[i], jax.random.fold_in(key, i))
-                rolled[i], st = reroll_zero_variance(rolled[i], group_size=g, rounds=self.reroll.rounds,
-                                                     regroup=regroup, rollout=rollout, score=score)
+                rolled[i], st, rescued = reroll_zero_variance(rolled[i], group_size=g, rounds=self.reroll.rounds,
+                                                              regroup=regroup, rollout=rollout, score=self._score,
+                                                              signal=self.reroll.signal)
+                if self.reroll.rescued_prompt == "original":
+                    rolled[i] = on_original_prompt(rolled[i], rescued)
                 stats += st
             out.update(stats.metrics(self.reroll.prefix))
         micro = rolled if calls == m else self._to_micro_batches(rolled, len(queries), m)
@@ -412,11 +416,18 @@ class Trainer:
         out.update({
             "reward/total": float(rewards.mean()), "reward/format": float(per["format"].mean()),
             "reward/accuracy": float(per[self.accuracy_key].mean()),
+            # groups whose accuracy rewards are all equal (no recognition signal, whatever the format)
+            "accuracy_invalid_ratio": float(all_equal_groups(per[self.accuracy_key], g).mean()),
             "sq_mean": float(np.mean([self.sq_by_id[r.id] for r in records])),
             "completion_length": tokens / len(rows_all), "tokens_per_second": tokens_rolled / max(t_rollout, 1e-9),
             "gdqa_triggered": triggered / len(records), "prompts_per_group": float(s_final),
         })
         return batches, out
+
+    def _score(self, texts, rows) -> tuple[np.ndarray, np.ndarray]:
+        """(total rewards, the run's accuracy reward) [N] of completions `texts` against `rows`."""
+        total, per = compute_rewards(texts, rows, dict(self.config.rl.rewards))
+        return total, np.asarray(per[self.accuracy_key], np.float64)
 
     def _to_micro_batches(self, rolled: list[MicroRollout], local: int, micro_batches: int) -> list[MicroRollout]:
         """The rollout calls' groups (in `_step_records` order of the R calls) regrouped into the
@@ -427,13 +438,15 @@ class Trainer:
         groups, texts = cat(mr.groups for mr in rolled), cat(mr.texts for mr in rolled)
         completions = jax.tree.map(lambda *xs: np.concatenate(xs), *(mr.completions for mr in rolled))
         rewards = np.concatenate([mr.rewards for mr in rolled])
+        accuracy = np.concatenate([mr.accuracy for mr in rolled])
         order = step_order(self.shard.count, local, len(rolled), micro_batches)
         rows = (order[:, None] * g + np.arange(g)).reshape(-1)
         per = len(order) // micro_batches
         return [MicroRollout(groups=[groups[k] for k in order[i * per:(i + 1) * per]],
                              completions=jax.tree.map(lambda x: x[rows[i * per * g:(i + 1) * per * g]], completions),
                              texts=[texts[k] for k in rows[i * per * g:(i + 1) * per * g]],
-                             rewards=rewards[rows[i * per * g:(i + 1) * per * g]])
+                             rewards=rewards[rows[i * per * g:(i + 1) * per * g]],
+                             accuracy=accuracy[rows[i * per * g:(i + 1) * per * g]])
                 for i in range(micro_batches)]
 
     def _reroll_rollout(self, images, key, groups, round_index: int):
