@@ -122,6 +122,12 @@ def get_config(arg=None):
         # prefill and update), not once per rollout: 1 prompt row per group without GDQA variants,
         # num_variants with them (rl/rollout.py).
         share_prompts=True,
+        # The length-aware GRPO update: the step's groups sorted by their longest completion into the
+        # micro-batches, each trimmed to the smallest of K bucket lengths (T/K steps of
+        # rl.max_completion_length, multiples of 8) that holds its rows, so the update costs about in
+        # proportion to the real tokens with K compiled shapes (train/micro_batches.py); 0: every
+        # micro-batch padded to rl.max_completion_length (one scanned program).
+        length_buckets=4,
     )
 
     # The ablation arm (configs/methods.py ARMS). The default run is plain GRPO: at this scale ASC's easy

@@ -203,6 +203,33 @@ def test_one_rollout_call_per_step_feeds_every_micro_batch(trainer, monkeypatch)
     assert out["gdqa/rerolled_groups"] == 2.0 and out["gdqa/reroll_rows"] == 4 * G
 
 
+def test_length_aware_micro_batches_sort_groups_and_trim_them_to_buckets(trainer, monkeypatch):
+    """train.length_buckets=4 (the default; T = 24: buckets 8, 16, 24): the step's groups sorted by
+    their longest completion into the micro-batches (queries 1 and 3 answer briefly, 0 and 2 at
+    length), each micro-batch trimmed to its bucket, its rows' prompts, completions and rewards
+    still lined up with their queries."""
+    assert trainer.length_buckets == (8, 16, 24)
+
+    def answer(call, k, prompt):
+        return f"<think>{call}</think><answer>A</answer>" if (k // G) % 2 else \
+            f"<think>{call}{'0' * 9}</think><answer>A</answer>"
+
+    _, records = _use(trainer, monkeypatch, answer)
+    batches, out = trainer._grpo_batches(step=5)
+    short, long = (len(trainer.collator.targets([answer(0, k, "")], trainer.eos_id)[1][0].nonzero()[0]) for k in (G, 0))
+    widths = [b.completions.ids.shape[1] for b in batches]
+    assert widths == [next(n for n in (8, 16, 24) if n >= length) for length in (short, long)] and widths[0] < 24
+    assert out["update_length_fraction"] == pytest.approx(sum(widths) / 48)
+    for b, queries in zip(batches, ([1, 3], [0, 2])):
+        prompts, texts, rewards, _ = _rows(trainer, b)
+        for p, q in enumerate(queries):
+            query = records[q]
+            assert all(query.question in prompts[k] for k in range(p * G, (p + 1) * G))
+            assert all(texts[k] == answer(0, q * G, "") for k in range(p * G, (p + 1) * G))
+            np.testing.assert_array_equal(rewards[p * G:(p + 1) * G],
+                                          [_reward_of_a(prompts[k], query) for k in range(p * G, (p + 1) * G)])
+
+
 @pytest.mark.parametrize("rounds", [1, 3])
 def test_dynamic_resample_rerolls_the_same_prompts_for_bounded_rounds(trainer, monkeypatch, rounds):
     """rl.dynamic_sampling="resample": all-equal groups are rolled out again from the same prompts

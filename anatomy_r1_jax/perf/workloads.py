@@ -157,6 +157,24 @@ def image_prompts(cfg: QwenVLConfig, *, queries: int, group: int, prompt_length:
     return ours, hf
 
 
+def select_groups(cfg: QwenVLConfig, prompts: PromptBatch, groups, *, grid: tuple[int, int, int] = (1, 4, 4),
+                  prompts_per_group: int = 1) -> PromptBatch:
+    """The PromptBatch of `groups` (query indices, in that order) of an `image_prompts` batch built
+    with group=prompts_per_group (S rows and one image of `grid` per query): what image_prompts
+    would give for those queries alone."""
+    s, patches = prompts_per_group, int(np.prod(grid))
+    n_image = patches // cfg.vision.spatial_merge_size ** 2
+    rows = [q * s + j for q in groups for j in range(s)]
+    k = len(groups)
+    return prompts.replace(
+        input_ids=prompts.input_ids[rows], attention_mask=prompts.attention_mask[rows],
+        position_ids=prompts.position_ids[:, rows], rope_deltas=prompts.rope_deltas[rows],
+        pixel_values=np.concatenate([prompts.pixel_values[q * patches:(q + 1) * patches] for q in groups]),
+        vision=vision_inputs(np.array([grid] * k), cfg.vision, patch_budget=k * patches, frame_budget=patches),
+        image_rows=np.concatenate([np.arange(i * n_image, (i + 1) * n_image) for i in range(k)
+                                   for _ in range(s)]).astype(np.int32))
+
+
 def case_prompts(cfg: QwenVLConfig, case: "Case") -> tuple[PromptBatch, PromptBatch, dict[str, np.ndarray]]:
     """A case's prompts three ways: (ours with one prompt row per group (prefix sharing), ours with
     one per row, the transformers inputs of the rows). The same prompts and images in all three."""

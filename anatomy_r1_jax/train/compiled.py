@@ -8,6 +8,10 @@ compiled with the train state's shardings as in- and outputs:
                       AdamW moments: their parameter's; step and optimizer counters: replicated
     update            (state, batch [M, n, ...]) -> (state, metrics)   donated state, metrics replicated
     old log-probs     (state, batch) -> [M, n, T]                       (num_iterations > 1)
+    length-aware      (state, micro-batches [n, T_m] each) -> (state, metrics): per step a statistics
+    update            program, per micro-batch a reference and an accumulate program (one compiled
+                      shape per bucket length T_m, the accumulator donated), then an apply program
+                      (state donated); `LengthAwareUpdate`
     rollout           (params, frozen, prompts, rng, sampling, G, S) -> Completions
     generate          (params, frozen, prompts, rng) -> Completions    (one sampling config; evaluation)
 
@@ -39,6 +43,7 @@ from anatomy_r1_jax.rl.rollout import generate
 from anatomy_r1_jax.rl.sampling import SamplingConfig
 from anatomy_r1_jax.train.partitioning import place_state, rollout_layout, split_model
 from anatomy_r1_jax.train.precision import Precision, init_optimizer
+from anatomy_r1_jax.train import step as step_lib
 from anatomy_r1_jax.train.step import StepConfig, TrainState, policy_logps, train_step
 
 
@@ -151,6 +156,12 @@ class Programs:
                                                cfg.logp_chunk, cfg.group_size)
         return jax.jit(_traced_under_rules(fn, self.mesh, self.rules))
 
+    def length_aware_update(self, tx: optax.GradientTransformation, cfg: StepConfig, state: TrainState,
+                            lengths: tuple[int, ...]) -> "LengthAwareUpdate":
+        """The GRPO update over micro-batches each trimmed to its own bucket length (one of `lengths`,
+        train/micro_batches.py): `LengthAwareUpdate`, built for `state`'s trainable part."""
+        return LengthAwareUpdate.build(self, tx, cfg, state, lengths)
+
     # ---- generation ---------------------------------------------------------------------------
     def rollout(self, cache_dtype=jnp.float32):
         """Jitted `(params, frozen, prompts, rng, sampling, group_size, prompts_per_group) ->
@@ -186,14 +197,108 @@ def _shardings(tree):
     return jax.tree.map(lambda x: x.sharding, tree)
 
 
-def run_iterations(update, old_logps, state: TrainState, batch: TrainBatch, num_iterations: int):
-    """`num_iterations` PPO-style epochs of `update` over one rollout's batch. With more than one,
-    the old log-probs are computed once, before the first (`old_logps(state, batch)`), and carried in
-    batch.completions.logps, so the importance ratio of iterations 2..N is pi_now / pi_rollout and
-    the clip acts (the update must be built with StepConfig(old_logps="batch")). Returns the state
-    and the last iteration's metrics."""
+@dataclasses.dataclass(frozen=True)
+class LengthAwareUpdate:
+    """`(state, micro) -> (state, metrics)`: the GRPO update of one step whose micro-batches
+    `micro` (a tuple of M placed TrainBatches [n, ...], completions [n, T_m], T_m in `lengths`)
+    are trimmed to their own lengths (train/micro_batches.py plans them). The same arithmetic as
+    `Programs.update` (train/step.py: the same functions), run as programs of their own:
+
+        stats       = statistics(rewards_m, categories_m for all m)   advantages, keep, valid fraction
+        acc         = zeros()                                         grads like params, sums 0
+        for m:      ref_m = reference[T_m](state, micro_m)            (beta != 0; a pass of its own)
+                    acc   = accumulate[T_m](state, acc, micro_m, A_m, keep_m, ref_m, valid)  acc donated
+        state, met  = apply(state, acc, stats metrics)                 state donated
+
+    Each jitted function compiles once per bucket length (a handful), under the trainer's shardings
+    (state and accumulator on the params' shardings, scalars replicated). Nothing returns to the
+    host between micro-batches: the loop only dispatches."""
+
+    lengths: tuple[int, ...]
+    statistics: Callable
+    zeros: Callable
+    reference: Callable | None
+    accumulate: Callable
+    apply: Callable
+    current_logps: Callable
+
+    @classmethod
+    def build(cls, programs: "Programs", tx, cfg: StepConfig, state: TrainState, lengths) -> "LengthAwareUpdate":
+        if cfg.aggregation == "drgrpo" and cfg.max_completion_length is None:
+            raise ValueError("the length-aware update trims completions: drgrpo's denominator needs "
+                             "StepConfig.max_completion_length (the padded T), not the trimmed width")
+        g, rules = programs.graphdef, (programs.mesh, programs.rules)
+        state_sh, rep = _shardings(state), programs.replicated
+        acc_sh = step_lib.Accumulator(grads=state_sh.params, parts=jax.tree.map(
+            lambda _: rep, step_lib.zero_accumulator(cfg.precision, {}).parts), entropy=rep, tokens=rep)
+
+        def statistics(rewards, categories):
+            stats = step_lib.step_statistics(cfg, jnp.stack(rewards), jnp.stack(categories))
+            return (tuple(stats.advantages), tuple(stats.keep), stats.valid_fraction, stats.metrics)
+
+        jit = lambda fn, **kw: jax.jit(_traced_under_rules(fn, *rules), **kw)  # noqa: E731
+        reference = functools.partial(step_lib.reference_logps, g, cfg)
+        accumulate = functools.partial(step_lib.accumulate_micro_batch, g, cfg)
+        apply = functools.partial(step_lib.apply_accumulated, tx, cfg)
+        return cls(
+            lengths=tuple(sorted(lengths)),
+            statistics=jit(statistics, out_shardings=(None, None, rep, rep)),
+            zeros=jax.jit(lambda params: step_lib.zero_accumulator(cfg.precision, params), out_shardings=acc_sh),
+            reference=jit(reference, in_shardings=(state_sh, None)) if cfg.beta != 0 else None,
+            accumulate=jit(accumulate, in_shardings=(state_sh, acc_sh, None, None, None, None, rep),
+                           out_shardings=acc_sh, donate_argnums=1),
+            # (the accumulator is not donated to apply: every output aliases a state buffer already)
+            apply=jit(apply, in_shardings=(state_sh, acc_sh, rep), out_shardings=(state_sh, rep), donate_argnums=0),
+            current_logps=jit(functools.partial(step_lib.current_logps, g, cfg), in_shardings=(state_sh, None)))
+
+    def _check(self, micro) -> None:
+        widths = [mb.completions.ids.shape[-1] for mb in micro]
+        if any(w not in self.lengths for w in widths):
+            raise ValueError(f"micro-batch widths {widths} are not all bucket lengths {self.lengths} "
+                             "(train/micro_batches.py plan_micro_batches): each new width would compile anew")
+
+    def __call__(self, state: TrainState, micro) -> tuple[TrainState, dict]:
+        self._check(micro)
+        advantages, keep, valid, group_metrics = self.statistics(tuple(mb.rewards for mb in micro),
+                                                                 tuple(mb.categories for mb in micro))
+        acc = self.zeros(state.params)
+        for mb, adv, kp in zip(micro, advantages, keep):
+            ref = self.reference(state, mb) if self.reference is not None else None
+            acc = self.accumulate(state, acc, mb, adv, kp, ref, valid)
+        return self.apply(state, acc, group_metrics)
+
+    def old_logps(self, state: TrainState, micro) -> tuple:
+        """Per micro-batch [n, T_m]: the completions' log-probs under the current policy
+        (num_iterations > 1, StepConfig(old_logps="batch"))."""
+        self._check(micro)
+        return tuple(self.current_logps(state, mb) for mb in micro)
+
+    def cache_sizes(self) -> dict[str, int]:
+        """Compiled programs per jitted function (tests: at most one per bucket length)."""
+        fns = {"statistics": self.statistics, "zeros": self.zeros, "accumulate": self.accumulate,
+               "apply": self.apply, "current_logps": self.current_logps}
+        if self.reference is not None:
+            fns["reference"] = self.reference
+        return {name: fn._cache_size() for name, fn in fns.items()}
+
+
+def _with_logps(batch, logps):
+    """batch (a TrainBatch, or a tuple of micro-batches) whose completions carry `logps`."""
+    if isinstance(batch, TrainBatch):
+        return batch.replace(completions=batch.completions.replace(logps=logps))
+    return tuple(_with_logps(mb, lp) for mb, lp in zip(batch, logps))
+
+
+def run_iterations(update, old_logps, state: TrainState, batch, num_iterations: int):
+    """`num_iterations` PPO-style epochs of `update` over one rollout's batch (a stacked TrainBatch
+    for `Programs.update`, or the tuple of trimmed micro-batches of a `LengthAwareUpdate`, whose
+    `old_logps` method goes with it). With more than one, the old log-probs are computed once,
+    before the first (`old_logps(state, batch)`), and carried in batch.completions.logps, so the
+    importance ratio of iterations 2..N is pi_now / pi_rollout and the clip acts (the update must
+    be built with StepConfig(old_logps="batch")). Returns the state and the last iteration's
+    metrics."""
     if num_iterations > 1:
-        batch = batch.replace(completions=batch.completions.replace(logps=old_logps(state, batch)))
+        batch = _with_logps(batch, old_logps(state, batch))
     metrics = None
     for _ in range(num_iterations):
         state, metrics = update(state, batch)

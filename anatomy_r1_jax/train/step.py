@@ -1,13 +1,18 @@
-"""The pure GRPO / SFT update: `(state, batch) -> (state, metrics)`, compiled once.
+"""The pure GRPO / SFT update: `(state, batch) -> (state, metrics)`, and its parts.
 
-Batches carry a leading micro-batch axis M (micro-batches hold whole groups). Gradients of the
-loss numerators are summed over a `lax.scan` and divided by the summed denominators once, which
-equals the full-batch gradient exactly (losses are (numerator, denominator) pairs).
+Micro-batches hold whole groups. Gradients of the loss numerators are summed over micro-batches
+and divided by the summed denominators once, which equals the full-batch gradient exactly (losses
+are (numerator, denominator) pairs).
 
-    A      = advantage_fn(rewards [M*n], G)               (groups contiguous)
+    A      = advantage_fn(rewards [M*n], G)               (per group, over the whole step)
     mask   = completion mask [* valid group, when cfg.drop_invalid_groups]
     grad   = sum_m grad(num_m(params)) / sum_m den_m      (accumulated in the policy's grads dtype)
     params = optax update (clip by global norm, AdamW, schedule), skipped when non-finite
+
+Two ways to run it, one arithmetic: `train_step` takes the padded batch [M, n, T] and scans over
+its micro-batches in one program; the length-aware update (train/compiled.py LengthAwareUpdate)
+calls the same parts, `step_statistics` -> `reference_logps` / `accumulate_micro_batch` per
+micro-batch, each trimmed to its own length -> `apply_accumulated`, as programs of their own.
 
 Every dtype follows the run's precision policy (train/precision.py): weights, compute, gradients,
 optimizer moments and an optional float32 master copy.
@@ -112,74 +117,146 @@ def reference_model(graphdef: nnx.GraphDef, state: TrainState) -> nnx.Module:
     return lora.without_adapters(model)
 
 
+@flax.struct.dataclass
+class StepStatistics:
+    """What the update needs of the whole step before any micro-batch: advantages [M, n] (each
+    group's from its own rewards), keep [M, n] bool (False on rows of all-equal groups when
+    cfg.drop_invalid_groups), valid_fraction [] (fraction of the step's groups whose rewards
+    differ: GPG's 1 / alpha) and the step's group metrics (invalid ratio, per-category counts,
+    mean |A|)."""
+
+    advantages: jax.Array
+    keep: jax.Array
+    valid_fraction: jax.Array
+    metrics: dict
+
+
+def step_statistics(cfg: StepConfig, rewards: jax.Array, categories: jax.Array) -> StepStatistics:
+    """StepStatistics of a step's rewards and categories [M, n] (groups contiguous, whole groups per
+    micro-batch; any order of the groups):
+
+        A       = advantage_fn(rewards [M*n], G)
+        invalid = all rewards of the group equal                  [M*n / G]
+        valid   = 1 - mean(invalid)"""
+    m, n = rewards.shape
+    g = cfg.group_size
+    flat = rewards.reshape(-1)
+    advantages = adv_lib.ADVANTAGES.get(cfg.advantage)(flat, g).reshape(m, n)
+    invalid = adv_lib.invalid_group_mask(flat, g)
+    valid_fraction = 1.0 - jnp.mean(invalid.astype(jnp.float32))
+    keep = jnp.repeat(~invalid, g).reshape(m, n) if cfg.drop_invalid_groups else jnp.ones((m, n), bool)
+    cats = categories.reshape(-1)[::g]
+    bad, total = adv_lib.invalid_counts_by_category(invalid, jnp.maximum(cats, 0), cfg.num_categories)
+    metrics = {"invalid_gradient_ratio": 1.0 - valid_fraction, "invalid_groups_by_category": bad,
+               "groups_by_category": total, "advantage_abs_mean": jnp.mean(jnp.abs(advantages))}
+    return StepStatistics(advantages, keep, valid_fraction, metrics)
+
+
+@flax.struct.dataclass
+class Accumulator:
+    """Sums over the micro-batches of one step: grads (the loss numerators' gradients, like params
+    in the policy's grads dtype), parts (LossParts of scalars: numerators, denominators, metric
+    sums), entropy (sum over sampled tokens) and tokens (their count)."""
+
+    grads: Any
+    parts: losses.LossParts
+    entropy: jax.Array
+    tokens: jax.Array
+
+
+def zero_accumulator(policy: Precision, params) -> Accumulator:
+    zero = jnp.zeros((), jnp.float32)
+    parts = losses.LossParts(zero, zero, {k: zero for k in ("tokens", "kl", "ratio", "clip_low", "clip_high")})
+    return Accumulator(grads=jax.tree.map(lambda p: jnp.zeros(p.shape, policy.grad_dtype), params), parts=parts,
+                       entropy=zero, tokens=zero)
+
+
+def accumulate_micro_batch(graphdef: nnx.GraphDef, cfg: StepConfig, state: TrainState, acc: Accumulator,
+                           mb: TrainBatch, advantages: jax.Array, keep: jax.Array, ref_logps: jax.Array | None,
+                           valid_fraction: jax.Array) -> Accumulator:
+    """acc + one micro-batch's terms. mb arrays are [n, ...] with completions [n, T_m] for any T_m
+    (the length-aware update trims each micro-batch; padding beyond a row's end is masked, so T_m
+    changes nothing but the work); advantages, keep [n]; ref_logps [n, T_m] or None (beta == 0).
+
+        grads  += grad_params num_m(params)       (in the policy's grads dtype)
+        parts  += (num_m, den_m, metric sums_m)   (rl/losses.py)
+        entropy += sum_t H_t * mask_t,  tokens += sum_t mask_t
+    """
+    precision_lib.check_weights(cfg.precision, state.params)
+    ids, mask = mb.completions.ids, mb.completions.mask
+    loss_mask = mask * keep[:, None].astype(mask.dtype)
+
+    def numerator(params):
+        model = nnx.merge(graphdef, params, state.frozen)
+        logps, entropy = completion_logps(model, mb.prompt, ids, mask, cfg.temperature, cfg.logp_chunk,
+                                          cfg.group_size)
+        old = mb.completions.logps if cfg.old_logps == "batch" else jax.lax.stop_gradient(logps)
+        parts = _loss_parts(cfg, logps, old, ref_logps, advantages, loss_mask, valid_fraction)
+        ent = jnp.sum(jax.lax.stop_gradient(entropy) * mask)  # every sampled token, dropped groups too
+        return parts.numerator, (parts, ent)
+
+    grads, (parts, ent) = jax.grad(numerator, has_aux=True)(state.params)
+    return Accumulator(grads=jax.tree.map(lambda a, gr: a + gr.astype(a.dtype), acc.grads, grads),
+                       parts=jax.tree.map(jnp.add, acc.parts, parts), entropy=acc.entropy + ent,
+                       tokens=acc.tokens + jnp.sum(mask))
+
+
+def apply_accumulated(tx: optax.GradientTransformation, cfg: StepConfig, state: TrainState, acc: Accumulator,
+                      group_metrics: dict) -> tuple[TrainState, dict[str, jax.Array]]:
+    """The optimizer step from a whole step's sums: grad = acc.grads / max(sum_m den_m, 1e-8), then
+    precision.apply_gradients (clip, AdamW, skipped when non-finite); the metrics of the step."""
+    den = jnp.maximum(acc.parts.denominator, 1e-8)
+    grads = jax.tree.map(lambda x: (x / den).astype(x.dtype), acc.grads)
+    params, master, opt_state = precision_lib.apply_gradients(tx, cfg.precision, state.params, state.master,
+                                                              state.opt_state, grads)
+    new_state = state.replace(step=state.step + 1, params=params, master=master, opt_state=opt_state)
+    metrics = {"loss": losses.loss_value(acc.parts), "grad_norm": optax.tree.norm(precision_lib.cast(grads, jnp.float32)),
+               "entropy": acc.entropy / jnp.maximum(acc.tokens, 1.0),  # the policy's, per sampled token
+               "update_skipped": 1 - opt_state.last_finite.astype(jnp.int32),
+               **losses.finalize_metrics(acc.parts.metric_sums), **group_metrics}
+    return new_state, metrics
+
+
 def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: StepConfig, state: TrainState,
                batch: TrainBatch) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One update. batch arrays are [M, n, ...] (pixel values [M, P, D]).
+    """One update over the padded batch: arrays [M, n, ...] (pixel values [M, P, D]), every
+    micro-batch at the full completion length T, accumulated in one `lax.scan` (the SFT update,
+    and the GRPO update with train.length_buckets = 0; the length-aware update is
+    train/compiled.py LengthAwareUpdate, the same functions called per micro-batch).
 
     Old log-probs (the ratio's denominator): cfg.old_logps == "batch" reads them from
     batch.completions.logps (num_iterations > 1: computed once before the iterations, so iterations
     2..N have ratio != 1 and the clip acts); "current" uses stop_gradient(logps) (one iteration:
     ratio 1, the on-policy gradient)."""
-    m, n = batch.rewards.shape
-    g = cfg.group_size
-    rewards = batch.rewards.reshape(-1)
-    advantages = adv_lib.ADVANTAGES.get(cfg.advantage)(rewards, g)
-    invalid = adv_lib.invalid_group_mask(rewards, g)
-    valid_fraction = 1.0 - jnp.mean(invalid.astype(jnp.float32))
-    advantages = advantages.reshape(m, n)
-    keep = jnp.repeat(~invalid, g).reshape(m, n) if cfg.drop_invalid_groups else jnp.ones((m, n), bool)
-
+    stats = step_statistics(cfg, batch.rewards, batch.categories)
     # The reference's log-probs of every micro-batch first, outside jax.grad (no gradient flows to
     # it, and nnx.remat inside the grad trace cannot update Variables merged from outer-trace state)
     # and in a pass of their own: the reference's weights (and any backend copies of them, e.g.
     # XLA:CPU's float32 upcasts of bf16 weights) are then dead before the gradient pass's policy
     # weights, gradient accumulator and saved activations exist, instead of live beside them.
-    ref_logps = (_batch_logps(lambda: reference_model(graphdef, state), batch, cfg.temperature, cfg.logp_chunk, g)
-                 if cfg.beta != 0 else None)
+    ref_logps = jax.lax.map(lambda mb: reference_logps(graphdef, cfg, state, mb), batch) if cfg.beta != 0 else None
 
-    def micro(carry, xs):
-        grad_acc, parts_acc, entropy_acc = carry  # entropy_acc: (sum over completion tokens, their count)
+    def micro(acc, xs):
         mb, adv_m, keep_m, ref = xs
+        return accumulate_micro_batch(graphdef, cfg, state, acc, mb, adv_m, keep_m, ref, stats.valid_fraction), None
 
-        ids, mask = mb.completions.ids, mb.completions.mask
-        loss_mask = mask * keep_m[:, None].astype(mask.dtype)
+    acc, _ = jax.lax.scan(micro, zero_accumulator(cfg.precision, state.params),
+                          (batch, stats.advantages, stats.keep, ref_logps))
+    return apply_accumulated(tx, cfg, state, acc, stats.metrics)
 
-        def numerator(params):
-            model = nnx.merge(graphdef, params, state.frozen)
-            logps, entropy = completion_logps(model, mb.prompt, ids, mask, cfg.temperature, cfg.logp_chunk, g)
-            old = mb.completions.logps if cfg.old_logps == "batch" else jax.lax.stop_gradient(logps)
-            parts = _loss_parts(cfg, logps, old, ref, adv_m, loss_mask, valid_fraction)
-            ent = jnp.sum(jax.lax.stop_gradient(entropy) * mask)  # every sampled token, dropped groups too
-            return parts.numerator, (parts, ent)
 
-        grads, (parts, ent) = jax.grad(numerator, has_aux=True)(state.params)
-        grad_acc = jax.tree.map(lambda acc, gr: acc + gr.astype(acc.dtype), grad_acc, grads)
-        parts_acc = jax.tree.map(jnp.add, parts_acc, parts)
-        return (grad_acc, parts_acc, (entropy_acc[0] + ent, entropy_acc[1] + jnp.sum(mask))), None
+def reference_logps(graphdef: nnx.GraphDef, cfg: StepConfig, state: TrainState, mb: TrainBatch) -> jax.Array:
+    """[n, T_m] log-probs of one micro-batch's completions under the KL reference policy."""
+    return completion_logps(reference_model(graphdef, state), mb.prompt, mb.completions.ids, mb.completions.mask,
+                            cfg.temperature, cfg.logp_chunk, cfg.group_size)[0]
 
-    policy = cfg.precision
-    precision_lib.check_weights(policy, state.params)
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, policy.grad_dtype), state.params)
-    zero = jnp.zeros((), jnp.float32)
-    parts0 = losses.LossParts(zero, zero, {k: zero for k in ("tokens", "kl", "ratio", "clip_low", "clip_high")})
-    xs = (batch, advantages, keep, ref_logps)
-    (grads, parts, (entropy, tokens)), _ = jax.lax.scan(micro, (zeros, parts0, (zero, zero)), xs)
-    den = jnp.maximum(parts.denominator, 1e-8)
-    grads = jax.tree.map(lambda x: (x / den).astype(x.dtype), grads)
-    params, master, opt_state = precision_lib.apply_gradients(tx, policy, state.params, state.master,
-                                                              state.opt_state, grads)
-    new_state = state.replace(step=state.step + 1, params=params, master=master, opt_state=opt_state)
 
-    grad_norm = optax.tree.norm(precision_lib.cast(grads, jnp.float32))
-    metrics = {"loss": losses.loss_value(parts), "grad_norm": grad_norm,
-               "entropy": entropy / jnp.maximum(tokens, 1.0),  # the policy's, per sampled token
-               "update_skipped": 1 - opt_state.last_finite.astype(jnp.int32),
-               **losses.finalize_metrics(parts.metric_sums)}
-    cats = batch.categories.reshape(-1)[::g]
-    bad, total = adv_lib.invalid_counts_by_category(invalid, jnp.maximum(cats, 0), cfg.num_categories)
-    metrics.update({"invalid_gradient_ratio": 1.0 - valid_fraction, "invalid_groups_by_category": bad,
-                    "groups_by_category": total, "advantage_abs_mean": jnp.mean(jnp.abs(advantages))})
-    return new_state, metrics
+def current_logps(graphdef: nnx.GraphDef, cfg: StepConfig, state: TrainState, mb: TrainBatch) -> jax.Array:
+    """[n, T_m] log-probs of one micro-batch's completions under the current policy (masked tokens
+    0): the old log-probs of num_iterations > 1 in the length-aware update."""
+    logps = completion_logps(nnx.merge(graphdef, state.params, state.frozen), mb.prompt, mb.completions.ids,
+                             mb.completions.mask, cfg.temperature, cfg.logp_chunk, cfg.group_size)[0]
+    return logps * mb.completions.mask
 
 
 def _batch_logps(make_model, batch: TrainBatch, temperature: float, chunk: int, group_size: int) -> jax.Array:

@@ -42,6 +42,7 @@ from anatomy_r1_jax.rl.sampling import sampling_config
 from anatomy_r1_jax.train import distributed, experiment
 from anatomy_r1_jax.train.checkpoint import Checkpointer
 from anatomy_r1_jax.train.metrics import MetricsWriter, plot_curves, read_metrics, update_metrics
+from anatomy_r1_jax.train.micro_batches import bucket_lengths, plan_micro_batches, trimmed_completions
 from anatomy_r1_jax.train.compiled import Programs, rollout_programs, run_iterations
 from anatomy_r1_jax.train.partitioning import place_state, put_batch, shard_rows, split_model
 from anatomy_r1_jax.train.precision import Precision
@@ -195,11 +196,18 @@ class Trainer:
                           drop_invalid_groups=c.rl.dynamic_sampling == "drop", **common)
         sft = StepConfig(objective="sft", advantage="none", group_size=1, beta=0.0, **{**common, "temperature": 1.0})
         self.step_configs, self.updates = {"grpo": grpo, "sft": sft}, {}
+        # The length-aware GRPO update (train.length_buckets K > 0): micro-batches of groups sorted by
+        # length, each trimmed to one of K bucket lengths (train/micro_batches.py); 0: padded to T.
+        k = c.train.length_buckets
+        self.length_buckets = bucket_lengths(c.rl.max_completion_length, k) if k > 0 else None
         self.old_logps = self.programs.old_logps(grpo)
         self.rollout = self.rollout_programs.rollout(cache_dtype=self.precision.compute_dtype)
 
     def _update(self, phase: str):
         """The compiled update of `phase` ("sft" | "grpo"), built once, for the state that phase trains."""
+        if phase not in self.updates and phase == "grpo" and self.length_buckets:
+            self.updates[phase] = self.programs.length_aware_update(self.tx[phase], self.step_configs[phase],
+                                                                    self.state, self.length_buckets)
         if phase not in self.updates:
             self.updates[phase] = self.programs.update(self.tx[phase], self.step_configs[phase], self.state)
         return self.updates[phase]
@@ -396,7 +404,8 @@ class Trainer:
                     rolled[i] = on_original_prompt(rolled[i], rescued)
                 stats += st
             out.update(stats.metrics(self.reroll.prefix))
-        micro = rolled if calls == m else self._to_micro_batches(rolled, len(queries), m)
+        plan = self._length_plan(rolled, len(queries), m) if self.length_buckets else None
+        micro = rolled if calls == m and plan is None else self._to_micro_batches(rolled, len(queries), m, plan)
         rows_all = [r for mr in micro for grp in mr.groups for r in grp]
         rewards, per = compute_rewards([t for mr in micro for t in mr.texts], rows_all, dict(c.rl.rewards))
         self.gdqa.observe([grp[0].id for mr in micro for grp in mr.groups], rewards, g)
@@ -406,10 +415,12 @@ class Trainer:
         for i, mr in enumerate(micro):
             batch, rows_per_group = mr.prompt or (None, None)  # a call's prompt batch, reused when it is this one's
             if rows_per_group != s_final:
-                batch = self._prompt_batch(mr.groups, [q.images for q in queries[i * local_micro:(i + 1) * local_micro]],
-                                           s_final)
+                mine = plan[2][i] if plan else range(i * local_micro, (i + 1) * local_micro)  # this shard's queries
+                batch = self._prompt_batch(mr.groups, [queries[j].images for j in mine], s_final)
             rows = [r for grp in mr.groups for r in grp]
-            batches.append(TrainBatch(prompt=batch, completions=jax.tree.map(self.shard.block, mr.completions),
+            comp = mr.completions if plan is None else trimmed_completions(mr.completions, np.arange(len(rows)),
+                                                                           plan[0].lengths[i])
+            batches.append(TrainBatch(prompt=batch, completions=jax.tree.map(self.shard.block, comp),
                                       rewards=self.shard.block(rewards[i * per_micro * g:(i + 1) * per_micro * g]),
                                       categories=self.shard.block(self._categories(rows))))
         tokens = sum(int(np.asarray(mr.completions.mask).sum()) for mr in micro)
@@ -422,6 +433,8 @@ class Trainer:
             "completion_length": tokens / len(rows_all), "tokens_per_second": tokens_rolled / max(t_rollout, 1e-9),
             "gdqa_triggered": triggered / len(records), "prompts_per_group": float(s_final),
         })
+        if plan is not None:
+            out["update_length_fraction"] = plan[0].length_fraction  # sum_m T_m / (M T)
         return batches, out
 
     def _score(self, texts, rows) -> tuple[np.ndarray, np.ndarray]:
@@ -429,17 +442,34 @@ class Trainer:
         total, per = compute_rewards(texts, rows, dict(self.config.rl.rewards))
         return total, np.asarray(per[self.accuracy_key], np.float64)
 
-    def _to_micro_batches(self, rolled: list[MicroRollout], local: int, micro_batches: int) -> list[MicroRollout]:
+    def _length_plan(self, rolled: list[MicroRollout], local: int, micro_batches: int):
+        """The length-aware update's plan of the calls' groups (train/micro_batches.py: sorted by
+        their longest row within each data shard, M micro-batches each holding an equal part of every
+        shard, trimmed to bucket lengths): (MicroBatchPlan, the groups' order micro-batch by
+        micro-batch as indices into the calls' order, per micro-batch this shard's local query
+        indices). In the calls' order, query k sits in call k // (shards * c) at shard
+        (k // c) % shards, local index (k // (shards * c)) * c + k % c (c = local / calls)."""
+        c, shards = local // len(rolled), self.shard.count
+        lengths = np.concatenate([np.asarray(mr.completions.mask).sum(-1) for mr in rolled])
+        k = np.arange(shards * local)
+        owner, local_index = (k // c) % shards, (k // (shards * c)) * c + k % c
+        plan = plan_micro_batches(lengths, self.group_size, micro_batches, self.length_buckets, owner)
+        mine = [[int(local_index[q]) for q in groups if owner[q] == self.shard.index] for groups in plan.groups]
+        return plan, np.concatenate([np.asarray(groups, np.int64) for groups in plan.groups]), mine
+
+    def _to_micro_batches(self, rolled: list[MicroRollout], local: int, micro_batches: int,
+                          plan=None) -> list[MicroRollout]:
         """The rollout calls' groups (in `_step_records` order of the R calls) regrouped into the
-        update's M micro-batches (the order of M parts): each micro-batch holds every data shard's
-        local part, so each process collates its own queries' images. `local`: a shard's queries."""
+        update's M micro-batches (the order of M parts, or of the length-aware `plan`): each
+        micro-batch holds every data shard's local part, so each process collates its own queries'
+        images. `local`: a shard's queries."""
         g = self.group_size
         cat = lambda xs: [x for part in xs for x in part]  # noqa: E731
         groups, texts = cat(mr.groups for mr in rolled), cat(mr.texts for mr in rolled)
         completions = jax.tree.map(lambda *xs: np.concatenate(xs), *(mr.completions for mr in rolled))
         rewards = np.concatenate([mr.rewards for mr in rolled])
         accuracy = np.concatenate([mr.accuracy for mr in rolled])
-        order = step_order(self.shard.count, local, len(rolled), micro_batches)
+        order = step_order(self.shard.count, local, len(rolled), micro_batches) if plan is None else plan[1]
         rows = (order[:, None] * g + np.arange(g)).reshape(-1)
         per = len(order) // micro_batches
         return [MicroRollout(groups=[groups[k] for k in order[i * per:(i + 1) * per]],
@@ -461,8 +491,12 @@ class Trainer:
         t0 = time.perf_counter()
         batches, out = self._grpo_batches(step)
         self._rollout_cache = None  # the rollout's copy of the weights is not held through the update
-        tb = self._place(_stack(batches), micro_axis=True)
-        self.state, metrics = run_iterations(self._update("grpo"), self.old_logps, self.state, tb, c.rl.num_iterations)
+        update = self._update("grpo")
+        if self.length_buckets:  # micro-batches of their own widths, placed one by one
+            tb, old_logps = tuple(self._place(b) for b in batches), update.old_logps
+        else:
+            tb, old_logps = self._place(_stack(batches), micro_axis=True), self.old_logps
+        self.state, metrics = run_iterations(update, old_logps, self.state, tb, c.rl.num_iterations)
         metrics = jax.device_get(metrics)
         out["step_seconds"] = time.perf_counter() - t0
         out.update(update_metrics(metrics, self.category_index))
