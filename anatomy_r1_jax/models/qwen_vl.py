@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from anatomy_r1_jax.models.config import QwenVLConfig
-from anatomy_r1_jax.models.language import KVCache, LanguageModel
+from anatomy_r1_jax.models.language import KVCache, LanguageModel, Prefix
 from anatomy_r1_jax.models.layers import Dense
 from anatomy_r1_jax.models.rope_index import get_rope_index
 from anatomy_r1_jax.models.vision import VisionInputs, VisionTower, vision_inputs
@@ -86,14 +86,17 @@ class QwenVL(nnx.Module):
         return x
 
     def forward(self, input_ids: jax.Array, position_ids: jax.Array, attention_mask: jax.Array,
-                image_embeds: jax.Array | None = None,
-                cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+                image_embeds: jax.Array | None = None, cache: KVCache | None = None, *,
+                prefix: Prefix | None = None, read_length: int | None = None) -> tuple[jax.Array, KVCache | None]:
         """-> (hidden [B, L, E] after the final norm, cache advanced by L or None).
 
         input_ids [B, L]; position_ids [3, B, L] (rope_index); attention_mask [B, L] (1 = real token);
-        image_embeds [N, E] from encode_images; cache from init_cache (prefill and decode alike).
+        image_embeds [N, E] from encode_images; cache from init_cache (prefill and decode alike),
+        read only up to the static `read_length` when given; prefix: a shared prompt cache the
+        tokens also attend to (LanguageModel.__call__).
         """
-        return self.language(self.embed(input_ids, image_embeds), position_ids, attention_mask, cache)
+        return self.language(self.embed(input_ids, image_embeds), position_ids, attention_mask, cache, prefix,
+                             read_length)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [B, L, E] -> logits [B, L, V] in float32 (lm_head, or the tied embedding transposed)."""
