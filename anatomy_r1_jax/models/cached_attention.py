@@ -35,21 +35,21 @@ interpret=True). The Pallas path needs each part's real keys contiguous: a left-
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 NEG = jnp.finfo(jnp.float32).min
 
 
-class Part(NamedTuple):
+@struct.dataclass
+class Part:
     """Keys the new tokens attend to besides themselves.
 
     k, v:   [B', S, KVH, D] (rotary applied to k).
     mask:   [B', S] bool, True where the slot holds a real token.
-    start, end: [B'] int32, the real slots are [start, end) (used by the Pallas kernel; must agree
-            with mask for the rows whose output is read).
+    start, end: [B'] int32, the real slots are [start, end) (used by the Pallas kernel instead of
+            mask; must agree with it for the rows whose output is read: left padding then tokens).
     groups: None (B' = B, row b attends to row b), or (G, S): B' = Q S prompt rows shared by the
             B = Q G query rows (see the module docstring).
     """
@@ -59,7 +59,7 @@ class Part(NamedTuple):
     mask: jax.Array
     start: jax.Array | None = None
     end: jax.Array | None = None
-    groups: tuple[int, int] | None = None
+    groups: tuple[int, int] | None = struct.field(pytree_node=False, default=None)
 
 
 def expand_groups(tree, prompts_per_group: int, group_size: int):
@@ -173,11 +173,14 @@ def merge(stats) -> jax.Array:
 
 
 def attend_parts(q: jax.Array, k: jax.Array, v: jax.Array, self_mask: jax.Array, parts: list[Part],
-                 implementation: str = "xla", interpret: bool = False) -> jax.Array:
+                 implementation: str = "xla", interpret: bool | None = None) -> jax.Array:
     """Attention of the new tokens q [B, L, H, D] over their own keys k, v [B, L, KVH, D] (under
     self_mask [B, L, L], causal & real) and over `parts`, merged exactly -> [B, L, H, D] in q's
     dtype. implementation "xla" | "pallas" (the parts the Pallas kernel supports; the others and
-    the new tokens' own part by XLA)."""
+    the new tokens' own part by XLA). interpret: run the Pallas kernel interpreted (default: off
+    the GPU, so that CPU tests run the kernel's own code)."""
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
     stats = [part_statistics(q, k, v, self_mask)]
     for part in parts:
         queries = q if part.groups is None else group_queries(q, *part.groups)

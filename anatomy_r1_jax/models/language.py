@@ -274,13 +274,16 @@ class LanguageModel(nnx.Module):
         cos, sin = mrope_cos_sin(position_ids, self.head_dim, self.rope_theta, self.mrope_section)
         mask = new_token_mask(attention_mask)
         read = None if cache is None else (cache.max_length if read_length is None else int(read_length))
+        if read:  # the real slots of a row as one range [first real slot, index) (for the Pallas kernel)
+            read_mask = cache.mask[:, :read]
+            start = jnp.argmax(read_mask, axis=1).astype(jnp.int32)
+            end = jnp.where(read_mask.any(axis=1), jnp.minimum(cache.index, read), 0).astype(jnp.int32)
 
         def step(layer, x, i, kv):  # kv: this layer's slices of the cache and the prefix (run_layers' per_layer)
             parts = []
             if read:
                 k, v = kv["cache"]
-                parts.append(Part(k[:, :read], v[:, :read], cache.mask[:, :read],
-                                  start=jnp.zeros(k.shape[:1], jnp.int32), end=jnp.broadcast_to(cache.index, k.shape[:1])))
+                parts.append(Part(k[:, :read], v[:, :read], read_mask, start=start, end=end))
             if prefix is not None:
                 parts.append(prefix.part(*kv["prefix"]))
             return layer(x, cos, sin, mask, parts)
