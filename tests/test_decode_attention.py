@@ -19,8 +19,9 @@ from flax import nnx
 from anatomy_r1_jax.models import QwenVL, cached_attention as ca, layers
 from anatomy_r1_jax.models.config import QwenVLConfig
 from anatomy_r1_jax.models.presets import tiny_hf_config
-from anatomy_r1_jax.rl.rollout import generate, read_lengths
+from anatomy_r1_jax.rl.rollout import expand_groups, generate, read_lengths
 from anatomy_r1_jax.rl.sampling import SamplingConfig
+from anatomy_r1_jax.train.logprobs import completion_logps
 
 H, KVH, D = 4, 2, 16
 TOL = 1e-4
@@ -124,12 +125,15 @@ def test_read_lengths_cover_every_step():
 
 
 @pytest.mark.parametrize("attention", ["xla", "pallas"])
-def test_segmented_reads_equal_full_reads(attention):
+def test_segmented_reads_equal_full_reads_and_teacher_forcing(attention):
     """The decode loop in 4 segments of static read lengths samples what one full-length loop
-    samples (same rng, same token ids and log-probs), with S = 2 of G = 4 prompts per group."""
+    samples (same rng: same token ids and log-probs), with S = 2 of G = 4 prompts per group, and its
+    log-probs are those of the full forward over [prompt | completion] (no cache) at 1e-4. With
+    "pallas" (interpreted here) the kernel reads the prompt (32 slots) and every segment (16, 32, 48)."""
     model = _model(attention=attention)
-    batch = _prompts(model, 4)
-    cfg = SamplingConfig(max_new_tokens=40, temperature=1.0, top_k=0, top_p=1.0)
+    batch = _prompts(model, 4, lp=32)
+    cfg = SamplingConfig(max_new_tokens=48, temperature=1.0, top_k=0, top_p=1.0)
+    assert read_lengths(48, 4) == (16, 32, 48)
     graphdef, state = nnx.split(model)
 
     def run(segments):
@@ -140,6 +144,13 @@ def test_segmented_reads_equal_full_reads(attention):
     full, split = run(1), run(4)
     np.testing.assert_array_equal(np.asarray(split.ids), np.asarray(full.ids))
     np.testing.assert_allclose(np.asarray(split.logps), np.asarray(full.logps), atol=1e-5)
+    ex = lambda x: expand_groups(x, 2, 4)  # noqa: E731  the N prompt rows, one per completion
+    rows = batch.replace(input_ids=ex(batch.input_ids), attention_mask=ex(batch.attention_mask),
+                         position_ids=jax.vmap(ex)(batch.position_ids), rope_deltas=ex(batch.rope_deltas))
+    forced, _ = jax.jit(lambda s, b, i, m: completion_logps(nnx.merge(graphdef, s), b, i, m))(
+        state, rows, split.ids, split.mask)
+    np.testing.assert_allclose(np.asarray(forced * split.mask), np.asarray(split.logps), atol=TOL)
+    assert int(split.mask.sum()) > 100
 
 
 def _shapes(stablehlo: str, dtype: str) -> set[tuple[int, ...]]:
