@@ -137,7 +137,8 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
 def resolve_attention(implementation: str, dtype, query_length: int) -> str:
     """The implementation `attention` runs: "auto" picks cuDNN flash attention on GPU for bf16 / fp16
     blocks of queries (training, prefill), the chunked XLA form on TPU for long query blocks, and XLA's
-    `jax.nn.dot_product_attention` otherwise (CPU; decode steps)."""
+    `jax.nn.dot_product_attention` otherwise (CPU; decode steps). "pallas" names a decode kernel
+    (`decode_implementation`); blocks of queries run by XLA under it."""
     if implementation not in ATTENTION:
         raise ValueError(f"model.attention={implementation!r}: expected one of {ATTENTION}")
     if implementation == "pallas":  # a decode kernel (decode_implementation); blocks of queries run by XLA
@@ -156,7 +157,9 @@ def decode_implementation(implementation: str) -> str:
     """How a decode step (one new token per row) reads its cache parts (models/cached_attention.py):
     "pallas" runs jax's Pallas GPU decode kernel on the parts it supports (GPU only; it reads each
     row's filled range of keys); every other setting, "auto" included, the XLA einsums (on CPU and
-    TPU, and on GPU until the kernel is measured there)."""
+    TPU, and on GPU until the kernel is measured there). The kernel is a custom call without a
+    partitioning rule (not checked here: expect XLA to gather its operands when rows are sharded by
+    GSPMD); use it with rows on one device or under shard_map."""
     if implementation not in ATTENTION:
         raise ValueError(f"model.attention={implementation!r}: expected one of {ATTENTION}")
     return "pallas" if implementation == "pallas" else "xla"
