@@ -31,6 +31,7 @@ def get_config(arg=None):
         param_dtype="float32",
         remat="none",  # per-layer recomputation in the backward pass: "none" | "full" | "save_dots"
         # "auto" (cuDNN on GPU, XLA on CPU, chunked on TPU) | "reference" | "xla" | "cudnn" | "chunked"
+        # | "pallas" (decode steps by the Pallas GPU decode kernel, blocks of queries by XLA)
         attention="auto",
         scan_layers=False,  # layers stacked, run by lax.scan; measured: no gain at 2 layers (docs/benchmarks.md)
         freeze_vision=False,

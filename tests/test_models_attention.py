@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from anatomy_r1_jax.models import layers
-from anatomy_r1_jax.models.language import slot_mask
+from anatomy_r1_jax.models.language import new_token_mask
 
 B, L, H, KVH, D = 2, 40, 4, 2, 16
 
@@ -26,7 +26,7 @@ def _prompt_mask(length=L):
     """Row 0 full, row 1 left-padded by 7 (its first 7 queries attend to nothing)."""
     attention_mask = np.ones((B, length), np.int32)
     attention_mask[1, :7] = 0
-    mask, _ = slot_mask(jnp.asarray(attention_mask), None, None)
+    mask = new_token_mask(jnp.asarray(attention_mask))[:, None]
     return mask, attention_mask.astype(bool)
 
 
@@ -54,7 +54,7 @@ def test_decode_reads_the_cache_with_one_mask_for_all_heads():
     q, k, v = _inputs(seed=1, length=1)
     _, real = _prompt_mask()
     cache_mask = jnp.asarray(real)
-    mask, _ = slot_mask(jnp.ones((B, 1), jnp.int32), cache_mask.at[:, -1].set(False), L - 1)
+    mask = cache_mask.at[:, -1].set(False)[:, None, None, :]
     assert mask.shape == (B, 1, 1, L)
     ref = layers.attention(q, k, v, mask, "reference")
     expected = layers.attention(q, k, v, jnp.broadcast_to(mask, (B, H, 1, L)), "reference")  # per-head mask

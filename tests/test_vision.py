@@ -168,6 +168,35 @@ def test_attention_cost_is_linear_in_images(setup):
     assert 3.8 <= ratio <= 4.2, ratio
 
 
+def test_transformers_style_forward_is_linear_in_images():
+    """`QwenVL.__call__`'s tower inputs (`vision_batch`): attention in rows of the largest frame, so
+    8 images of mixed sizes cost about 4x the FLOPs of 2. The former inputs (vision_inputs with no
+    frame budget, one dense row of all patches) cost 5.9x here; the frame packing is exact (the
+    tower's output rows of real images are unchanged)."""
+    from anatomy_r1_jax.models import QwenVL, QwenVLConfig
+
+    model = QwenVL(QwenVLConfig.from_hf(tiny_hf_config("qwen2_vl", vocab_size=256)), rngs=nnx.Rngs(0))
+    cfg = model.config.vision
+    graphdef, state = nnx.split(model)
+    encode = jax.jit(lambda state, x, i: nnx.merge(graphdef, state).encode_images(x, i))
+
+    def flops(pixels, inputs):
+        return encode.lower(state, jnp.asarray(pixels), inputs).compile().cost_analysis()["flops"]
+
+    def images(n):
+        grid = np.array([[1, 8, 8], [1, 4, 8]] * (n // 2), np.int64)
+        return _pixels(cfg, grid, seed=n), grid
+
+    ours = {n: flops(*model.vision_batch(*images(n))) for n in (2, 8)}
+    dense = {n: flops(images(n)[0], vision_inputs(images(n)[1], cfg)) for n in (2, 8)}
+    assert ours[8] / ours[2] <= 4.3, ours
+    assert dense[8] / dense[2] >= 5.5, dense  # what the former inputs cost (5.9x at this tiny width)
+    pixels, grid = images(8)
+    real = int(vision_inputs(grid, cfg).token_valid.sum())
+    np.testing.assert_allclose(np.asarray(encode(state, *model.vision_batch(pixels, grid)))[:real],
+                               np.asarray(encode(state, jnp.asarray(pixels), vision_inputs(grid, cfg))), atol=1e-5)
+
+
 @pytest.mark.parametrize("frame_budget", [None, 160])
 def test_one_compile_for_different_layouts(setup, frame_budget):
     """Two batches of different image sizes with one patch budget share one trace; both stay exact."""

@@ -9,8 +9,12 @@ rotary frequencies inv_freq[j] = theta^(-2j/D) are cut into consecutive sections
 angle[b, l, j] = pos[axis(j), b, l] * inv_freq[j], and cos/sin are duplicated to D as in
 `rotate_half` RoPE. For text tokens the three ids are equal and this is plain RoPE.
 
-Attention masking works on cache *slots*: a token at slot q may attend to slot s iff the slot holds a
-real token (attention mask) and s <= q. Without a cache the slots are simply 0..L-1.
+Attention masking: a new token attends to the earlier new tokens that are real (causal & attention
+mask) and to every real token of what it is given besides: a row cache (`KVCache`, the slots before
+`index` whose mask is set, read up to `read_length`) and / or a prompt prefix shared by groups of
+rows (`Prefix`). Those are separate parts of one softmax (models/cached_attention.py), so the new
+keys are never written into a copy of a cache to attend; each forward writes them into its cache
+once, after the layers.
 """
 
 from __future__ import annotations
@@ -22,10 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from anatomy_r1_jax.models.cached_attention import Part, attend_parts, expand_groups
 from anatomy_r1_jax.models.config import QwenVLConfig
 from anatomy_r1_jax.models.conversion import Rule
-from anatomy_r1_jax.models.layers import (INIT_STD, Dense, RMSNorm, apply_rotary, attention, remat_name, run_layers,
-                                          stack_modules)
+from anatomy_r1_jax.models.layers import (INIT_STD, Dense, RMSNorm, apply_rotary, attention, decode_implementation,
+                                          remat_name, run_layers, stack_modules)
 from anatomy_r1_jax.sharding import constrain
 
 _L = r"model\.layers\.(?P<i>\d+)\."
@@ -79,6 +84,26 @@ class KVCache:
         return self.mask.shape[1]
 
 
+@struct.dataclass
+class Prefix:
+    """A prefilled prompt cache shared by groups of rows: the Q * S prompt rows of `cache`
+    ([layers, Q S, Lp, KVH, D], mask [Q S, Lp]) are the prefix of the N = Q * G rows of a forward,
+    row q * G + j reading prompt row q * S + j % S (G = group_size, S = prompts_per_group;
+    rl/rollout.py). Left-padded prompts: the real slots of row p are [Lp - sum(mask[p]), Lp)."""
+
+    cache: KVCache
+    group_size: int = struct.field(pytree_node=False, default=1)
+    prompts_per_group: int = struct.field(pytree_node=False, default=1)
+
+    def part(self, k: jax.Array, v: jax.Array) -> Part:
+        """This prefix as an attention part, with one layer's k, v [Q S, Lp, KVH, D]."""
+        mask = self.cache.mask
+        lp = mask.shape[1]
+        groups = None if self.group_size == self.prompts_per_group else (self.group_size, self.prompts_per_group)
+        return Part(k, v, mask, start=lp - mask.sum(-1).astype(jnp.int32), end=jnp.full(mask.shape[:1], lp, jnp.int32),
+                    groups=groups)
+
+
 def write_slots(cache: jax.Array, new: jax.Array, index, axis: int = 1) -> jax.Array:
     """cache [..., S, ...] with new [..., L, ...] written at slots [index, index + L) of `axis`."""
     start = [jnp.zeros((), jnp.int32)] * cache.ndim
@@ -100,20 +125,28 @@ def mrope_cos_sin(position_ids: jax.Array, head_dim: int, theta: float,
     return jnp.cos(angles), jnp.sin(angles)
 
 
-def slot_mask(attention_mask: jax.Array, cache_mask: jax.Array | None, index) -> tuple[jax.Array, jax.Array | None]:
-    """Attention mask [B, 1, L, S] over slots, and the updated cache mask [B, S] (None without cache).
+def new_token_mask(attention_mask: jax.Array) -> jax.Array:
+    """[B, L, L] bool: new token i may attend to new token j iff j <= i and j is real (attention_mask [B, L])."""
+    length = attention_mask.shape[1]
+    causal = jnp.arange(length)[None, :] <= jnp.arange(length)[:, None]
+    return attention_mask.astype(bool)[:, None, :] & causal[None]
 
-    attention_mask [B, L] marks the new tokens that are real; they occupy slots index .. index+L-1.
-    """
-    new = attention_mask.astype(bool)
-    length = new.shape[1]
-    if cache_mask is None:
-        keys, q_slot = new, jnp.arange(length)
-    else:
-        cache_mask = write_slots(cache_mask, new, index)
-        keys, q_slot = cache_mask, index + jnp.arange(length)
-    causal = jnp.arange(keys.shape[1])[None, :] <= q_slot[:, None]  # [L, S]
-    return keys[:, None, None, :] & causal[None, None], cache_mask
+
+def attend_joined(q, k, v, mask, parts: list[Part], implementation: str) -> jax.Array:
+    """q [B, L, H, D] over the parts' keys and its own k, v [B, L, KVH, D] joined into one key axis
+    (a shared prefix expanded to the B rows), by `attention(implementation)`: for blocks of new
+    tokens (L > 1), where the keys are a small share of the work. mask [B, L, L] among the new tokens."""
+    keys, values, masks = [], [], []
+    for part in parts:
+        pk, pv, pm = part.k, part.v, part.mask
+        if part.groups is not None:
+            pk, pv, pm = expand_groups((pk, pv, pm), part.groups[1], part.groups[0])
+        keys.append(pk.astype(q.dtype))
+        values.append(pv.astype(q.dtype))
+        masks.append(jnp.broadcast_to(pm[:, None, :], (q.shape[0], q.shape[1], pm.shape[1])))
+    keys, values, masks = keys + [k], values + [v], masks + [mask]
+    return attention(q, jnp.concatenate(keys, 1), jnp.concatenate(values, 1), jnp.concatenate(masks, -1)[:, None],
+                     implementation)
 
 
 class Embedding(nnx.Module):
@@ -147,14 +180,17 @@ class Attention(nnx.Module):
         self.v = Dense(e, self.num_kv_heads * d, axes=("embed", "kv_heads"), **kw)
         self.o = Dense(self.num_heads * d, e, axes=("heads", "embed"), use_bias=False, **kw)
 
-    def __call__(self, x, cos, sin, mask, kv=None, index=None):
-        """x [B, L, E]; cos, sin [B, L, 1, D]; mask [B, 1, L, S]; kv = (k, v) this layer's cache
-        [B, S, KVH, D] or None; the queries attend to it with the new keys and values at slots
-        [index, index + L).
+    def __call__(self, x, cos, sin, mask, parts=None):
+        """x [B, L, E]; cos, sin [B, L, 1, D]; mask [B, L, L] (causal & real) among the new tokens;
+        parts: what they also attend to (`cached_attention.Part`s with this layer's slices of a row
+        cache and of a shared prefix), or None.
 
-        Returns (y [B, L, E], the new (k, v) [B, L, KVH, D] in the cache's dtype, or None). Only the
-        new entries come back: the caller writes them into the stacked cache once, in place, where
-        returning the layer's updated [B, S, ...] slice would copy the whole cache every decode step.
+        Returns (y [B, L, E], the new (k, v) [B, L, KVH, D]). The caller writes the new entries into
+        its cache once, in place: nothing here copies the cache. A decode step (L = 1) attends to
+        the parts and merges them exactly (models/cached_attention.py); a block of new tokens (a
+        prefill into a cache, the update's shared-prefix forward) attends to the cache's keys
+        joined with its own, by `attention` (cuDNN / chunked / XLA, memory-efficient and
+        differentiable).
         """
         b, length, _ = x.shape
         q = constrain(self.q(x).reshape(b, length, self.num_heads, self.head_dim),
@@ -162,14 +198,13 @@ class Attention(nnx.Module):
         k = self.k(x).reshape(b, length, self.num_kv_heads, self.head_dim)
         v = self.v(x).reshape(b, length, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        new = None
-        if kv is not None:  # written at slot index into this layer's slice, then the whole slice attended to
-            new = tuple(n.astype(c.dtype) for c, n in zip(kv, (k, v)))
-            k, v = (constrain(write_slots(c, n, index),
-                              ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim"))
-                    for c, n in zip(kv, new))
-        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.implementation)
-        return self.o(out.reshape(b, length, self.num_heads * self.head_dim)), new
+        if not parts:
+            out = attention(q, k, v, mask[:, None], self.implementation)
+        elif length == 1:
+            out = attend_parts(q, k, v, mask, parts, decode_implementation(self.implementation))
+        else:
+            out = attend_joined(q, k, v, mask, parts, self.implementation)
+        return self.o(out.reshape(b, length, self.num_heads * self.head_dim)), (k, v)
 
 
 class MLP(nnx.Module):
@@ -197,8 +232,8 @@ class DecoderLayer(nnx.Module):
         self.post_attention_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
         self.mlp = MLP(cfg, **kw)
 
-    def __call__(self, x, cos, sin, mask, kv=None, index=None):
-        h, kv = self.attn(self.input_norm(x), cos, sin, mask, kv, index)
+    def __call__(self, x, cos, sin, mask, parts=None):
+        h, kv = self.attn(self.input_norm(x), cos, sin, mask, parts)
         x = x + h
         x = x + self.mlp(self.post_attention_norm(x))
         return constrain(x, ("activation_batch", "activation_length", "activation_embed")), kv
@@ -225,26 +260,48 @@ class LanguageModel(nnx.Module):
         self.remat, self.scan_layers = remat_name(remat), scan_layers
 
     def __call__(self, inputs_embeds: jax.Array, position_ids: jax.Array, attention_mask: jax.Array,
-                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+                 cache: KVCache | None = None, prefix: Prefix | None = None,
+                 read_length: int | None = None) -> tuple[jax.Array, KVCache | None]:
         """inputs_embeds [B, L, E], position_ids [3, B, L], attention_mask [B, L] -> (hidden [B, L, E], cache).
 
-        With a cache the L tokens are written at slots [cache.index, cache.index + L) and the returned
-        cache has index + L; `hidden` is after the final norm.
+        cache: the L tokens attend to its real slots and are written at slots [cache.index,
+        cache.index + L), once, after the layers; the returned cache has index + L. read_length
+        (static): only slots [0, read_length) of the cache are read (0: none, a prefill into an
+        empty cache); the caller guarantees no real token sits at or past it. prefix: a shared
+        prompt cache the L tokens also attend to (`Prefix`). `hidden` is after the final norm.
         """
         x = constrain(inputs_embeds, ("activation_batch", "activation_length", "activation_embed"))
         cos, sin = mrope_cos_sin(position_ids, self.head_dim, self.rope_theta, self.mrope_section)
-        index = None if cache is None else cache.index
-        mask, cache_mask = slot_mask(attention_mask, None if cache is None else cache.mask, index)
+        mask = new_token_mask(attention_mask)
+        read = None if cache is None else (cache.max_length if read_length is None else int(read_length))
+        if read:  # the real slots of a row as one range [first real slot, index) (for the Pallas kernel)
+            read_mask = cache.mask[:, :read]
+            start = jnp.argmax(read_mask, axis=1).astype(jnp.int32)
+            end = jnp.where(read_mask.any(axis=1), jnp.minimum(cache.index, read), 0).astype(jnp.int32)
 
-        def step(layer, x, i, kv):  # kv: this layer's (k, v), a slice of the cache (run_layers' per_layer)
-            return layer(x, cos, sin, mask, kv, index)
+        def step(layer, x, i, kv):  # kv: this layer's slices of the cache and the prefix (run_layers' per_layer)
+            parts = []
+            if read:
+                k, v = kv["cache"]
+                parts.append(Part(k[:, :read], v[:, :read], read_mask, start=start, end=end))
+            if prefix is not None:
+                parts.append(prefix.part(*kv["prefix"]))
+            return layer(x, cos, sin, mask, parts)
 
-        if cache is None:
-            x = run_layers(self.layers, x, lambda layer, x, i: step(layer, x, i, None)[0], scanned=self.scan_layers,
+        if cache is None and prefix is None:  # a plain forward: nothing to read, nothing to keep
+            x = run_layers(self.layers, x, lambda layer, x, i: layer(x, cos, sin, mask)[0], scanned=self.scan_layers,
                            remat=self.remat)
-        else:
-            x, (k, v) = run_layers(self.layers, x, step, scanned=self.scan_layers, remat=self.remat,
-                                   per_layer=(cache.k, cache.v))  # k, v: the new entries [layers, B, L, KVH, D]
-            cache = KVCache(k=write_slots(cache.k, k, cache.index, axis=2), v=write_slots(cache.v, v, cache.index, axis=2),
-                            mask=cache_mask, index=cache.index + x.shape[1])
+            return self.norm(x), None
+        per_layer = {}
+        if read:
+            per_layer["cache"] = (cache.k, cache.v)
+        if prefix is not None:
+            per_layer["prefix"] = (prefix.cache.k, prefix.cache.v)
+        x, (k, v) = run_layers(self.layers, x, step, scanned=self.scan_layers, remat=self.remat,
+                               per_layer=per_layer)  # k, v: the new entries [layers, B, L, KVH, D]
+        if cache is not None:
+            cache = KVCache(k=write_slots(cache.k, k.astype(cache.k.dtype), cache.index, axis=2),
+                            v=write_slots(cache.v, v.astype(cache.v.dtype), cache.index, axis=2),
+                            mask=write_slots(cache.mask, attention_mask.astype(bool), cache.index),
+                            index=cache.index + x.shape[1])
         return self.norm(x), cache

@@ -87,7 +87,7 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (x32 * cos + rotate_half(x32) * sin).astype(dtype)
 
 
-ATTENTION = ("auto", "reference", "xla", "cudnn", "chunked")
+ATTENTION = ("auto", "reference", "xla", "cudnn", "chunked", "pallas")
 QUERY_BLOCK = 512  # query rows per block of the chunked implementation
 
 
@@ -137,9 +137,12 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
 def resolve_attention(implementation: str, dtype, query_length: int) -> str:
     """The implementation `attention` runs: "auto" picks cuDNN flash attention on GPU for bf16 / fp16
     blocks of queries (training, prefill), the chunked XLA form on TPU for long query blocks, and XLA's
-    `jax.nn.dot_product_attention` otherwise (CPU; decode steps)."""
+    `jax.nn.dot_product_attention` otherwise (CPU; decode steps). "pallas" names a decode kernel
+    (`decode_implementation`); blocks of queries run by XLA under it."""
     if implementation not in ATTENTION:
         raise ValueError(f"model.attention={implementation!r}: expected one of {ATTENTION}")
+    if implementation == "pallas":  # a decode kernel (decode_implementation); blocks of queries run by XLA
+        return "xla"
     if implementation != "auto":
         return implementation
     backend = jax.default_backend()
@@ -148,6 +151,18 @@ def resolve_attention(implementation: str, dtype, query_length: int) -> str:
     if backend == "tpu" and query_length > QUERY_BLOCK:
         return "chunked"
     return "xla"
+
+
+def decode_implementation(implementation: str) -> str:
+    """How a decode step (one new token per row) reads its cache parts (models/cached_attention.py):
+    "pallas" runs jax's Pallas GPU decode kernel on the parts it supports (GPU only; it reads each
+    row's filled range of keys); every other setting, "auto" included, the XLA einsums (on CPU and
+    TPU, and on GPU until the kernel is measured there). The kernel is a custom call without a
+    partitioning rule (not checked here: expect XLA to gather its operands when rows are sharded by
+    GSPMD); use it with rows on one device or under shard_map."""
+    if implementation not in ATTENTION:
+        raise ValueError(f"model.attention={implementation!r}: expected one of {ATTENTION}")
+    return "pallas" if implementation == "pallas" else "xla"
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,

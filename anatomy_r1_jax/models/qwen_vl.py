@@ -23,10 +23,11 @@ import numpy as np
 from flax import nnx
 
 from anatomy_r1_jax.models.config import QwenVLConfig
-from anatomy_r1_jax.models.language import KVCache, LanguageModel
+from anatomy_r1_jax.models.language import KVCache, LanguageModel, Prefix
 from anatomy_r1_jax.models.layers import Dense
 from anatomy_r1_jax.models.rope_index import get_rope_index
 from anatomy_r1_jax.models.vision import VisionInputs, VisionTower, vision_inputs
+from anatomy_r1_jax.models.vision_inputs import frame_budgets, pad_pixel_values
 from anatomy_r1_jax.sharding import constrain
 
 
@@ -86,14 +87,17 @@ class QwenVL(nnx.Module):
         return x
 
     def forward(self, input_ids: jax.Array, position_ids: jax.Array, attention_mask: jax.Array,
-                image_embeds: jax.Array | None = None,
-                cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+                image_embeds: jax.Array | None = None, cache: KVCache | None = None, *,
+                prefix: Prefix | None = None, read_length: int | None = None) -> tuple[jax.Array, KVCache | None]:
         """-> (hidden [B, L, E] after the final norm, cache advanced by L or None).
 
         input_ids [B, L]; position_ids [3, B, L] (rope_index); attention_mask [B, L] (1 = real token);
-        image_embeds [N, E] from encode_images; cache from init_cache (prefill and decode alike).
+        image_embeds [N, E] from encode_images; cache from init_cache (prefill and decode alike),
+        read only up to the static `read_length` when given; prefix: a shared prompt cache the
+        tokens also attend to (LanguageModel.__call__).
         """
-        return self.language(self.embed(input_ids, image_embeds), position_ids, attention_mask, cache)
+        return self.language(self.embed(input_ids, image_embeds), position_ids, attention_mask, cache, prefix,
+                             read_length)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [B, L, E] -> logits [B, L, V] in float32 (lm_head, or the tied embedding transposed)."""
@@ -119,6 +123,15 @@ class QwenVL(nnx.Module):
                               spatial_merge_size=cfg.vision.spatial_merge_size, image_token_id=cfg.image_token_id,
                               video_token_id=cfg.video_token_id)
 
+    def vision_batch(self, pixel_values, image_grid_thw) -> tuple[jax.Array, VisionInputs]:
+        """Host-side tower inputs for the processor's pixel_values [P, C*T*p*p] and image_grid_thw
+        [n, 3]: (pixel_values padded to the patch budget, VisionInputs) with attention in rows of the
+        largest frame (`vision_inputs.frame_budgets`), so the tower's cost is linear in the images."""
+        grid = np.asarray(image_grid_thw)
+        patch_budget, frame_budget = frame_budgets(grid, self.config.vision.spatial_merge_size)
+        inputs = vision_inputs(grid, self.config.vision, patch_budget=patch_budget, frame_budget=frame_budget)
+        return jnp.asarray(pad_pixel_values(np.asarray(pixel_values), patch_budget)), inputs
+
     def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                  position_ids=None) -> jax.Array:
         """transformers-style forward -> logits [B, L, V] float32.
@@ -135,8 +148,7 @@ class QwenVL(nnx.Module):
             position_ids, _ = self.position_ids(input_ids, attention_mask, image_grid_thw)
         image_embeds = None
         if pixel_values is not None:
-            inputs = vision_inputs(np.asarray(image_grid_thw), self.config.vision)
-            image_embeds = self.encode_images(jnp.asarray(pixel_values), inputs)
+            image_embeds = self.encode_images(*self.vision_batch(pixel_values, image_grid_thw))
         hidden, _ = self.forward(jnp.asarray(input_ids), jnp.asarray(position_ids), jnp.asarray(attention_mask),
                                  image_embeds)
         return self.logits(hidden)

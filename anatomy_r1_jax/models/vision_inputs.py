@@ -220,6 +220,24 @@ def vision_inputs(image_grid_thw: np.ndarray, cfg: "VisionConfig", patch_budget:
     )
 
 
+def frame_budgets(image_grid_thw: np.ndarray, merge: int) -> tuple[int, int]:
+    """(patch_budget, frame_budget) that keep full attention per frame for images of any sizes:
+    frame_budget R = the largest frame (h * w patches), patch_budget = n * R for the n rows that
+    next-fit packing of the frames in order needs (n <= 2 ceil(P / R) - 1, so at most ~2P + R
+    patches). The tower's cost is then linear in the images, where frame_budget None (one dense row
+    of all P patches) costs P^2 in attention. A host-side helper for callers without a data
+    pipeline's fixed budgets (`QwenVL.__call__`)."""
+    grid = _check_grids(image_grid_thw, merge)
+    sizes = np.repeat(grid[:, 1] * grid[:, 2], grid[:, 0])
+    length = int(sizes.max())
+    rows, fill = 1, 0
+    for size in sizes.tolist():
+        if fill + size > length:
+            rows, fill = rows + 1, 0
+        fill += size
+    return rows * length, length
+
+
 def pad_pixel_values(pixel_values: np.ndarray, num_patches: int) -> np.ndarray:
     """Appends zero rows to `pixel_values [P, C*T*p*p]` up to `num_patches` rows (a patch budget)."""
     pixel_values = np.asarray(pixel_values)

@@ -163,13 +163,14 @@ class Programs:
         return LengthAwareUpdate.build(self, tx, cfg, state, lengths)
 
     # ---- generation ---------------------------------------------------------------------------
-    def rollout(self, cache_dtype=jnp.float32):
+    def rollout(self, cache_dtype=None, read_segments: int = 4):
         """Jitted `(params, frozen, prompts, rng, sampling, group_size, prompts_per_group) ->
-        Completions` (rl/rollout.py generate, its KV cache in `cache_dtype`; the last three static)."""
+        Completions` (rl/rollout.py generate, its KV caches in `cache_dtype`, None = the model's
+        compute dtype, its decode loop in `read_segments` segments; the last three static)."""
 
         def run(params, frozen, batch, rng, cfg, group_size, prompts_per_group):
             return generate(nnx.merge(self.graphdef, params, frozen), batch, rng, cfg, cache_dtype=cache_dtype,
-                            group_size=group_size, prompts_per_group=prompts_per_group)
+                            group_size=group_size, prompts_per_group=prompts_per_group, read_segments=read_segments)
 
         return jax.jit(_traced_under_rules(run, self.mesh, self.rules), static_argnums=(4, 5, 6))
 

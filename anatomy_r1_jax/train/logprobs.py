@@ -5,9 +5,9 @@ forward nor the backward pass holds [N, T, V] float32 logits at once (V = 152k f
 
 Prefix sharing: a prompt batch of S rows per group (Q * S rows for the N = Q * G completions,
 completion row q * G + j continuing prompt row q * S + j % S; see rl/rollout.py) is run through
-the model once per prompt row; its KV cache is expanded to the N rows and the completions attend
-to it. Causal attention makes the prompt's states independent of what follows, so this is the
-same function as N full sequences, at (S Lp + G T) / (G (Lp + T)) of the token work; the
+the model once per prompt row, and the completions attend to its KV cache (models/language.py
+`Prefix`, expanded to the N rows one layer at a time inside the layer). Causal attention makes the
+prompt's states independent of what follows, so this is the same function as N full sequences, at (S Lp + G T) / (G (Lp + T)) of the token work; the
 expansion's backward sums the copies' gradients.
 """
 
@@ -41,8 +41,8 @@ def sequence_hidden(model, prompt: PromptBatch, completion_ids: jax.Array, compl
     n, t = completion_ids.shape
     if p != n:
         s = prompts_per_group(p, n, group_size)
-        hidden, cache, rows = shared_prefill(model, prompt, t, group_size, s)
-        out, _ = model.forward(completion_ids, completion_positions(rows, t), completion_mask, None, cache)
+        hidden, prefix, rows = shared_prefill(model, prompt, group_size, s)
+        out, _ = model.forward(completion_ids, completion_positions(rows, t), completion_mask, prefix=prefix)
         return jnp.concatenate([expand_groups(hidden[:, -1:], s, group_size), out[:, :-1]], axis=1)
     ids = jnp.concatenate([prompt.input_ids, completion_ids], axis=1)
     mask = jnp.concatenate([prompt.attention_mask, completion_mask.astype(prompt.attention_mask.dtype)], axis=1)
