@@ -174,6 +174,8 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: St
     metrics = {"loss": losses.loss_value(parts), "grad_norm": grad_norm,
                "entropy": entropy / jnp.maximum(tokens, 1.0),  # the policy's, per sampled token
                "update_skipped": 1 - opt_state.last_finite.astype(jnp.int32),
+               # since the phase's optimizer began (its state is checkpointed, so a resumed run counts on)
+               "updates_skipped_total": opt_state.total_notfinite, "updates_skipped_consecutive": opt_state.notfinite_count,
                **losses.finalize_metrics(parts.metric_sums)}
     cats = batch.categories.reshape(-1)[::g]
     bad, total = adv_lib.invalid_counts_by_category(invalid, jnp.maximum(cats, 0), cfg.num_categories)
