@@ -242,3 +242,29 @@ def test_no_restorable_checkpoint_stops_with_exit_code_2(tmp_path):
                                f".unreadable/); running the same command again starts from step 0")
     assert sorted(os.listdir(f"{directory}.unreadable")) == ["1", "2", "3"] and os.listdir(directory) == []
     trainer.ckpt.close()
+
+
+def test_a_query_whose_image_was_unreadable_is_masked_out_of_its_step_and_counted():
+    """Trainer._leave_out_unreadable zeroes exactly the completion rows of the groups whose query's
+    image could not be read (micro-batch i holds queries [i * local, (i + 1) * local) of this shard,
+    row p * G + j of it the j-th rollout of its query p), and _unreadable_count counts them."""
+    from anatomy_r1_jax.rl.batch import Completions, TrainBatch
+    from anatomy_r1_jax.train.distributed import DataShard
+    from anatomy_r1_jax.train.trainer import Trainer
+
+    g, m, local = 2, 2, 2
+
+    def micro():
+        ones = np.ones((local * g, 3), np.int32)
+        return TrainBatch(prompt=None, completions=Completions(ids=ones, mask=ones, logps=ones * 0.0,
+                                                               lengths=ones.sum(-1)),
+                          rewards=np.zeros(local * g, np.float32), categories=np.zeros(local * g, np.int32))
+
+    class Stepping:  # what the two methods use of a trainer
+        group_size, shard = g, DataShard()
+        it = type("Iterator", (), {"unreadable": np.array([False, False, False, True])})()
+
+    batches = Trainer._leave_out_unreadable(Stepping(), [micro() for _ in range(m)])
+    np.testing.assert_array_equal(batches[0].completions.mask, np.ones((4, 3)))
+    np.testing.assert_array_equal(batches[1].completions.mask[:, 0], [1, 1, 0, 0])  # query 3: rows 2, 3 of micro 1
+    assert Trainer._unreadable_count(Stepping(), Stepping.it) == 1.0

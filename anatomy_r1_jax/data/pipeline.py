@@ -175,7 +175,7 @@ class _LoadQuery:
     def _stand_in(self, record: Record) -> ImageFeatures:
         """Blank images of the processor's smallest size, one per image of `record` (fewer patches
         than any image that passed the validation, so every budget still holds)."""
-        side = int(np.ceil(np.sqrt(self.image_processor.min_pixels)))
+        side = int(np.ceil(np.sqrt(self.image_processor.size["shortest_edge"])))  # its min_pixels
         blank = Image.new("RGB", (side, side))
         out = self.image_processor(images=[blank] * len(record.images), return_tensors="np")
         return ImageFeatures(np.asarray(out["pixel_values"], np.float32), np.asarray(out["image_grid_thw"], np.int64))

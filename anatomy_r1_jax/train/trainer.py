@@ -162,6 +162,7 @@ class Trainer:
         base = experiment.adapter_base(c, c.sft.steps + 1, "") if self.lora.enabled else {}
         self.ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=c.train.keep_checkpoints,
                                  preserve=(base["base_step"],) if "base_step" in base else ())
+        self.saved = 0  # the newest step this run checkpointed or resumed from
 
     # ---- compiled functions ------------------------------------------------------------------
     def _compile(self):
@@ -524,7 +525,6 @@ class Trainer:
         """The loop: resumes from the last complete checkpoint, trains to sft.steps + train.steps.
         Whatever ends it (also an exception), in-flight checkpoint saves finish before it returns,
         so no half-written step is left behind."""
-        self.saved = 0
         start = self.restore()
         faults.reached("start", start)
         writer = MetricsWriter(self.workdir, resume_step=start if start else None) if distributed.is_primary() else None
