@@ -151,3 +151,20 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     mesh, rules = active
     spec = _fit(logical_to_spec(axes, rules, mesh), x.shape, mesh)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def map_rows(fn, *args):
+    """fn(*args) run on each device's own rows: under `use_rules`, every argument's leading axis
+    split over the mesh axes of `activation_batch` and fn applied per block (`jax.shard_map`), the
+    outputs' leading axes joined again; fn(*args) outside the rules or when the rows do not split.
+    For row-wise functions that XLA's partitioner would otherwise run on gathered rows (its TopK,
+    the sampler's top-k, is not split along the batch axis). None arguments pass through."""
+    active = _ACTIVE.get()
+    if active is None:
+        return fn(*args)
+    mesh, rules = active
+    rows = next(a.shape[0] for a in args if a is not None)
+    spec = _fit(logical_to_spec((BATCH,), rules, mesh), (rows,), mesh)
+    if not len(spec) or spec[0] is None:
+        return fn(*args)
+    return jax.shard_map(fn, mesh=mesh, in_specs=P(spec[0]), out_specs=P(spec[0]), check_vma=False)(*args)

@@ -94,6 +94,10 @@ def get_config(arg=None):
         # (zero weight in the loss, which is normalised by the valid groups).
         dynamic_sampling="off",
         max_resample_rounds=1,
+        # Queries per rollout call (0: all of the step's in one call, however many micro-batches the
+        # update takes): each call reads every weight once per generated token, so fewer, larger calls
+        # decode faster; smaller ones hold a smaller KV cache. Must divide train.batch_size.
+        rollout_batch_size=0,
     )
 
     # The rest of the precision policy (train/precision.py): the dtype gradients are accumulated in, AdamW's
@@ -149,4 +153,15 @@ def get_config(arg=None):
                         ("activation_vocab", "tensor"),
                         ("embed", "fsdp"), ("vision_embed", "fsdp"), ("mlp", "tensor"), ("vision_mlp", "tensor"),
                         ("heads", "tensor"), ("vision_heads", "tensor"), ("kv_heads", "tensor"), ("vocab", "tensor")]
+    # The rollout's layout, apart from training's: the decode loop reads every weight once per token, so
+    # weights sharded over fsdp would be all-gathered on every generated token. Before each step's
+    # rollout the weights are resharded once onto these rules (here: replicated over data and fsdp,
+    # tensor-parallel over `tensor`; rows over data x fsdp), on `rollout_mesh` ([] = the training mesh;
+    # e.g. [("data", -1), ("tensor", 2)] decodes a model too large for one device tensor-parallel over
+    # pairs). The evaluation's answering uses the same layout.
+    c.rollout_mesh = []
+    c.rollout_sharding_rules = [("activation_batch", ("data", "fsdp")), ("activation_mlp", "tensor"),
+                                ("activation_heads", "tensor"), ("activation_kv_heads", "tensor"),
+                                ("mlp", "tensor"), ("vision_mlp", "tensor"), ("heads", "tensor"),
+                                ("vision_heads", "tensor"), ("kv_heads", "tensor"), ("vocab", "tensor")]
     return c

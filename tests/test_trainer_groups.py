@@ -114,13 +114,17 @@ def answer_a(call, k, prompt):
     return f"<think>{call}</think><answer>A</answer>"
 
 
-def test_gdqa_pooling_rows_prompts_rewards_and_records_line_up(trainer, monkeypatch):
+@pytest.mark.parametrize("rollout_batch_size", [0, 2])
+def test_gdqa_pooling_rows_prompts_rewards_and_records_line_up(trainer, monkeypatch, rollout_batch_size):
     """GDQA variants on every group (trigger "always", 2 option orders per group of G = 4: S = 2
     prompt rows per group). The policy answers "A", so a row is right exactly when its prompt's
     option A is its query's answer: each row's reward must be that of its own prompt row
-    (q * S + j % S), of its own query (micro-batch slices in order)."""
-    _, records = _use(trainer, monkeypatch, answer_a, **{"gdqa.trigger": "always", "gdqa.kinds": ("permute",)})
+    (q * S + j % S), of its own query (micro-batch slices in order), whether the step's 4 queries
+    are rolled out in one call (rl.rollout_batch_size=0) or in one call per micro-batch of 2."""
+    policy, records = _use(trainer, monkeypatch, answer_a, **{"gdqa.trigger": "always", "gdqa.kinds": ("permute",),
+                                                              "rl.rollout_batch_size": rollout_batch_size})
     batches, out = trainer._grpo_batches(step=5)
+    assert [len(rows) for rows in policy.prompts] == ([4 * G] if rollout_batch_size == 0 else [2 * G, 2 * G])
     assert out["prompts_per_group"] == 2.0 and out["gdqa_triggered"] == 1.0
     expected_all, swapped_all = [], []
     for i, b in enumerate(batches):
@@ -147,7 +151,7 @@ def test_online_reroll_replaces_exactly_the_all_equal_groups(trainer, monkeypatc
         return "oops" if (call, k) in diverge else answer_a(call, k, prompt)
 
     policy, records = _use(trainer, monkeypatch, answer, **{"gdqa.trigger": "online", "gdqa.kinds": ("permute",),
-                                                            "gdqa.num_variants": 4})
+                                                            "gdqa.num_variants": 4, "rl.rollout_batch_size": 2})
     batches, out = trainer._grpo_batches(step=7)
     assert len(policy.prompts) == 3  # 2 micro-batch rollouts + 1 re-roll (max_rerolls = 1)
     calls = [[_call(t) if t != "oops" else -1 for t in _rows(trainer, b)[1]] for b in batches]
@@ -170,6 +174,35 @@ def test_online_reroll_replaces_exactly_the_all_equal_groups(trainer, monkeypatc
     assert trainer.gdqa.last_all_equal[records[1].id] is (len(set(rerolled)) == 1)
 
 
+def test_one_rollout_call_per_step_feeds_every_micro_batch(trainer, monkeypatch):
+    """rl.rollout_batch_size=0 (the default): the step's 4 queries are rolled out in one call, and
+    so are the re-rolls, whatever train.micro_batches (2 here); the update's micro-batches are that
+    call's groups in order. GDQA online: rows "oops" make group 0 (row 0) and group 2 (row 2G) of
+    the call diverge, so the one re-roll call (call 1, all 4 groups, padding included) must replace
+    exactly groups 1 and 3, i.e. group 1 of each micro-batch."""
+    diverge = {(0, 0), (0, 2 * G)}
+
+    def answer(call, k, prompt):
+        return "oops" if (call, k) in diverge else answer_a(call, k, prompt)
+
+    policy, records = _use(trainer, monkeypatch, answer, **{"gdqa.trigger": "online", "gdqa.kinds": ("permute",),
+                                                            "gdqa.num_variants": 4})
+    batches, out = trainer._grpo_batches(step=7)
+    assert [len(rows) for rows in policy.prompts] == [4 * G, 4 * G]  # the step's rollout, then its re-roll
+    assert len(batches) == 2
+    calls = [[_call(t) if t != "oops" else -1 for t in _rows(trainer, b)[1]] for b in batches]
+    assert calls == [[-1] + [0] * (G - 1) + [1] * G] * 2
+    for i, b in enumerate(batches):
+        prompts, texts, rewards, s = _rows(trainer, b)
+        for p in range(2):
+            query = records[2 * i + p]
+            assert all(query.question in prompts[k] for k in range(p * G, (p + 1) * G))
+            expected = [_reward_of_a(prompts[k], query) if texts[k] != "oops" else 0.0
+                        for k in range(p * G, (p + 1) * G)]
+            np.testing.assert_array_equal(rewards[p * G:(p + 1) * G], expected)
+    assert out["gdqa/rerolled_groups"] == 2.0 and out["gdqa/reroll_rows"] == 4 * G
+
+
 @pytest.mark.parametrize("rounds", [1, 3])
 def test_dynamic_resample_rerolls_the_same_prompts_for_bounded_rounds(trainer, monkeypatch, rounds):
     """rl.dynamic_sampling="resample": all-equal groups are rolled out again from the same prompts
@@ -186,7 +219,7 @@ def test_dynamic_resample_rerolls_the_same_prompts_for_bounded_rounds(trainer, m
         return f"<think>{call}</think><answer>{'A' if r == 0 else 'B'}</answer>"
 
     policy, _ = _use(trainer, monkeypatch, answer, **{"rl.dynamic_sampling": "resample",
-                                                      "rl.max_resample_rounds": rounds})
+                                                      "rl.max_resample_rounds": rounds, "rl.rollout_batch_size": 2})
     batches, out = trainer._grpo_batches(step=9)
     assert len(policy.prompts) == 2 + 2 * rounds
     for i, b in enumerate(batches):

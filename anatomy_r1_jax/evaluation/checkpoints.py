@@ -30,7 +30,7 @@ from flax import nnx
 from anatomy_r1_jax import sharding
 from anatomy_r1_jax.models import QwenVL, QwenVLConfig, lora, model_options
 from anatomy_r1_jax.train import experiment
-from anatomy_r1_jax.train.partitioning import place_state, split_model
+from anatomy_r1_jax.train.partitioning import place_state, rollout_layout, split_model
 
 log = logging.getLogger(__name__)
 
@@ -119,14 +119,18 @@ def _tokenizer_and_image_processor(config, workdir: str | None):
         return tokenizer, experiment.build_image_processor(config, tokenizer)
 
 
-def build_setup(config, workdir: str | None, *, mesh=None) -> ModelSetup:
+def build_setup(config, workdir: str | None, *, mesh=None, rollout: bool = False) -> ModelSetup:
     """Tokenizer, image processor, mesh and the model of `config`, built abstractly (no memory,
     nothing loaded); `base_state` or `restore_model_state` then give it values.
 
-    workdir: the run whose tiny tokenizer to use (None: none; nothing is written there)."""
+    workdir: the run whose tiny tokenizer to use (None: none; nothing is written there).
+    rollout: the weights on the rollout's layout (config.rollout_mesh, rollout_sharding_rules), as
+    the trainer answers with them (evaluation), instead of the training layout (export)."""
     c = config
     mesh = mesh if mesh is not None else sharding.make_mesh([tuple(a) for a in c.mesh])
     rules = [tuple(r) for r in c.sharding_rules]
+    if rollout:
+        mesh, rules = rollout_layout(c, mesh)
     tokenizer, image_processor = _tokenizer_and_image_processor(c, workdir)
     if c.model.path:
         dtypes = experiment.DTYPES

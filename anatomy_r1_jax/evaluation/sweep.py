@@ -128,7 +128,7 @@ def run_sweep(config, checkpoints: Sequence[str], datasets: Sequence[str], out_d
     if len(set(names)) != len(names):
         raise ValueError(f"two checkpoints share a name in {names}; name them with NAME=PATH")
     # The tiny tokenizer of the first run among the checkpoints (read there, never written).
-    setup = build_setup(config, next((r.workdir for r in refs if r.workdir), None), mesh=mesh)
+    setup = build_setup(config, next((r.workdir for r in refs if r.workdir), None), mesh=mesh, rollout=True)
     data = [load_dataset(spec, config, out_dir, limit) for spec in datasets]
     if len({d.name for d in data}) != len(data):
         raise ValueError(f"two datasets share a name in {[d.name for d in data]}; name them with NAME=SPEC")

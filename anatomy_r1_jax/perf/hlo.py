@@ -75,3 +75,49 @@ def _async_result(shape: str) -> str:
 def total(stats: dict[str, dict[str, int]]) -> tuple[int, int]:
     """(count, bytes) summed over kinds."""
     return sum(s["count"] for s in stats.values()), sum(s["bytes"] for s in stats.values())
+
+
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?(?P<name>[\w.\-]+)\s.*\{\s*$")
+_WHILE_BODY = re.compile(r"\swhile\(.*\bbody=%?(?P<body>[\w.\-]+)")
+_CALLED = re.compile(r"\b(?:to_apply|body|condition|calls|branch_computations|called_computations)="
+                     r"(?P<names>\{[^}]*\}|%?[\w.\-]+)")
+
+
+def computations(hlo_text: str) -> dict[str, str]:
+    """{name: text} of every computation of an HLO module's text."""
+    out, name, lines = {}, None, []
+    for line in hlo_text.splitlines():
+        if name is None:
+            m = _COMPUTATION.match(line)
+            if m and not line.startswith(("HloModule", " ")):
+                name, lines = m.group("name"), []
+        elif line.startswith("}"):
+            out[name], name = "\n".join(lines), None
+        else:
+            lines.append(line)
+    return out
+
+
+def _callees(text: str) -> set[str]:
+    names = set()
+    for m in _CALLED.finditer(text):
+        names.update(n.strip().lstrip("%") for n in m.group("names").strip("{}").split(","))
+    return names
+
+
+def loop_body_text(hlo_text: str, dynamic_only: bool = False) -> str:
+    """The text of every while loop's body and of all it calls: what runs once per iteration
+    (`collective_stats` of it counts the collectives inside loops). dynamic_only: only loops
+    whose trip count XLA does not know, i.e. not a scan (over layers, micro-batches) but a
+    `lax.while_loop` that may exit early: the rollout's token loop."""
+    comps = computations(hlo_text)
+    todo = {m.group("body") for text in comps.values() for line in text.splitlines()
+            if (m := _WHILE_BODY.search(line)) and not (dynamic_only and "known_trip_count" in line)}
+    seen: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in comps:
+            continue
+        seen.add(name)
+        todo |= _callees(comps[name])
+    return "\n".join(comps[n] for n in sorted(seen))

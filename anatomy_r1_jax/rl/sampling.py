@@ -9,9 +9,12 @@ GRPO loss recomputes from logits / temperature.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
+
+from anatomy_r1_jax import sharding
 
 NEG_INF = -jnp.inf
 
@@ -54,7 +57,20 @@ def sample_token(rng: jax.Array, logits: jax.Array, cfg: SamplingConfig) -> tupl
     logits [B, V] float32. Returns (tokens [B] int32, logp [B] = log softmax(logits / T)[token]).
     The forbidden ids are never drawn, but logp is taken over the unfiltered vocabulary: that is the
     distribution the training forward recomputes.
+
+    The draw is jax.random.categorical's (argmax of the candidates' logits + Gumbel noise), the noise
+    made for all B rows at once, so a row's token does not depend on how rows are split over
+    devices; the filtering and the draw run on each device's own rows (`sharding.map_rows`: XLA
+    would gather every row of [B, V] for the top-k otherwise).
     """
+    b, v = logits.shape
+    k = min(cfg.top_k, v) if cfg.top_k > 0 else v
+    noise = None if cfg.greedy else jax.random.gumbel(rng, (b, k), jnp.float32)
+    return sharding.map_rows(functools.partial(_sample_rows, cfg=cfg), logits, noise)
+
+
+def _sample_rows(logits: jax.Array, noise: jax.Array | None, cfg: SamplingConfig) -> tuple[jax.Array, jax.Array]:
+    """`sample_token` of rows [b, V] given their Gumbel noise [b, K] (K = top_k, or V; None: greedy)."""
     scaled = logits / (1.0 if cfg.greedy else cfg.temperature)
     full_logp = jax.nn.log_softmax(scaled, axis=-1)
     logits = mask_forbidden(logits, cfg.forbidden_ids)
@@ -65,13 +81,13 @@ def sample_token(rng: jax.Array, logits: jax.Array, cfg: SamplingConfig) -> tupl
         if cfg.top_k > 0:
             # Filter inside the k best only: top-p over the survivors of top-k is exact and avoids
             # sorting the whole vocabulary.
-            cand_logits, cand_ids = jax.lax.top_k(scaled, min(cfg.top_k, scaled.shape[-1]))
+            cand_logits, cand_ids = jax.lax.top_k(scaled, noise.shape[-1])
         else:
             cand_ids = jnp.argsort(-scaled, axis=-1)
             cand_logits = jnp.take_along_axis(scaled, cand_ids, axis=-1)
         if cfg.top_p < 1.0:
             cand_logits = _top_p_filter(cand_logits, cfg.top_p)
-        choice = jax.random.categorical(rng, cand_logits, axis=-1)
+        choice = jnp.argmax(noise + cand_logits, axis=-1)
         tokens = jnp.take_along_axis(cand_ids, choice[:, None], axis=-1)[:, 0]
     tokens = tokens.astype(jnp.int32)
     return tokens, jnp.take_along_axis(full_logp, tokens[:, None], axis=-1)[:, 0]

@@ -37,7 +37,7 @@ from anatomy_r1_jax.models import lora
 from anatomy_r1_jax.rl.batch import TrainBatch
 from anatomy_r1_jax.rl.rollout import generate
 from anatomy_r1_jax.rl.sampling import SamplingConfig
-from anatomy_r1_jax.train.partitioning import place_state, split_model
+from anatomy_r1_jax.train.partitioning import place_state, rollout_layout, split_model
 from anatomy_r1_jax.train.precision import Precision, init_optimizer
 from anatomy_r1_jax.train.step import StepConfig, TrainState, policy_logps, train_step
 
@@ -62,8 +62,9 @@ class Programs:
     rules: tuple
 
     @classmethod
-    def create(cls, graphdef, mesh, rules) -> "Programs":
-        sharding.check_rules(rules)
+    def create(cls, graphdef, mesh, rules, field: str = "sharding_rules") -> "Programs":
+        """`field`: the config field the rules come from (named when one is refused)."""
+        sharding.check_rules(rules, field)
         return cls(graphdef, mesh, tuple(tuple(r) for r in rules))
 
     @property
@@ -171,6 +172,14 @@ class Programs:
             return generate(nnx.merge(self.graphdef, params, frozen), batch, rng, cfg)
 
         return jax.jit(_traced_under_rules(run, self.mesh, self.rules))
+
+
+def rollout_programs(config, graphdef, mesh) -> Programs:
+    """The rollout's programs, on a layout of their own: config.rollout_mesh ([] = the training
+    `mesh`) under config.rollout_sharding_rules. The decode loop reads every weight once per token,
+    so the trainer reshards the weights onto this layout once per step (replicated, or
+    tensor-parallel over a few devices) instead of all-gathering fsdp shards on every token."""
+    return Programs.create(graphdef, *rollout_layout(config, mesh), field="rollout_sharding_rules")
 
 
 def _shardings(tree):

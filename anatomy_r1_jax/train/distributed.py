@@ -113,6 +113,16 @@ def data_shard(mesh: Mesh, rules) -> DataShard:
     return DataShard(rows[0] // size, n // size)
 
 
+def check_same_data_shard(shard: DataShard, mesh: Mesh, rules, field: str = "rollout_sharding_rules") -> None:
+    """Raises one line unless `rules` on `mesh` give this process the batch rows `shard` (the
+    training layout's) does: each host collates its own queries for the rollout and the update alike."""
+    other = data_shard(mesh, rules)
+    if other != shard:
+        raise ValueError(f"config {field}: process {jax.process_index()} would hold block {other.index} of "
+                         f"{other.count} of the rollout's rows but block {shard.index} of {shard.count} of the "
+                         f"update's: map 'activation_batch' to mesh axes that split the hosts as training does")
+
+
 def to_host(tree):
     """Global arrays -> NumPy on every process (jax.device_get of arrays other hosts hold part of)."""
     if jax.process_count() == 1:

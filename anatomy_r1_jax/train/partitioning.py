@@ -32,6 +32,15 @@ def split_model(model: nnx.Module, freeze_vision: bool, trains: str | None = Non
     return nnx.split(model, trainable, ...)
 
 
+def rollout_layout(config, mesh: Mesh) -> tuple[Mesh, list]:
+    """(mesh, rules) of the rollout: config.rollout_mesh ([] = the training `mesh`) and
+    config.rollout_sharding_rules (checked). Decoding reads every weight once per token, so it has a
+    layout of its own (weights replicated or tensor-parallel, rows over the rest; configs/default.py)."""
+    rules = [tuple(r) for r in config.rollout_sharding_rules]
+    sharding.check_rules(rules, "rollout_sharding_rules")
+    return (sharding.make_mesh([tuple(a) for a in config.rollout_mesh]) if config.rollout_mesh else mesh), rules
+
+
 def place_state(tree, mesh: Mesh, rules):
     """device_put an nnx State onto the shardings its `axes` metadata and the rules give."""
     return jax.device_put(tree, sharding.state_shardings(tree, mesh, rules))

@@ -46,8 +46,8 @@ from anatomy_r1_jax.rl.sampling import sampling_config
 from anatomy_r1_jax.train import distributed, experiment, faults, preemption
 from anatomy_r1_jax.train.checkpoint import Checkpointer, UnreadableCheckpoint
 from anatomy_r1_jax.train.metrics import MetricsWriter, plot_curves, read_metrics, update_metrics
-from anatomy_r1_jax.train.compiled import Programs, run_iterations
-from anatomy_r1_jax.train.partitioning import put_batch, shard_rows, split_model
+from anatomy_r1_jax.train.compiled import Programs, rollout_programs, run_iterations
+from anatomy_r1_jax.train.partitioning import place_state, put_batch, shard_rows, split_model
 from anatomy_r1_jax.train.precision import Precision
 from anatomy_r1_jax.train.schedules import phase_optimizers, phase_schedules
 from anatomy_r1_jax.train.step import StepConfig
@@ -60,6 +60,34 @@ CURVES = ("reward/total", "reward/format", "reward/accuracy", "eval/accuracy", "
 
 def _stack(items):
     return jax.tree.map(lambda *xs: np.stack(xs), *items)
+
+
+def rollout_calls(batch_size: int, rollout_batch_size: int, shards: int) -> int:
+    """R, a GRPO step's rollout calls: train.batch_size / rl.rollout_batch_size queries each (0: one
+    call). Raises one line when the sizes do not divide (each call holds every data shard's part)."""
+    size = rollout_batch_size or batch_size
+    if size < 1 or batch_size % size or size % shards:
+        raise ValueError(f"config rl.rollout_batch_size={rollout_batch_size} must divide train.batch_size="
+                         f"{batch_size} and be a multiple of the {shards} data shards (hosts) of the mesh (0: one "
+                         f"rollout call per step)")
+    return batch_size // size
+
+
+def step_order(shards: int, local: int, parts_from: int, parts_to: int) -> np.ndarray:
+    """A step's shards x local queries (each shard's in its pipeline order) in the order of
+    `parts_to` parts, as indices into their order in `parts_from` parts. In P parts, part by part
+    and in each the shards' local parts in turn (`Trainer._step_records`), query i of shard h sits
+    at (i // (local / P)) * shards * local / P + h * local / P + i % (local / P). Returns idx [B]:
+    the k-th query of the `parts_to` order is the idx[k]-th of the `parts_from` order."""
+    h, i = np.divmod(np.arange(shards * local), local)
+
+    def position(parts):
+        per = local // parts
+        return (i // per) * shards * per + h * per + i % per
+
+    order = np.empty(shards * local, np.int64)
+    order[position(parts_to)] = position(parts_from)
+    return order
 
 
 def _nan_rewards_where_planned(update):
@@ -120,16 +148,22 @@ class Trainer:
         self.lora = lora.LoraConfig.from_config(c.model)
         first = "sft" if c.sft.steps > 0 else "grpo"
         self.graphdef, params, frozen = split_model(model, c.model.freeze_vision, self.lora.trains(first))
+        self.programs = Programs.create(self.graphdef, self.mesh, self.rules)
+        # The rollout's own layout (config.rollout_mesh / rollout_sharding_rules): the weights resharded
+        # onto it once per step (`_rollout_weights`), so the decode loop holds no weight collective.
+        self.rollout_programs = rollout_programs(c, self.graphdef, self.mesh)
+        distributed.check_same_data_shard(self.shard, self.rollout_programs.mesh, self.rollout_programs.rules)
+        self._rollout_cache: tuple | None = None  # (the params it was made from, (params, frozen) resharded)
         # Held-out evaluation is scripts/evaluate.py's evaluator (greedy answers, compiled once),
-        # batched like a GRPO step's rows.
+        # batched like a GRPO step's rows, on the rollout's layout.
         self.evaluator = Evaluator(self.graphdef, self.collator, self.image_processor, self.tokenizer, self.sampling,
-                                   self.mesh, self.rules, EvalSettings(batch_size=c.train.batch_size * self.group_size,
-                                                                       accuracy=self.accuracy_key))
+                                   self.rollout_programs.mesh, self.rollout_programs.rules,
+                                   EvalSettings(batch_size=c.train.batch_size * self.group_size,
+                                                accuracy=self.accuracy_key))
         # Per-question correctness of the evaluation at the start of GRPO (the warm-up's last):
         # {"step", "correct": {id: 0/1}}; every later evaluation reports its paired gain against it.
         # Saved in every checkpoint's meta, so a resumed run keeps it.
         self.eval_start: dict | None = None
-        self.programs = Programs.create(self.graphdef, self.mesh, self.rules)
         self.schedules, self.tx = phase_schedules(c), phase_optimizers(c)
         # A LoRA run holds no reference copy: its reference is the base model (adapters off).
         self.kl_reference = c.rl.beta != 0 and not self.lora.enabled
@@ -155,7 +189,7 @@ class Trainer:
         self.pipeline = QueryPipeline(self.data.train, batch_size=c.train.batch_size // shards,
                                       image_processor=self.image_processor,
                                       order_fn=lambda epoch: order(epoch=epoch), seed=c.seed,
-                                      shard_block=c.train.batch_size // c.train.micro_batches // shards, **shard)
+                                      shard_block=c.train.batch_size // self._rollout_calls() // shards, **shard)
         self.it = iter(self.pipeline)
         self.it_sft = iter(self.pipeline_sft) if self.pipeline_sft is not None else None
         # The base a LoRA run's GRPO checkpoints name (the full warm-up's last checkpoint) is kept.
@@ -180,7 +214,7 @@ class Trainer:
         sft = StepConfig(objective="sft", advantage="none", group_size=1, beta=0.0, **{**common, "temperature": 1.0})
         self.step_configs, self.updates = {"grpo": grpo, "sft": sft}, {}
         self.old_logps = self.programs.old_logps(grpo)
-        self.rollout = self.programs.rollout()
+        self.rollout = self.rollout_programs.rollout(cache_dtype=self.precision.compute_dtype)
 
     def _update(self, phase: str):
         """The compiled update of `phase` ("sft" | "grpo"), built once, for the state that phase trains."""
@@ -202,14 +236,19 @@ class Trainer:
         joined = self.collator.concat(self.shard.gather(batch.replace(pixel_values=batch.pixel_values[:, :1])))
         return shard_rows(joined, self.shard.index, self.shard.count).replace(pixel_values=batch.pixel_values)
 
-    def _step_records(self, queries, micro_batches: int):
-        """The records of a step's queries on all data shards, in one process's order: micro-batch by
-        micro-batch, each the shards' parts in turn (the pipelines' shard_block layout)."""
+    def _rollout_calls(self) -> int:
+        """R, the rollout calls of a GRPO step (`rollout_calls` of the config)."""
+        c = self.config
+        return rollout_calls(c.train.batch_size, c.rl.rollout_batch_size, self.shard.count)
+
+    def _step_records(self, queries, parts: int):
+        """The records of a step's queries on all data shards, in the order of `parts` parts (rollout
+        calls, micro-batches): part by part, each the shards' local parts in turn (`step_order`)."""
         if self.shard.count == 1:
             return [q.record for q in queries]
-        parts = self.shard.gather(np.array([q.index for q in queries], np.int64))
-        per = len(queries) // micro_batches
-        return [self.data.train[i] for m in range(micro_batches) for part in parts for i in part[m * per:(m + 1) * per]]
+        local = self.shard.gather(np.array([q.index for q in queries], np.int64))
+        per = len(queries) // parts
+        return [self.data.train[i] for m in range(parts) for part in local for i in part[m * per:(m + 1) * per]]
 
     def decode(self, completions: Completions) -> list[str]:
         return decode_completions(self.tokenizer, completions.ids, completions.mask, self.sampling.eos_ids)
@@ -221,7 +260,7 @@ class Trainer:
         """Greedy answers to `records` by the evaluator scripts/evaluate.py uses, scored by
         evaluation/scoring.py. Returns (eval/* metrics: accuracy with its Wilson 95% interval, strict
         accuracy, format rate, n; per-question correctness {id: 0/1})."""
-        greedy, _ = self.evaluator.answer(self.state.params, self.state.frozen, records)
+        greedy, _ = self.evaluator.answer(*self._rollout_weights(), records)
         outcomes = score(records, greedy, None, self.evaluator.settings.accuracy)
         summary = summarize(outcomes)
         accuracy = summary["accuracy"]
@@ -282,9 +321,21 @@ class Trainer:
         [q * G])."""
         g = len(groups[0])
         batch = self._prompt_batch(groups, images, prompts_per_group)
-        comp = distributed.to_host(self.rollout(self.state.params, self.state.frozen, self._place(batch), key,
-                                                self.sampling, g, prompts_per_group))
+        layout = self.rollout_programs
+        placed = put_batch(batch, layout.mesh, layout.rules, False, self.shard.count)
+        comp = distributed.to_host(self.rollout(*self._rollout_weights(), placed, key, self.sampling, g,
+                                                prompts_per_group))
         return batch, comp, [r for grp in groups for r in grp], self.decode(comp)
+
+    def _rollout_weights(self):
+        """(params, frozen) resharded onto the rollout's layout, once per state: a step's rollout
+        calls, its re-rolls and an evaluation of the same weights share one copy (dropped before the
+        update, `grpo_iteration`). The decode loop then reads weights local to each device."""
+        if self._rollout_cache is None or self._rollout_cache[0] is not self.state.params:
+            layout = self.rollout_programs
+            self._rollout_cache = (self.state.params, (place_state(self.state.params, layout.mesh, layout.rules),
+                                                       place_state(self.state.frozen, layout.mesh, layout.rules)))
+        return self._rollout_cache[1]
 
     def calibrate_gdqa(self) -> float:
         """GDQA's calibration, once, before the first GRPO step (also when the run resumes from a
@@ -306,14 +357,15 @@ class Trainer:
         steps = min(steps, c.gdqa.calibration_steps) if c.gdqa.calibration_steps > 0 else steps
         resume_at = self.it.get_state()
         key = jax.random.key(c.seed + 1_000_003)
-        per_micro = c.train.batch_size // c.train.micro_batches
+        calls = self._rollout_calls()
+        per_call = c.train.batch_size // calls
         ids, rewards, correct = [], [], []
-        local = per_micro // self.shard.count
+        local = per_call // self.shard.count
         for step in tqdm(range(steps), desc="GDQA calibration", leave=False, disable=not distributed.is_primary()):
             queries = next(self.it)
-            records = self._step_records(queries, c.train.micro_batches)
-            for m, i in enumerate(range(0, len(records), per_micro)):
-                chunk = records[i:i + per_micro]
+            records = self._step_records(queries, calls)
+            for m, i in enumerate(range(0, len(records), per_call)):
+                chunk = records[i:i + per_call]
                 groups = [[r] * g for r in chunk]
                 _, _, rows, texts = self._rollout_groups(groups, [q.images for q in queries[m * local:(m + 1) * local]],
                                                          jax.random.fold_in(key, step * len(records) + i),
@@ -328,51 +380,56 @@ class Trainer:
         return hard / max(len(ids), 1)
 
     def _grpo_batches(self, step: int) -> tuple[list[TrainBatch], dict]:
-        """A GRPO step's host side: its queries -> GDQA variants -> rollout per micro-batch ->
-        rewards -> re-rolls of all-equal groups (GDQA online / dynamic sampling, methods/reroll.py)
-        -> the M TrainBatches of the update (host arrays; row p * G + j of micro-batch i is the
-        j-th rollout of its group p, its reward and record aligned; S prompt rows per group, one
-        S for the whole step) and the step's metrics."""
+        """A GRPO step's host side: its queries -> GDQA variants -> R rollout calls (one by default:
+        rl.rollout_batch_size, apart from the update's micro-batches) -> rewards -> re-rolls of
+        all-equal groups (GDQA online / dynamic sampling, methods/reroll.py; the calls' shapes) ->
+        the M TrainBatches of the update (host arrays; row p * G + j of micro-batch i is the j-th
+        rollout of its group p, its reward and record aligned; S prompt rows per group, one S for the
+        whole step) and the step's metrics."""
         c, g = self.config, self.group_size
         t0 = time.perf_counter()
         queries = next(self.it)  # this data shard's
         rng = np.random.default_rng([c.seed, step])
         key = jax.random.fold_in(jax.random.key(c.seed), step)
-        m = c.train.micro_batches
-        records = self._step_records(queries, m)  # all shards'
-        per_micro, local = len(records) // m, len(queries) // m
-        images = [[q.images for q in queries[i * local:(i + 1) * local]] for i in range(m)]
-        chunks = [records[i * per_micro:(i + 1) * per_micro] for i in range(m)]
+        calls, m = self._rollout_calls(), c.train.micro_batches
+        records = self._step_records(queries, calls)  # all shards', call by call
+        per_call, local = len(records) // calls, len(queries) // calls
+        images = [[q.images for q in queries[i * local:(i + 1) * local]] for i in range(calls)]
+        chunks = [records[i * per_call:(i + 1) * per_call] for i in range(calls)]
         groups_all = [[assign_group_variants(r, g, self.gdqa, rng) for r in chunk] for chunk in chunks]
         triggered = sum(self.gdqa.is_triggered(r.id) for r in records)
-        s = self._prompts_per_group([grp for groups in groups_all for grp in groups])  # one S for all micro-batches
+        s = self._prompts_per_group([grp for groups in groups_all for grp in groups])  # one S for all calls
         score = lambda texts, rows: compute_rewards(texts, rows, dict(c.rl.rewards))[0]  # noqa: E731
-        micro = []
+        rolled = []
         for i, groups in enumerate(groups_all):
             batch, comp, rows, texts = self._rollout_groups(groups, images[i], jax.random.fold_in(key, i), s)
-            micro.append(MicroRollout(groups, comp, texts, score(texts, rows), prompt=(batch, s)))
+            rolled.append(MicroRollout(groups, comp, texts, score(texts, rows), prompt=(batch, s)))
         t_rollout = time.perf_counter() - t0
-        tokens_rolled = sum(int(np.asarray(mr.completions.mask).sum()) for mr in micro)
+        tokens_rolled = sum(int(np.asarray(mr.completions.mask).sum()) for mr in rolled)
         out = {}
         if self.reroll is not None:
             stats = RerollStats()
             regroup = functools.partial(REGROUPS.get(self.reroll.regroup), state=self.gdqa, rng=rng)
-            for i in range(m):
+            for i in range(calls):
                 rollout = functools.partial(self._reroll_rollout, images[i], jax.random.fold_in(key, i))
-                micro[i], st = reroll_zero_variance(micro[i], group_size=g, rounds=self.reroll.rounds,
-                                                    regroup=regroup, rollout=rollout, score=score)
+                rolled[i], st = reroll_zero_variance(rolled[i], group_size=g, rounds=self.reroll.rounds,
+                                                     regroup=regroup, rollout=rollout, score=score)
                 stats += st
             out.update(stats.metrics(self.reroll.prefix))
+        micro = rolled if calls == m else self._to_micro_batches(rolled, len(queries), m)
         rows_all = [r for mr in micro for grp in mr.groups for r in grp]
         rewards, per = compute_rewards([t for mr in micro for t in mr.texts], rows_all, dict(c.rl.rewards))
         self.gdqa.observe([grp[0].id for mr in micro for grp in mr.groups], rewards, g)
         s_final = self._prompts_per_group([grp for mr in micro for grp in mr.groups])
+        per_micro, local_micro = len(records) // m, len(queries) // m
         batches = []
         for i, mr in enumerate(micro):
-            batch, rows_per_group = mr.prompt  # reused when built with the step's final S
-            prompt = batch if rows_per_group == s_final else self._prompt_batch(mr.groups, images[i], s_final)
+            batch, rows_per_group = mr.prompt or (None, None)  # a call's prompt batch, reused when it is this one's
+            if rows_per_group != s_final:
+                batch = self._prompt_batch(mr.groups, [q.images for q in queries[i * local_micro:(i + 1) * local_micro]],
+                                           s_final)
             rows = [r for grp in mr.groups for r in grp]
-            batches.append(TrainBatch(prompt=prompt, completions=jax.tree.map(self.shard.block, mr.completions),
+            batches.append(TrainBatch(prompt=batch, completions=jax.tree.map(self.shard.block, mr.completions),
                                       rewards=self.shard.block(rewards[i * per_micro * g:(i + 1) * per_micro * g]),
                                       categories=self.shard.block(self._categories(rows))))
         tokens = sum(int(np.asarray(mr.completions.mask).sum()) for mr in micro)
@@ -384,6 +441,24 @@ class Trainer:
             "gdqa_triggered": triggered / len(records), "prompts_per_group": float(s_final),
         })
         return batches, out
+
+    def _to_micro_batches(self, rolled: list[MicroRollout], local: int, micro_batches: int) -> list[MicroRollout]:
+        """The rollout calls' groups (in `_step_records` order of the R calls) regrouped into the
+        update's M micro-batches (the order of M parts): each micro-batch holds every data shard's
+        local part, so each process collates its own queries' images. `local`: a shard's queries."""
+        g = self.group_size
+        cat = lambda xs: [x for part in xs for x in part]  # noqa: E731
+        groups, texts = cat(mr.groups for mr in rolled), cat(mr.texts for mr in rolled)
+        completions = jax.tree.map(lambda *xs: np.concatenate(xs), *(mr.completions for mr in rolled))
+        rewards = np.concatenate([mr.rewards for mr in rolled])
+        order = step_order(self.shard.count, local, len(rolled), micro_batches)
+        rows = (order[:, None] * g + np.arange(g)).reshape(-1)
+        per = len(order) // micro_batches
+        return [MicroRollout(groups=[groups[k] for k in order[i * per:(i + 1) * per]],
+                             completions=jax.tree.map(lambda x: x[rows[i * per * g:(i + 1) * per * g]], completions),
+                             texts=[texts[k] for k in rows[i * per * g:(i + 1) * per * g]],
+                             rewards=rewards[rows[i * per * g:(i + 1) * per * g]])
+                for i in range(micro_batches)]
 
     def _leave_out_unreadable(self, batches: list[TrainBatch]) -> list[TrainBatch]:
         """The step's TrainBatches with the completion masks of every query whose image could not be
@@ -406,8 +481,8 @@ class Trainer:
         return float(sum(int(part) for part in self.shard.gather(np.int32(iterator.unreadable.sum()))))
 
     def _reroll_rollout(self, images, key, groups, round_index: int):
-        """A re-roll's rollout of one micro-batch's groups (methods/reroll.py): (host Completions,
-        texts, (its prompt batch, S)), its own key per round."""
+        """A re-roll's rollout of one call's groups (methods/reroll.py): (host Completions, texts,
+        (its prompt batch, S)), its own key per round."""
         s = self._prompts_per_group(groups)
         batch, comp, _, texts = self._rollout_groups(groups, images, jax.random.fold_in(key, 1 + round_index), s)
         return comp, texts, (batch, s)
@@ -416,6 +491,7 @@ class Trainer:
         c = self.config
         t0 = time.perf_counter()
         batches, out = self._grpo_batches(step)
+        self._rollout_cache = None  # the rollout's copy of the weights is not held through the update
         batches, out["data/unreadable_queries"] = self._leave_out_unreadable(batches), self._unreadable_count(self.it)
         tb = self._place(_stack(batches), micro_axis=True)
         self.state, metrics = run_iterations(self._update("grpo"), self.old_logps, self.state, tb, c.rl.num_iterations)
