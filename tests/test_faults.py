@@ -33,7 +33,7 @@ def _start(workdir, *extra, fault=""):
 
 
 def _finish(proc, returncode: int) -> str:
-    _, err = proc.communicate(timeout=600)
+    _, err = proc.communicate(timeout=1500)  # a start takes 20-40 s, minutes on a machine shared by many jobs
     assert proc.returncode == returncode, f"exit {proc.returncode}, expected {returncode}:\n{err[-4000:]}"
     return err
 
