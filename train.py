@@ -4,11 +4,14 @@
 
 With no --config the embedded default runs (configs/default.py): synthetic surgical-anatomy data
 and a tiny Qwen2-VL made on the spot, a short supervised warm-up, then GRPO with ASC and GDQA.
-Running the same command again resumes from the last checkpoint in DIR.
+Running the same command again resumes from the last checkpoint in DIR. SIGTERM / SIGINT stop it
+after the step in flight with a checkpoint of that step (exit code 75); README "Stopping and
+resuming" lists every exit code.
 """
 
 import logging
 import os
+import sys
 
 from anatomy_r1_jax.requirements import check_installed
 
@@ -30,11 +33,16 @@ def main(argv):
     logging.getLogger("anatomy_r1_jax").setLevel(logging.INFO)
     from anatomy_r1_jax.train.compiled import use_compilation_cache
     from anatomy_r1_jax.train.distributed import maybe_initialize
+    from anatomy_r1_jax.train.preemption import RunStopped
     from anatomy_r1_jax.train.trainer import Trainer
 
     maybe_initialize()
     use_compilation_cache(_CONFIG.value)
-    Trainer(_CONFIG.value, _WORKDIR.value).run()  # its last log line: the held-out accuracy (and gain)
+    try:
+        Trainer(_CONFIG.value, _WORKDIR.value).run()  # its last log line: the held-out accuracy (and gain)
+    except RunStopped as stop:  # a deliberate stop: one line, the exit code README "Stopping and resuming" lists
+        logging.getLogger("anatomy_r1_jax").error("%s", stop)
+        sys.exit(stop.exit_code)
 
 
 if __name__ == "__main__":

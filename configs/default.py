@@ -117,6 +117,8 @@ def get_config(arg=None):
         log_every=1,  # a metrics.jsonl row every N steps (and at every evaluation and the last step)
         eval_every=100,
         checkpoint_every=100,
+        # A non-finite loss or gradient skips its update (optax.apply_if_finite); this many in a row stop the run.
+        max_consecutive_errors=10,
         keep_checkpoints=2,
         logp_chunk=32,
         # Prefix sharing: each distinct prompt of a group goes through the model once (rollout

@@ -30,7 +30,6 @@ from anatomy_r1_jax.requirements import check_installed  # noqa: E402
 check_installed()
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from anatomy_r1_jax import sharding  # noqa: E402

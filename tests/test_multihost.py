@@ -94,8 +94,9 @@ COMPARED = ("sft/loss", "grad_norm", "loss", "kl", "clip_fraction", "entropy", "
             "sq_mean", "prompts_per_group", "invalid_gradient_ratio")
 
 
-def _launch(workdir, config, devices: int, process_id: int | None = None, port: int = 0):
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+def _launch(workdir, config, devices: int, process_id: int | None = None, port: int = 0, fault: str = ""):
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
+           "ANATOMY_R1_FAULT": fault}  # train/faults.py
     if process_id is not None:
         env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(process_id))
     log = open(f"{workdir}.{process_id}.log", "w")
@@ -121,15 +122,26 @@ def _final_state(workdir):
 
 def test_two_processes_match_one(tmp_path):
     """train.py with two processes of 4 CPU devices (one mesh data 2 x tensor 4, each host reading
-    its own queries) gives the metrics and final weights of the one-process 8-device run. Only the
+    its own queries) gives the metrics and final weights of the one-process 8-device run, also when
+    one host gets SIGTERM after step 1: jax's preemption sync point stops both after the same step
+    (2, saved by both), each exits with code 75, and the resumed two-process run ends as the one-
+    process run does. Only the
     order of cross-host reductions differs (gloo vs in-process): fp32 round-off (measured: weights
     within 4e-9 after an update that moved them by 4e-5; metrics equal to 1e-7)."""
     config = tmp_path / "config.py"
     config.write_text(CONFIG)
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     port = _free_port()
-    procs = [_launch(one, config, 8), _launch(two, config, 4, 0, port), _launch(two, config, 4, 1, port)]
-    for proc, log in procs:
+    from anatomy_r1_jax.train.preemption import EXIT_STOPPED
+
+    stopped = [_launch(two, config, 4, 0, port), _launch(two, config, 4, 1, port, fault="sigterm@step:1")]
+    reference = _launch(one, config, 8)
+    for proc, log in stopped:
+        assert proc.wait(timeout=900) == EXIT_STOPPED, open(log).read()[-4000:]
+        assert f"stopped by SIGTERM after step 2: checkpoint 2 saved in {two}/checkpoints" in open(log).read()
+    assert sorted(os.listdir(os.path.join(two, "checkpoints"))) == ["2"]
+    port = _free_port()
+    for proc, log in [reference, _launch(two, config, 4, 0, port), _launch(two, config, 4, 1, port)]:
         assert proc.wait(timeout=900) == 0, open(log).read()[-4000:]
 
     rows = {w: [json.loads(line) for line in open(os.path.join(w, "metrics.jsonl"))] for w in (one, two)}

@@ -20,7 +20,7 @@ from anatomy_r1_jax.rl.rollout import generate
 from anatomy_r1_jax.rl.sampling import SamplingConfig, sample_token
 from anatomy_r1_jax.train.compiled import Programs
 from anatomy_r1_jax.train.logprobs import completion_logps
-from anatomy_r1_jax.train.partitioning import place_state, put_batch, split_model
+from anatomy_r1_jax.train.partitioning import put_batch, split_model
 from anatomy_r1_jax.train.step import StepConfig, TrainState, make_optimizer, train_step
 
 GRID = (1, 4, 4)  # 16 patches -> 4 image tokens

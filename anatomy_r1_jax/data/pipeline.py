@@ -14,6 +14,12 @@ slice, so the curriculum order holds across hosts as well as within one. With sh
 (the trainer's M micro-batches), micro-batch m of the global batch is the concatenation of every
 process's micro-batch m in process order: exactly the rows a single process would have read.
 
+An image that cannot be read when its query is loaded (deleted or damaged after the start-up
+validation): `on_unreadable="raise"` stops the iterator with a DataError naming the record and the
+file; "skip" logs that line and yields the query with a blank image of the processor's smallest size
+and `Query.unreadable` set, so batches keep their fixed shapes and the trainer leaves the query out
+of the step (`QueryIterator.unreadable` marks the last batch's).
+
 GDQA variants and tokenization are not done here: their adaptive state changes every step, so the
 trainer does them in its main process (data/collate.py).
 
@@ -26,17 +32,24 @@ with the same records, batch_size, order_fn, workers and shard_index / shard_cou
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
 import sys
 from typing import Callable
 
 import grain
 import numpy as np
 from absl import flags
+from PIL import Image
 
 from anatomy_r1_jax.data.collate import ImageFeatures, preprocess_images
 from anatomy_r1_jax.data.images import image_problem
 from anatomy_r1_jax.data.readers import DataError
 from anatomy_r1_jax.data.records import Record
+from anatomy_r1_jax.train import faults
+
+log = logging.getLogger(__name__)
+ON_UNREADABLE = ("raise", "skip")
 
 OrderFn = Callable[[int], np.ndarray]
 
@@ -44,11 +57,13 @@ OrderFn = Callable[[int], np.ndarray]
 @dataclasses.dataclass(frozen=True)
 class Query:
     """One query ready for the trainer: its index in the record list, the record, its images
-    (pixel_values [p, C*T*ps*ps] float32, grid_thw [k, 3])."""
+    (pixel_values [p, C*T*ps*ps] float32, grid_thw [k, 3]). unreadable: what was wrong with its
+    images when they were loaded (then `images` is a blank stand-in and the query is left out)."""
 
     index: int
     record: Record
     images: ImageFeatures
+    unreadable: str | None = None
 
 
 def ensure_flags_parsed() -> None:
@@ -128,12 +143,19 @@ class _LoadQuery:
     images (the expensive part). A flat tuple rather than a Query so that Grain sees the arrays as
     leaves and passes them from the worker processes through shared memory instead of a pickle."""
 
-    def __init__(self, records: list[Record], image_processor):
+    def __init__(self, records: list[Record], image_processor, on_unreadable: str = "raise"):
+        if on_unreadable not in ON_UNREADABLE:
+            raise ValueError(f"on_unreadable must be one of {ON_UNREADABLE}, got {on_unreadable!r}")
         self.records = records
         self.image_processor = image_processor
+        self.on_unreadable = on_unreadable
 
-    def __call__(self, index: int) -> tuple[int, Record, np.ndarray, np.ndarray]:
+    def __call__(self, index: int) -> tuple[int, Record, np.ndarray, np.ndarray, str]:
         record = self.records[index]
+        if faults.active("vanish", "record", index):
+            for path in record.images:
+                if os.path.exists(path):
+                    os.remove(path)
         try:
             images = preprocess_images(record, self.image_processor)
         except Exception as error:  # PIL and the processor raise many types
@@ -141,13 +163,53 @@ class _LoadQuery:
             what = problems[0] if problems else (
                 f"images {list(record.images)} failed in the image processor "
                 f"({type(error).__name__}: {error})")
-            raise DataError(f"record {record.id!r} (index {index}): {what}") from error
-        return index, record, images.pixel_values, images.grid_thw
+            message = f"record {record.id!r} (index {index}): {what}"
+            if self.on_unreadable == "raise":
+                raise DataError(message) from error
+            log.warning("%s: left out of its step (data.on_error=skip)", message)
+            images, unreadable = self._stand_in(record), message
+        else:
+            unreadable = ""
+        return index, record, images.pixel_values, images.grid_thw, unreadable
+
+    def _stand_in(self, record: Record) -> ImageFeatures:
+        """Blank images of the processor's smallest size, one per image of `record` (fewer patches
+        than any image that passed the validation, so every budget still holds)."""
+        side = int(np.ceil(np.sqrt(self.image_processor.size["shortest_edge"])))  # its min_pixels
+        blank = Image.new("RGB", (side, side))
+        out = self.image_processor(images=[blank] * len(record.images), return_tensors="np")
+        return ImageFeatures(np.asarray(out["pixel_values"], np.float32), np.asarray(out["image_grid_thw"], np.int64))
 
 
-def _queries(elements: list[tuple[int, Record, np.ndarray, np.ndarray]]) -> list[Query]:
-    return [Query(index, record, ImageFeatures(np.asarray(pixels), np.asarray(grid)))
-            for index, record, pixels, grid in elements]
+def _queries(elements: list[tuple[int, Record, np.ndarray, np.ndarray, str]]) -> list[Query]:
+    return [Query(index, record, ImageFeatures(np.asarray(pixels), np.asarray(grid)), str(unreadable) or None)
+            for index, record, pixels, grid, unreadable in elements]
+
+
+class QueryIterator:
+    """Grain's iterator (next, get_state, set_state, close) that also keeps `unreadable`: a bool
+    [batch_size] array marking the queries of the last batch whose images could not be read."""
+
+    def __init__(self, iterator: grain.DatasetIterator, batch_size: int):
+        self._iterator = iterator
+        self.unreadable = np.zeros(batch_size, bool)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> list[Query]:
+        queries = next(self._iterator)
+        self.unreadable = np.array([q.unreadable is not None for q in queries], bool)
+        return queries
+
+    def get_state(self) -> dict:
+        return self._iterator.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self._iterator.set_state(state)
+
+    def close(self) -> None:
+        self._iterator.close()
 
 
 class QueryPipeline:
@@ -173,12 +235,13 @@ class QueryPipeline:
         False: every record of every epoch, and a batch may straddle an epoch boundary.
       read_threads: threads running the image transform in each worker (or here when workers=0).
       prefetch: queries each worker prepares ahead (default batch_size); batches are prefetched 2 ahead.
+      on_unreadable: "raise" | "skip": an image unreadable when loaded (see the module docstring).
     """
 
     def __init__(self, records: list[Record], *, batch_size: int, image_processor,
                  order_fn: OrderFn | None = None, seed: int = 0, workers: int = 0,
                  shard_index: int = 0, shard_count: int = 1, shard_block: int = 1, drop_remainder: bool = True,
-                 read_threads: int = 1, prefetch: int | None = None):
+                 read_threads: int = 1, prefetch: int | None = None, on_unreadable: str = "raise"):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= shard_index < shard_count:
@@ -198,7 +261,7 @@ class QueryPipeline:
 
         order = _EpochOrder(n, self.records_per_epoch, order_fn)
         ds = grain.MapDataset.source(_ShardOrder(order, shard_index, shard_count, shard_block))
-        ds = ds.map(_LoadQuery(list(records), image_processor))
+        ds = ds.map(_LoadQuery(list(records), image_processor, on_unreadable))
         ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch))
         # Arrays under 64 KiB (grid_thw) are cheaper pickled than put in a shared-memory segment.
         ds = grain.experimental.WithOptionsIterDataset(ds, grain.experimental.DatasetOptions(min_shm_size=1 << 16))
@@ -206,8 +269,8 @@ class QueryPipeline:
         ds = ds.batch(batch_size, drop_remainder=True, batch_fn=_queries)
         self._dataset = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=2)
 
-    def __iter__(self) -> grain.DatasetIterator:
+    def __iter__(self) -> QueryIterator:
         """Grain's iterator: next() -> list[Query] of length batch_size; get_state() / set_state().
         Call `close()` on it when done (it stops the worker processes)."""
         ensure_flags_parsed()
-        return iter(self._dataset)
+        return QueryIterator(iter(self._dataset), self.batch_size)

@@ -12,7 +12,8 @@ from typing import Iterable
 import numpy as np
 
 
-UPDATE_METRICS = ("loss", "kl", "clip_fraction", "entropy", "grad_norm", "invalid_gradient_ratio", "update_skipped")
+UPDATE_METRICS = ("loss", "kl", "clip_fraction", "entropy", "grad_norm", "invalid_gradient_ratio", "update_skipped",
+                  "updates_skipped_total", "updates_skipped_consecutive")
 
 
 def update_metrics(metrics: dict, category_index: dict[str, int]) -> dict[str, float]:

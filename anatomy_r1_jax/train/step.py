@@ -213,6 +213,9 @@ def apply_accumulated(tx: optax.GradientTransformation, cfg: StepConfig, state: 
     metrics = {"loss": losses.loss_value(acc.parts), "grad_norm": optax.tree.norm(precision_lib.cast(grads, jnp.float32)),
                "entropy": acc.entropy / jnp.maximum(acc.tokens, 1.0),  # the policy's, per sampled token
                "update_skipped": 1 - opt_state.last_finite.astype(jnp.int32),
+               # since the phase's optimizer began (its state is checkpointed, so a resumed run counts on)
+               "updates_skipped_total": opt_state.total_notfinite,
+               "updates_skipped_consecutive": opt_state.notfinite_count,
                **losses.finalize_metrics(acc.parts.metric_sums), **group_metrics}
     return new_state, metrics
 

@@ -9,6 +9,11 @@ Randomness is a pure function of (seed, step), so a killed run resumes exactly.
 Several processes (hosts): each reads and collates its data shard's queries; host-side decisions
 (GDQA variants, rewards, metrics) see the whole step on every process (train/distributed.py), and
 process 0 alone writes metrics and plots.
+Stops (train/preemption.py): SIGTERM / SIGINT end the run after the step in flight with a checkpoint
+of that step on every host; an unreadable latest checkpoint is set aside and the newest one that
+restores resumes; a checkpoint that does not fit on the disk, an image unreadable under
+data.on_error=raise (after a checkpoint of the last finished step) and train.max_consecutive_errors
+non-finite updates in a row each stop the run with one line.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from tqdm import tqdm
 from anatomy_r1_jax import sharding
 from anatomy_r1_jax.data.collate import BatchShape, Collator
 from anatomy_r1_jax.data.pipeline import QueryPipeline
+from anatomy_r1_jax.data.readers import DataError
 from anatomy_r1_jax.data import prompts
 from anatomy_r1_jax.evaluation.evaluator import EvalSettings, Evaluator
 from anatomy_r1_jax.evaluation.metrics import paired_difference
@@ -39,8 +45,8 @@ from anatomy_r1_jax.rl.batch import Completions, TrainBatch
 from anatomy_r1_jax.rl.rewards import compute_rewards
 from anatomy_r1_jax.rl.rollout import decode_completions
 from anatomy_r1_jax.rl.sampling import sampling_config
-from anatomy_r1_jax.train import distributed, experiment
-from anatomy_r1_jax.train.checkpoint import Checkpointer
+from anatomy_r1_jax.train import distributed, experiment, faults, preemption
+from anatomy_r1_jax.train.checkpoint import Checkpointer, UnreadableCheckpoint
 from anatomy_r1_jax.train.metrics import MetricsWriter, plot_curves, read_metrics, update_metrics
 from anatomy_r1_jax.train.micro_batches import bucket_lengths, plan_micro_batches, trimmed_completions
 from anatomy_r1_jax.train.compiled import Programs, rollout_programs, run_iterations
@@ -163,7 +169,8 @@ class Trainer:
             if size % parts:
                 raise ValueError(f"config {name}={size} must be a multiple of {parts} (train.micro_batches x the "
                                  f"{shards} data shards (hosts) of the mesh)")
-        shard = dict(shard_index=self.shard.index, shard_count=shards, workers=c.data.workers)
+        shard = dict(shard_index=self.shard.index, shard_count=shards, workers=c.data.workers,
+                     on_unreadable=c.data.on_error)
         # The warm-up's own pipeline only when there is a warm-up (its batch may not fit a small set).
         self.pipeline_sft = QueryPipeline(self.data.train, batch_size=c.sft.batch_size // shards,
                                           image_processor=self.image_processor, order_fn=None, seed=c.seed + 1,
@@ -180,6 +187,7 @@ class Trainer:
         base = experiment.adapter_base(c, c.sft.steps + 1, "") if self.lora.enabled else {}
         self.ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=c.train.keep_checkpoints,
                                  preserve=(base["base_step"],) if "base_step" in base else ())
+        self.saved = 0  # the newest step this run checkpointed or resumed from
 
     # ---- compiled functions ------------------------------------------------------------------
     def _compile(self):
@@ -277,12 +285,15 @@ class Trainer:
         batch = self.collator.prompts([[r] for r in records], [q.images for q in queries])
         c = self.config.sft
         ids, mask = self.collator.targets([prompts.warmup_target(r, c.target, c.answer) for r in records], self.eos_id)
+        mask = mask * ~self.it_sft.unreadable[:, None]  # a query whose image could not be read is left out
         comp = Completions(ids=ids, mask=mask, logps=np.zeros(ids.shape, np.float32), lengths=mask.sum(-1))
         n = len(records)
         tb = TrainBatch(prompt=self._shard_prompts(batch), completions=comp, rewards=np.zeros((n,), np.float32),
                         categories=self._categories(records))
         self.state, metrics = self._update("sft")(self.state, self._place(_stack([tb]), micro_axis=True))
-        return {"sft/loss": metrics["loss"], "grad_norm": metrics["grad_norm"]}
+        return {"sft/loss": metrics["loss"], "grad_norm": metrics["grad_norm"],
+                "updates_skipped_consecutive": metrics["updates_skipped_consecutive"],
+                "data/unreadable_queries": self._unreadable_count(self.it_sft)}
 
     def _prompts_per_group(self, groups) -> int:
         """S for a step's groups: the fewest prompt rows per group such that row j of every group
@@ -412,15 +423,17 @@ class Trainer:
         s_final = self._prompts_per_group([grp for mr in micro for grp in mr.groups])
         per_micro, local_micro = len(records) // m, len(queries) // m
         batches = []
+        unreadable = self.it.unreadable  # this shard's queries whose image could not be read (on_error=skip)
         for i, mr in enumerate(micro):
+            mine = plan[2][i] if plan else range(i * local_micro, (i + 1) * local_micro)  # this shard's queries
             batch, rows_per_group = mr.prompt or (None, None)  # a call's prompt batch, reused when it is this one's
             if rows_per_group != s_final:
-                mine = plan[2][i] if plan else range(i * local_micro, (i + 1) * local_micro)  # this shard's queries
                 batch = self._prompt_batch(mr.groups, [queries[j].images for j in mine], s_final)
             rows = [r for grp in mr.groups for r in grp]
             comp = mr.completions if plan is None else trimmed_completions(mr.completions, np.arange(len(rows)),
                                                                            plan[0].lengths[i])
-            batches.append(TrainBatch(prompt=batch, completions=jax.tree.map(self.shard.block, comp),
+            comp = self._leave_out_unreadable(jax.tree.map(self.shard.block, comp), unreadable[list(mine)])
+            batches.append(TrainBatch(prompt=batch, completions=comp,
                                       rewards=self.shard.block(rewards[i * per_micro * g:(i + 1) * per_micro * g]),
                                       categories=self.shard.block(self._categories(rows))))
         tokens = sum(int(np.asarray(mr.completions.mask).sum()) for mr in micro)
@@ -479,6 +492,20 @@ class Trainer:
                              accuracy=accuracy[rows[i * per * g:(i + 1) * per * g]])
                 for i in range(micro_batches)]
 
+    def _leave_out_unreadable(self, completions: Completions, unreadable: np.ndarray) -> Completions:
+        """This shard's completions of a micro-batch with the masks of the groups of every query
+        whose image could not be read (data.on_error=skip; unreadable [its queries] bool) zeroed:
+        such a group adds nothing to the loss, its denominator or the KL, and the shapes stay fixed."""
+        if not unreadable.any():
+            return completions
+        keep = np.repeat(~unreadable, self.group_size)[:, None].astype(completions.mask.dtype)
+        return completions.replace(mask=completions.mask * keep)
+
+    def _unreadable_count(self, iterator) -> float:
+        """How many of the last batch's queries (all data shards') were left out: their image could
+        not be read."""
+        return float(sum(int(part) for part in self.shard.gather(np.int32(iterator.unreadable.sum()))))
+
     def _reroll_rollout(self, images, key, groups, round_index: int):
         """A re-roll's rollout of one call's groups (methods/reroll.py): (host Completions, texts,
         (its prompt batch, S)), its own key per round."""
@@ -491,6 +518,9 @@ class Trainer:
         t0 = time.perf_counter()
         batches, out = self._grpo_batches(step)
         self._rollout_cache = None  # the rollout's copy of the weights is not held through the update
+        out["data/unreadable_queries"] = self._unreadable_count(self.it)
+        if faults.active("nan", "update", step + 1):  # test-only (train/faults.py): a non-finite loss
+            batches = [b.replace(rewards=b.rewards * np.float32("nan")) for b in batches]
         update = self._update("grpo")
         if self.length_buckets:  # micro-batches of their own widths, placed one by one
             tb, old_logps = tuple(self._place(b) for b in batches), update.old_logps
@@ -533,17 +563,34 @@ class Trainer:
             meta["lora"] = self._lora_base(step)
         return meta
 
-    def _save(self, done: int) -> None:
+    def _save(self, done: int, meta: dict | None = None) -> None:
         """A LoRA checkpoint holds the adapters and their optimizer state, and the frozen base weights
         only where they are its own (trained in a full warm-up, or the warm-up's adapters folded into
         them); else its meta names the checkpoint they come from (experiment.adapter_base)."""
         base_saved = self._lora_base(done)["base_saved"]
-        self.ckpt.save(done, self.state if base_saved else self.state.replace(frozen=None), self._meta(done))
+        self.ckpt.save(done, self.state if base_saved else self.state.replace(frozen=None), meta or self._meta(done))
+        self.saved = done
+        faults.reached("save", done)
 
     def restore(self) -> int:
-        step = self.ckpt.latest_step()
-        if step is None:
-            return 0
+        """Resumes from the newest checkpoint that restores (0: none). An unreadable one
+        (checkpoint.UnreadableCheckpoint) is named in one line and set aside, and the next older
+        one tried; when checkpoints exist but none restores, the run stops (exit code 2)."""
+        steps, initial = self.ckpt.steps(), self.state  # every attempt starts from the state built here
+        for step in steps:
+            try:
+                return self._restore(step)
+            except UnreadableCheckpoint as error:
+                self.state = initial
+                log.error("%s; set aside as %s", error, self.ckpt.set_aside(step))
+        if steps:
+            raise preemption.RunStopped(
+                f"{self.ckpt.directory}: none of the checkpoints {steps} restores (each moved to "
+                f"{self.ckpt.directory}.unreadable/); running the same command again starts from step 0",
+                preemption.EXIT_NO_CHECKPOINT)
+        return 0
+
+    def _restore(self, step: int) -> int:
         base = self._lora_base(step)
         if "base_step" in base:  # GRPO after a full warm-up: the base is the warm-up's last checkpoint
             self.state, _ = self.ckpt.restore(base["base_step"], self.state)
@@ -564,6 +611,7 @@ class Trainer:
         self.gdqa = self.gdqa.resumed(meta["gdqa"])
         self.eval_start = meta.get("eval_start")
         log.info("resumed from step %d", step)
+        self.saved = step
         return step
 
     def _like_saved_reference(self, step: int):
@@ -586,16 +634,19 @@ class Trainer:
         Whatever ends it (also an exception), in-flight checkpoint saves finish before it returns,
         so no half-written step is left behind."""
         start = self.restore()
+        faults.reached("start", start)
         writer = MetricsWriter(self.workdir, resume_step=start if start else None) if distributed.is_primary() else None
-        try:
-            rows = self._loop(start, writer)
-        finally:
-            self.ckpt.close()
-            if writer is not None:
-                writer.close()
-            self.it.close()
-            if self.it_sft is not None:
-                self.it_sft.close()
+        # The signal handlers stay until the last save is written: a second signal cannot cut it short.
+        with preemption.StopSignals() as self.signals:
+            try:
+                rows = self._loop(start, writer)
+            finally:
+                self.ckpt.close()
+                if writer is not None:
+                    writer.close()
+                self.it.close()
+                if self.it_sft is not None:
+                    self.it_sft.close()
         if writer is None:  # processes other than 0 return this session's rows
             return rows
         rows = read_metrics(writer.path)
@@ -625,19 +676,28 @@ class Trainer:
                    disable=writer is None)
         for step in bar:
             sft = step < c.sft.steps
+            before = self._meta(step)  # what a checkpoint of the last finished step holds
             if step == c.sft.steps and step > 0:
+                faults.reached("grpo", step)
                 self._begin_grpo()
             calibration = {}
             if (step == c.sft.steps and c.gdqa.calibration and self.gdqa.trigger == "adaptive"
                     and not self.gdqa.calibrated):
                 calibration = {"gdqa/calibration_hard": self.calibrate_gdqa()}
-            out = self.sft_iteration(step) if sft else self.grpo_iteration(step)
+            try:
+                out = self.sft_iteration(step) if sft else self.grpo_iteration(step)
+            except DataError as error:  # an image unreadable under data.on_error=raise
+                if self.saved < step and not (step == c.sft.steps and step > 0):  # (not in GRPO's form already)
+                    self._save(step, before)
+                raise preemption.RunStopped(f"step {step + 1}: {error}; the last finished step {self.saved} is "
+                                            f"checkpointed (data.on_error=skip leaves such queries out)") from error
             out.update(calibration)
             out["lr"] = self.schedules["sft" if sft else "grpo"](step if sft else step - c.sft.steps)
             done = step + 1
             last = done == total
             due = (not sft and (done - c.sft.steps) % c.train.eval_every == 0) or last or (sft and done == c.sft.steps)
             if due and self.data.eval:  # no eval metrics without eval records
+                faults.reached("eval", done)
                 metrics, correct = self.evaluate(self.data.eval)
                 out.update(metrics)
                 if done == c.sft.steps:  # the warm-up's last evaluation: where GRPO starts
@@ -651,7 +711,20 @@ class Trainer:
             if writer is not None and logged:
                 writer.write(done, out)
             bar.set_postfix({k: f"{out[k]:.3f}" for k in ("sft/loss", "reward/total", "eval/accuracy") if k in out})
+            skipped = int(out.get("updates_skipped_consecutive", 0))
+            if skipped >= c.train.max_consecutive_errors:
+                raise preemption.RunStopped(
+                    f"step {done}: the last {skipped} updates had a non-finite loss or gradient and were skipped "
+                    f"(train.max_consecutive_errors={c.train.max_consecutive_errors}); the last checkpoint is "
+                    f"step {self.saved}")
+            faults.reached("step", done)
             # (the full warm-up's last checkpoint always: it becomes the base of a LoRA run's GRPO checkpoints)
             if done % c.train.checkpoint_every == 0 or last or done in self.ckpt.preserve:
                 self._save(done)
+            if not last and self.signals.should_stop(done):  # every host stops after the same step
+                if self.saved != done:
+                    self._save(done)
+                raise preemption.RunStopped(
+                    f"stopped by {self.signals.received} after step {done}: checkpoint {done} saved in "
+                    f"{self.ckpt.directory}; run the same command to resume", preemption.EXIT_STOPPED)
         return rows
