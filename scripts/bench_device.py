@@ -1,7 +1,13 @@
-"""Utilisation on one accelerator: update MFU, decode against the bandwidth bound, a whole GRPO iteration.
+"""Utilisation on a machine's accelerators as training uses them: update MFU, decode against the
+bandwidth bound, a whole GRPO iteration; figures per device.
 
-    python scripts/bench_device.py [--size 3b] [--dtype bfloat16] [--queries 8 --group 8
-        --prompt-length 512 --new-tokens 256] [--remat] [--peak-tflops X --bandwidth-gbs Y]
+    python scripts/bench_device.py [--size 3b] [--devices 0 (all) | 1] [--dtype bfloat16] [--queries 8
+        --group 8 --prompt-length 512 --new-tokens 256] [--remat] [--peak-tflops X --bandwidth-gbs Y]
+
+The trainer's layout: the update on the real-model mesh of configs/methods.py (fsdp over the
+devices) under config.sharding_rules; the rollout one call for the step's rows (--queries per
+device), its KV cache in the compute dtype, on config.rollout_sharding_rules with the weights
+resharded onto them before every rollout (timed with it).
 
 A randomly initialised model of a named shape (`3b` / `7b`: Qwen2.5-VL-3B / 7B, or a
 perf.workloads size: tiny, small, 100m) in `--dtype` (weights and compute), image prompts (one
@@ -47,11 +53,12 @@ from anatomy_r1_jax.perf.memory import compiled_memory  # noqa: E402
 from anatomy_r1_jax.perf.timing import time_interleaved  # noqa: E402
 from anatomy_r1_jax.rl.batch import TrainBatch  # noqa: E402
 from anatomy_r1_jax.rl.sampling import SamplingConfig  # noqa: E402
-from anatomy_r1_jax.train.compiled import Programs  # noqa: E402
-from anatomy_r1_jax.train.partitioning import split_model  # noqa: E402
+from anatomy_r1_jax.train.compiled import Programs, rollout_programs  # noqa: E402
+from anatomy_r1_jax.train.partitioning import place_state, put_batch, split_model  # noqa: E402
 from anatomy_r1_jax.train.precision import Precision  # noqa: E402
 from anatomy_r1_jax.train.step import StepConfig, make_optimizer  # noqa: E402
 from configs.default import get_config  # noqa: E402
+from configs.methods import REAL_MODELS  # noqa: E402
 
 PRESET_SIZES = {"3b": "qwen2_5_vl_3b", "7b": "qwen2_5_vl_7b"}
 
@@ -70,27 +77,41 @@ def probe_peaks(dtype, *, n: int = 2048, read_mib: int = 512, reps: int = 5) -> 
     return 2 * n ** 3 / min(t["mm"].times), x.nbytes / min(t["read"].times)
 
 
-def build(args):
+def training_mesh(args):
+    """The trainer's mesh for this size (configs/methods.py REAL_MODELS for 3b / 7b: fsdp over the
+    devices; other sizes the same layout) over the first --devices devices."""
+    axes = REAL_MODELS[PRESET_SIZES[args.size]]["mesh"] if args.size in PRESET_SIZES else [("data", 1), ("fsdp", -1)]
+    return sharding.make_mesh(axes, devices=jax.devices()[:args.devices or jax.device_count()])
+
+
+def build(args, mesh, rules):
     cfg = QwenVLConfig.from_hf(hf_config_of(args.size))
     dtype = jnp.dtype(args.dtype)
-    model = QwenVL(cfg, dtype=dtype, param_dtype=dtype, remat=args.remat, rngs=nnx.Rngs(0))
-    prompts, _ = workloads.image_prompts(cfg, queries=args.queries, group=1, prompt_length=args.prompt_length,
-                                         grid=tuple(args.grid))
-    return cfg, model, jax.device_put(jax.tree.map(jnp.asarray, prompts))
+    with sharding.use_rules(mesh, rules):
+        model = QwenVL(cfg, dtype=dtype, param_dtype=dtype, remat=args.remat, scan_layers=True, rngs=nnx.Rngs(0))
+    prompts, _ = workloads.image_prompts(cfg, queries=args.queries * mesh.devices.size, group=1,
+                                         prompt_length=args.prompt_length, grid=tuple(args.grid))
+    return cfg, model, jax.tree.map(np.asarray, prompts)
 
 
 def measure(args) -> dict:
-    cfg, model, prompts = build(args)
-    n, t = args.queries * args.group, args.new_tokens
+    config = get_config()
+    mesh, rules = training_mesh(args), [tuple(r) for r in config.sharding_rules]
+    cfg, model, host_prompts = build(args, mesh, rules)
+    devices = mesh.devices.size
+    n, t = args.queries * devices * args.group, args.new_tokens
     graphdef, params, frozen = split_model(model, freeze_vision=False)
     tx = make_optimizer(1e-6, grad_clip=1.0, b2=0.99)
     # The real-model configs' policy for bf16 (fp32 gradients, moments and master copy).
     policy = Precision(weights=args.dtype, compute=args.dtype, master_weights=args.dtype != "float32")
-    # Compiled as the trainer compiles them (train/compiled.py), on one device.
-    programs = Programs.create(graphdef, sharding.make_mesh([("data", 1)], devices=jax.devices()[:1]),
-                               get_config().sharding_rules)
+    # Compiled as the trainer compiles them (train/compiled.py): the update on the training mesh and
+    # rules, the rollout (one call for the step's rows, its cache in the compute dtype) on its own
+    # layout, the weights resharded onto it before each rollout (Trainer._rollout_weights).
+    programs = Programs.create(graphdef, mesh, rules)
+    decoding = rollout_programs(config, graphdef, mesh)
     state = programs.init_state(tx, policy, params, frozen, reference=True)
     params, frozen = state.params, state.frozen
+    prompts = put_batch(host_prompts, decoding.mesh, decoding.rules)
     step_cfg = StepConfig(group_size=args.group, beta=0.04, temperature=0.9, logp_chunk=args.logp_chunk,
                           precision=policy)
     update = programs.update(tx, step_cfg, state)
@@ -99,14 +120,19 @@ def measure(args) -> dict:
                                          cfg.vision_end_token_id)
     sampling = lambda new: SamplingConfig(max_new_tokens=new, temperature=0.9, top_k=50, top_p=0.9,  # noqa: E731
                                           eos_ids=(), pad_id=0, forbidden_ids=no_eos)
-    compiled_rollout = programs.rollout(cache_dtype=model.dtype)
-    rollout = lambda p, f, b, k, sc: compiled_rollout(p, f, b, k, sc, args.group, 1)  # noqa: E731
+    compiled_rollout = decoding.rollout()
+
+    def rollout(p, f, b, k, sc):
+        p, f = place_state(p, decoding.mesh, decoding.rules), place_state(f, decoding.mesh, decoding.rules)
+        return compiled_rollout(p, f, b, k, sc, args.group, 1)
+
     keys = iter(jax.random.split(jax.random.key(0), 100_000))
     rewards = jnp.asarray(np.random.default_rng(0).integers(0, 3, n).astype(np.float32))
 
     def batch_of(comp):
-        b = TrainBatch(prompt=prompts, completions=comp, rewards=rewards, categories=jnp.zeros((n,), jnp.int32))
-        return jax.tree.map(lambda x: x[None], b)
+        b = TrainBatch(prompt=host_prompts, completions=jax.device_get(comp), rewards=np.asarray(rewards),
+                       categories=np.zeros((n,), np.int32))
+        return put_batch(jax.tree.map(lambda x: np.asarray(x)[None], b), mesh, rules, micro_axis=True)
 
     holder = {"state": state}
 
@@ -115,8 +141,7 @@ def measure(args) -> dict:
         return metrics
 
     def iteration():
-        comp = jax.device_get(rollout(holder["state"].params, frozen, prompts, next(keys), sampling(t)))
-        return do_update(batch_of(jax.tree.map(jnp.asarray, comp)))
+        return do_update(batch_of(rollout(holder["state"].params, frozen, prompts, next(keys), sampling(t))))
 
     start = time.perf_counter()
     comp = rollout(params, frozen, prompts, next(keys), sampling(t))
@@ -137,35 +162,38 @@ def measure(args) -> dict:
     if peaks is None:
         peaks, source = probe_peaks(jnp.dtype(args.dtype)), "measured probes"
     model_flops = flops.update_flops(cfg, queries=args.queries, group=args.group, prompt_length=args.prompt_length,
-                                     completion_length=t, shared=True)
+                                     completion_length=t, shared=True)  # per device
     itemsize = jnp.dtype(args.dtype).itemsize
-    bound = flops.decode_bound(cfg, rows=n, prompt_length=args.prompt_length, new_tokens=t, weight_bytes=itemsize,
-                               cache_bytes=itemsize)
+    bound = flops.decode_bound(cfg, rows=n // devices, prompt_length=args.prompt_length, new_tokens=t,
+                               weight_bytes=itemsize, cache_bytes=itemsize)  # a device's rows, weights replicated
     med = {k: v.median for k, v in timings.items()}
-    decode_tps = n * (t - 1) / max(med["rollout"] - med["prefill"], 1e-9)
+    decode_tps = n // devices * (t - 1) / max(med["rollout"] - med["prefill"], 1e-9)  # per device
     return dict(device=f"{device.device_kind} ({device.platform})", cfg=cfg, params=workloads.parameter_count(
         hf_config_of(args.size)), model_flops=model_flops, peaks=peaks, peak_source=source, timings=timings,
         mfu=model_flops / med["update"] / peaks[0], decode_tps=decode_tps,
         bound_tps=bound.tokens_per_second(peaks[1]), bound=bound, memory=compiled_memory(compiled),
-        compile_s=compile_s, rows=n)
+        compile_s=compile_s, rows=n, devices=devices, mesh=dict(mesh.shape), rollout_mesh=dict(decoding.mesh.shape))
 
 
 def render(args, r: dict) -> str:
     tm, n, t = r["timings"], r["rows"], args.new_tokens
     spread = lambda x: f"{x.median:.3f} ({x.p10:.3f}-{x.p90:.3f})"  # noqa: E731
-    head = (f"Device: **{r['device']}**; peaks {r['peaks'][0] / 1e12:.3g} TFLOP/s, {r['peaks'][1] / 1e9:.4g} GB/s "
+    head = (f"Devices: **{r['device']}**, training mesh {r['mesh']}, rollout mesh {r['rollout_mesh']} (weights "
+            f"resharded onto the rollout layout in every timed rollout); figures per device; peaks {r['peaks'][0] / 1e12:.3g} TFLOP/s, {r['peaks'][1] / 1e9:.4g} GB/s "
             f"({r['peak_source']}). Model {args.size} ({r['params'] / 1e6:,.1f}M parameters) in {args.dtype}"
             f"{', remat' if args.remat else ''}; {args.queries} queries x G {args.group} = {n} rows, prompts of "
-            f"{args.prompt_length} slots (shared by each group), {t} completion tokens; medians of {args.reps}.\n")
+            f"{args.prompt_length} slots (shared by each group), {t} completion tokens, one rollout call for all rows; "
+            f"medians of {args.reps}.\n")
     rows = [["update (GRPO step)", spread(tm["update"]), f"{r['model_flops'] / 1e12:.3g} TFLOP model",
              f"MFU **{100 * r['mfu']:.1f}%**"],
-            ["rollout (prefill + decode)", spread(tm["rollout"]), f"{n * t / tm['rollout'].median:,.0f} tok/s", ""],
+            ["rollout (reshard + prefill + decode)", spread(tm["rollout"]),
+             f"{n // r['devices'] * t / tm['rollout'].median:,.0f} tok/s/device", ""],
             ["prefill (one-token rollout)", spread(tm["prefill"]), "", ""],
             ["decode", "", f"{r['decode_tps']:,.0f} tok/s",
              f"**{100 * r['decode_tps'] / r['bound_tps']:.1f}%** of the bound {r['bound_tps']:,.0f} tok/s "
              f"({r['bound'].step_bytes / 1e9:.3g} GB per step)"],
             ["whole iteration (rollout, to host, update)", spread(tm["iteration"]),
-             f"{n / tm['iteration'].median:.3g} samples/s", ""]]
+             f"{n / r['devices'] / tm['iteration'].median:.3g} samples/s/device", ""]]
     mem = r["memory"]
     tail = (f"\nCompiled update: arguments {mem.argument / 2**30:.2f} GiB, temporaries {mem.temp / 2**30:.2f} GiB, "
             f"peak {mem.peak / 2**30:.2f} GiB; compile {r['compile_s']:.0f} s (update and both rollouts).")
@@ -176,7 +204,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="3b", help="3b, 7b, or a perf.workloads size (tiny, small, 100m)")
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--queries", type=int, default=8)
+    parser.add_argument("--queries", type=int, default=8, help="per device")
+    parser.add_argument("--devices", type=int, default=0, help="devices of the mesh (0: all)")
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--prompt-length", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=256)

@@ -93,3 +93,33 @@ def test_rollout_batch_size_must_divide_the_step():
     assert rollout_calls(16, 0, 1) == 1 and rollout_calls(16, 4, 2) == 4
     with pytest.raises(ValueError, match="rl.rollout_batch_size=6 must divide train.batch_size=16"):
         rollout_calls(16, 6, 1)
+
+
+def test_a_tensor_parallel_rollout_mesh_decodes_what_the_training_layout_does():
+    """config.rollout_mesh of the same 8 devices as [data 2, tensor 4]: the weights resharded onto it
+    (heads and MLP split 4 ways, rows over data), greedy decoding gives the training layout's tokens
+    and log-probs; the token loop all-reduces activations but gathers no weight."""
+    c = default.get_config()
+    c.rollout_mesh = [("data", 2), ("tensor", 4)]
+    mesh = sharding.make_mesh([("data", 1), ("fsdp", 8)])
+    cfg = QwenVLConfig.from_hf(tiny_hf_config("qwen2_5_vl", vocab_size=512, hidden_size=64, intermediate_size=128))
+    train_rules = [tuple(r) for r in c.sharding_rules]
+    with sharding.use_rules(mesh, train_rules):
+        model = QwenVL(cfg, scan_layers=True, rngs=nnx.Rngs(0))
+    graphdef, params, frozen = split_model(model, freeze_vision=True)
+    params, frozen = place_state(params, mesh, train_rules), place_state(frozen, mesh, train_rules)
+    prompts, _ = workloads.image_prompts(cfg, queries=4, group=1, prompt_length=32, grid=(1, 4, 4))
+    sampling = SamplingConfig(max_new_tokens=6, greedy=True)
+    out, texts = {}, {}
+    for name, programs in (("training", Programs.create(graphdef, mesh, train_rules)),
+                           ("tensor", rollout_programs(c, graphdef, mesh))):
+        args = (place_state(params, programs.mesh, programs.rules), place_state(frozen, programs.mesh, programs.rules),
+                put_batch(prompts, programs.mesh, programs.rules), jax.random.key(0), sampling, 2, 1)
+        rollout = programs.rollout()
+        texts[name] = rollout.lower(*args).compile().as_text()
+        out[name] = jax.device_get(rollout(*args))
+    assert dict(rollout_programs(c, graphdef, mesh).mesh.shape) == {"data": 2, "tensor": 4}
+    np.testing.assert_array_equal(out["tensor"].ids, out["training"].ids)
+    np.testing.assert_allclose(out["tensor"].logps, out["training"].logps, atol=1e-4)
+    loop = hlo.collective_stats(hlo.loop_body_text(texts["tensor"], dynamic_only=True))
+    assert loop["all-reduce"]["count"] > 0 and loop["all-gather"]["count"] == 0, loop

@@ -18,7 +18,7 @@ gives the step before and after a change of layout:
 
 Completions: `rows` lengths spread evenly over (0, T_max] (mean T_max / 2, the longest T_max, so the
 decode loop runs T_max steps). The KV cache holds the prompt budget Lp (a real prompt fills `filled`
-of it; the rest is left padding) and T_max completion slots. Figures are per device of a data-parallel
+of it; the rest is left padding, which decode still reads) and T_max completion slots. Figures are per device of a data-parallel
 step of `queries` prompts x G rollouts per device; efficiencies are assumptions, stated in the table.
 """
 
@@ -86,7 +86,8 @@ class Design:
     rollout_weights: str  # "fsdp": gathered per token; "local": resharded once per step (replicated / TP)
     rollout_calls: str  # "micro": one per update micro-batch; "step": one per step
     cache_bytes: int  # KV cache element size
-    cache_reads: str  # "padded": every slot of every row; "filled": prompts once per group, completion bucketed
+    cache_reads: str  # "padded": every slot of every row; "filled": each prompt (its whole budget, left
+    # padding included) once per group, the completion cache to its filled length rounded up to a bucket
     logits_gather: bool  # the sampler gathers [rows, vocab] logits every token
     update_lengths: str  # "padded": T_max; "trimmed": micro-batches of length-sorted groups, bucketed
     buckets: int = 4  # completion read / trim lengths: multiples of T_max / buckets
@@ -175,7 +176,7 @@ def step(cfg: QwenVLConfig, hw: Hardware, load: Workload, design: Design, *, hbm
         slots = rows * (load.prompt_length + t_max) * np.ones(t_max)
     else:
         completion = np.array([_bucket(s + 1, t_max, design.buckets) for s in steps])
-        slots = (load.queries // calls * tp) * load.filled + rows * completion
+        slots = (load.queries // calls * tp) * load.prompt_length + rows * completion  # left padding read too
     cache_bytes = slots.mean() * _kv_bytes_per_slot(cfg, design.cache_bytes) / kv_split
     decode_step = ((weight_bytes / tp + cache_bytes) / (hw.hbm * hbm_eff) + link_bytes / hw.link
                    + collectives * hw.latency)
