@@ -167,10 +167,10 @@ def _vanishing_record(grpo_step: int) -> int:
     """A record GRPO reads in its step `grpo_step` (0-based) and nowhere else in the run, nor in
     the pipelines' read-ahead."""
     from anatomy_r1_jax.data.pipeline import seeded_shuffle
-    from anatomy_r1_jax.methods.curriculum import curriculum_order
+    from anatomy_r1_jax.methods.curriculum import Curriculum, curriculum_order
 
     warm_up = seeded_shuffle(TRAIN_RECORDS, 1)(0)[:24]
-    grpo = curriculum_order(np.zeros(TRAIN_RECORDS), schedule="none", num_stages=4, seed=0, epoch=0)
+    grpo = curriculum_order(np.zeros(TRAIN_RECORDS), None, Curriculum(schedule="none"), seed=0, epoch=0)
     elsewhere = set(warm_up) | set(grpo[:2 * grpo_step]) | set(grpo[2 * grpo_step + 2:24])
     return next(int(i) for i in grpo[2 * grpo_step:2 * grpo_step + 2] if i not in elsewhere)
 

@@ -95,7 +95,9 @@ def test_bench_device_reports_utilisation_with_the_device_name(capsys):
                            "--prompt-length", "48", "--new-tokens", "6", "--grid", "1", "4", "4", "--reps", "1"])
     out = capsys.readouterr().out
     assert r["peak_source"] == "measured probes" and r["device"] in out and "MFU" in out
-    assert r["mfu"] > 0 and 0 < r["decode_tps"] and r["bound_tps"] > 0 and r["rows"] == 4
+    assert r["mfu"] > 0 and 0 < r["decode_tps"] and r["bound_tps"] > 0
+    # the trainer's layout over all 8 devices: 2 queries x G 2 per device, fsdp for the update
+    assert r["devices"] == 8 and r["rows"] == 4 * 8 and r["mesh"]["fsdp"] == 8 and "rollout mesh" in out
     cfg = bench_device.QwenVLConfig.from_hf(bench_device.hf_config_of("tiny"))
     assert r["model_flops"] == flops.update_flops(cfg, queries=2, group=2, prompt_length=48, completion_length=6)
 

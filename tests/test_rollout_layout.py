@@ -96,11 +96,13 @@ def test_rollout_batch_size_must_divide_the_step():
 
 
 def test_a_tensor_parallel_rollout_mesh_decodes_what_the_training_layout_does():
-    """config.rollout_mesh of the same 8 devices as [data 2, tensor 4]: the weights resharded onto it
-    (heads and MLP split 4 ways, rows over data), greedy decoding gives the training layout's tokens
-    and log-probs; the token loop all-reduces activations but gathers no weight."""
+    """config.rollout_mesh of the same 8 devices as [data 4, tensor 2]: the weights resharded onto it
+    (heads, KV heads and MLP split 2 ways, rows over data), greedy decoding gives the training
+    layout's tokens and log-probs; the token loop all-reduces activations and gathers nothing. (A
+    tensor degree that does not divide the KV heads leaves the cache replicated and gathers its
+    parts every token: choose one that divides them.)"""
     c = default.get_config()
-    c.rollout_mesh = [("data", 2), ("tensor", 4)]
+    c.rollout_mesh = [("data", 4), ("tensor", 2)]
     mesh = sharding.make_mesh([("data", 1), ("fsdp", 8)])
     cfg = QwenVLConfig.from_hf(tiny_hf_config("qwen2_5_vl", vocab_size=512, hidden_size=64, intermediate_size=128))
     train_rules = [tuple(r) for r in c.sharding_rules]
@@ -118,7 +120,7 @@ def test_a_tensor_parallel_rollout_mesh_decodes_what_the_training_layout_does():
         rollout = programs.rollout()
         texts[name] = rollout.lower(*args).compile().as_text()
         out[name] = jax.device_get(rollout(*args))
-    assert dict(rollout_programs(c, graphdef, mesh).mesh.shape) == {"data": 2, "tensor": 4}
+    assert dict(rollout_programs(c, graphdef, mesh).mesh.shape) == {"data": 4, "tensor": 2}
     np.testing.assert_array_equal(out["tensor"].ids, out["training"].ids)
     np.testing.assert_allclose(out["tensor"].logps, out["training"].logps, atol=1e-4)
     loop = hlo.collective_stats(hlo.loop_body_text(texts["tensor"], dynamic_only=True))
