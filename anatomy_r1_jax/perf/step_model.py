@@ -27,11 +27,10 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import jax
 import numpy as np
 
 from anatomy_r1_jax.models.config import QwenVLConfig
-from anatomy_r1_jax.perf import flops
+from anatomy_r1_jax.perf import flops, workloads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +116,7 @@ def rollout_bytes(cfg: QwenVLConfig, hw: Hardware, load: Workload, tensor: int) 
         cache = load.rows // load.micro_batches * (load.prompt_length + load.max_new_tokens) * _kv_bytes_per_slot(cfg, 4)
         return train_state_bytes(cfg, hw) + cache
     cache = load.rows * (load.prompt_length + load.max_new_tokens) * _kv_bytes_per_slot(cfg, 2)
-    return train_state_bytes(cfg, hw) + (parameter_count(cfg) * 2 + cache) / tensor
+    return train_state_bytes(cfg, hw) + (workloads.model_parameter_count(cfg) * 2 + cache) / tensor
 
 
 def tensor_degree(cfg: QwenVLConfig, hw: Hardware, load: Workload) -> int:
@@ -127,16 +126,6 @@ def tensor_degree(cfg: QwenVLConfig, hw: Hardware, load: Workload) -> int:
     return fitting[0] if fitting else min(8, hw.devices)
 
 
-def parameter_count(cfg: QwenVLConfig) -> int:
-    """Every parameter of the model (vision tower included), from its abstract shapes."""
-    from flax import nnx
-
-    from anatomy_r1_jax.models import QwenVL
-
-    state = nnx.state(nnx.eval_shape(lambda: QwenVL(cfg, rngs=nnx.Rngs(0))))
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
-
-
 def _kv_bytes_per_slot(cfg: QwenVLConfig, element: int) -> float:
     return cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * element
 
@@ -144,7 +133,7 @@ def _kv_bytes_per_slot(cfg: QwenVLConfig, element: int) -> float:
 def train_state_bytes(cfg: QwenVLConfig, hw: Hardware) -> float:
     """The fsdp-sharded train state outside the update: bf16 weights, fp32 master and AdamW moments,
     bf16 reference copy (16 B per parameter; gradients live only in the update)."""
-    return parameter_count(cfg) * 16 / hw.devices
+    return workloads.model_parameter_count(cfg) * 16 / hw.devices
 
 
 def step(cfg: QwenVLConfig, hw: Hardware, load: Workload, design: Design, *, hbm_eff: float = 0.7,

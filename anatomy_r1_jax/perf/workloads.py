@@ -15,6 +15,7 @@ Sizes (language model; the vision towers are small):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import numpy as np
@@ -100,12 +101,18 @@ def reference_pair(size: str, workdir: str | os.PathLike, *, seed: int = 0, **mo
 
 def parameter_count(config: dict) -> int:
     """Number of parameters of our model built from `config` (abstractly, no memory)."""
+    return model_parameter_count(QwenVLConfig.from_hf(config))
+
+
+@functools.lru_cache(maxsize=None)
+def model_parameter_count(cfg: QwenVLConfig) -> int:
+    """Number of parameters of our model of `cfg` (abstractly, no memory; vision tower included)."""
     import jax
     from flax import nnx
 
     from anatomy_r1_jax.models.weights import abstract_model
 
-    params = nnx.state(abstract_model(QwenVLConfig.from_hf(config)), nnx.Param)
+    params = nnx.state(abstract_model(cfg), nnx.Param)
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
 
