@@ -31,8 +31,8 @@ def main(argv):
     del argv
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax / grain chatter
     logging.getLogger("anatomy_r1_jax").setLevel(logging.INFO)
-    from anatomy_r1_jax.train.compiled import use_compilation_cache
-    from anatomy_r1_jax.train.distributed import maybe_initialize
+    from anatomy_r1_jax.runtime.programs import use_compilation_cache
+    from anatomy_r1_jax.runtime.distributed import maybe_initialize
     from anatomy_r1_jax.train.preemption import RunStopped
     from anatomy_r1_jax.train.trainer import Trainer
 

@@ -51,11 +51,12 @@ from anatomy_r1_jax.models.presets import preset_hf_config  # noqa: E402
 from anatomy_r1_jax.perf import flops, report, workloads  # noqa: E402
 from anatomy_r1_jax.perf.memory import compiled_memory  # noqa: E402
 from anatomy_r1_jax.perf.timing import time_interleaved  # noqa: E402
-from anatomy_r1_jax.rl.batch import TrainBatch  # noqa: E402
+from anatomy_r1_jax.data.batch import TrainBatch  # noqa: E402
 from anatomy_r1_jax.rl.sampling import SamplingConfig  # noqa: E402
-from anatomy_r1_jax.train.compiled import Programs, rollout_programs  # noqa: E402
-from anatomy_r1_jax.train.partitioning import place_state, put_batch, split_model  # noqa: E402
-from anatomy_r1_jax.train.precision import Precision  # noqa: E402
+from anatomy_r1_jax.runtime.programs import rollout_programs  # noqa: E402
+from anatomy_r1_jax.train.compiled import Programs  # noqa: E402
+from anatomy_r1_jax.runtime.placement import place_state, put_batch, split_model  # noqa: E402
+from anatomy_r1_jax.runtime.precision import Precision  # noqa: E402
 from anatomy_r1_jax.train.step import StepConfig, make_optimizer  # noqa: E402
 from configs.default import get_config  # noqa: E402
 from configs.methods import REAL_MODELS  # noqa: E402

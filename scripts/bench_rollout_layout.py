@@ -37,8 +37,9 @@ from anatomy_r1_jax.models import QwenVL, QwenVLConfig  # noqa: E402
 from anatomy_r1_jax.perf import hlo, report, workloads  # noqa: E402
 from anatomy_r1_jax.perf.timing import time_interleaved  # noqa: E402
 from anatomy_r1_jax.rl.sampling import SamplingConfig  # noqa: E402
-from anatomy_r1_jax.train.compiled import Programs, rollout_programs  # noqa: E402
-from anatomy_r1_jax.train.partitioning import place_state, put_batch, split_model  # noqa: E402
+from anatomy_r1_jax.runtime.programs import rollout_programs  # noqa: E402
+from anatomy_r1_jax.train.compiled import Programs  # noqa: E402
+from anatomy_r1_jax.runtime.placement import place_state, put_batch, split_model  # noqa: E402
 from configs import default  # noqa: E402
 from configs.methods import REAL_MODEL, REAL_MODELS  # noqa: E402
 

@@ -43,7 +43,7 @@ from anatomy_r1_jax.perf import profile, report, workloads  # noqa: E402
 from anatomy_r1_jax.perf.memory import compiled_memory  # noqa: E402
 from anatomy_r1_jax.perf.timing import time_interleaved  # noqa: E402
 from anatomy_r1_jax.train.compiled import Programs  # noqa: E402
-from anatomy_r1_jax.train.partitioning import split_model  # noqa: E402
+from anatomy_r1_jax.runtime.placement import split_model  # noqa: E402
 from anatomy_r1_jax.train.step import StepConfig, make_optimizer  # noqa: E402
 from configs.default import get_config  # noqa: E402
 

@@ -39,10 +39,10 @@ from anatomy_r1_jax import sharding  # noqa: E402
 from anatomy_r1_jax.models import QwenVL, QwenVLConfig  # noqa: E402
 from anatomy_r1_jax.perf import report, workloads  # noqa: E402
 from anatomy_r1_jax.perf.timing import time_interleaved  # noqa: E402
-from anatomy_r1_jax.rl.batch import Completions, TrainBatch  # noqa: E402
+from anatomy_r1_jax.data.batch import Completions, TrainBatch  # noqa: E402
 from anatomy_r1_jax.train.compiled import Programs  # noqa: E402
 from anatomy_r1_jax.train.micro_batches import bucket_lengths, plan_micro_batches, trimmed_completions  # noqa: E402
-from anatomy_r1_jax.train.partitioning import put_batch, split_model  # noqa: E402
+from anatomy_r1_jax.runtime.placement import put_batch, split_model  # noqa: E402
 from anatomy_r1_jax.train.step import StepConfig, make_optimizer  # noqa: E402
 from configs.default import get_config  # noqa: E402
 

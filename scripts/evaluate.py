@@ -75,8 +75,8 @@ def main(argv):
     from anatomy_r1_jax.evaluation.run_config import config_from_flags
     from anatomy_r1_jax.evaluation.scoring import run_accuracy
     from anatomy_r1_jax.evaluation.sweep import run_sweep
-    from anatomy_r1_jax.train.compiled import use_compilation_cache
-    from anatomy_r1_jax.train.distributed import maybe_initialize
+    from anatomy_r1_jax.runtime.programs import use_compilation_cache
+    from anatomy_r1_jax.runtime.distributed import maybe_initialize
 
     ensure_flags_parsed()
     maybe_initialize()

@@ -43,7 +43,7 @@ def main(argv):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from anatomy_r1_jax.evaluation.export import export_checkpoint
     from anatomy_r1_jax.evaluation.run_config import config_from_flags
-    from anatomy_r1_jax.train.distributed import maybe_initialize
+    from anatomy_r1_jax.runtime.distributed import maybe_initialize
 
     maybe_initialize()
     config = config_from_flags(_CONFIG, [_CHECKPOINT.value])

@@ -93,15 +93,15 @@ def _table_backends(args) -> list[tuple[str, object]]:
         import tempfile
 
         from anatomy_r1_jax.methods.similarity import token_embedder
-        from anatomy_r1_jax.train import experiment
+        from anatomy_r1_jax.runtime import builders
         from configs import default
 
         workdir = tempfile.mkdtemp(prefix="score_curriculum_")
         for seed in (int(x) for x in args.embedding_seeds.split(",")):
             config = default.get_config()
             config.seed = seed
-            tokenizer = experiment.build_tokenizer(config, workdir)
-            table = experiment.build_model(config, tokenizer).language.embed_tokens.embedding[...]
+            tokenizer = builders.build_tokenizer(config, workdir)
+            table = builders.build_model(config, tokenizer).language.embed_tokens.embedding[...]
             embed = token_embedder(table, lambda t, tok=tokenizer: tok(t, add_special_tokens=False)["input_ids"])
             out.append((f"embedding (tiny model, seed {seed})", make_similarity("embedding", embed=embed)))
     return out

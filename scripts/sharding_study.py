@@ -123,8 +123,8 @@ from anatomy_r1_jax.perf.memory import bytes_per_device, compiled_memory  # noqa
 from anatomy_r1_jax.perf.timing import time_interleaved  # noqa: E402
 from anatomy_r1_jax.rl.sampling import SamplingConfig  # noqa: E402
 from anatomy_r1_jax.train.compiled import Programs  # noqa: E402
-from anatomy_r1_jax.train.partitioning import put_batch, split_model  # noqa: E402
-from anatomy_r1_jax.train.precision import BF16  # noqa: E402
+from anatomy_r1_jax.runtime.placement import put_batch, split_model  # noqa: E402
+from anatomy_r1_jax.runtime.precision import BF16  # noqa: E402
 from anatomy_r1_jax.train.step import StepConfig, make_optimizer  # noqa: E402
 
 MIB = 2**20

@@ -16,7 +16,7 @@ from anatomy_r1_jax.models import QwenVL, QwenVLConfig
 from anatomy_r1_jax.models.presets import tiny_hf_config
 from anatomy_r1_jax.rl.advantages import grpo_advantages
 from anatomy_r1_jax.train.compiled import Programs, run_iterations
-from anatomy_r1_jax.train.partitioning import put_batch, split_model
+from anatomy_r1_jax.runtime.placement import put_batch, split_model
 from anatomy_r1_jax.train.step import StepConfig, make_optimizer
 from test_rollout_step import RULES, _stack, _train_batch, one_device_mesh
 
@@ -116,7 +116,7 @@ def test_num_iterations_two_is_a_clipped_second_epoch():
 
 _CACHE_USER = """
 import sys, jax, jax.numpy as jnp, ml_collections, numpy as np
-from anatomy_r1_jax.train.compiled import use_compilation_cache
+from anatomy_r1_jax.runtime.programs import use_compilation_cache
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 use_compilation_cache(ml_collections.ConfigDict(dict(compilation_cache=sys.argv[1],
                                                      compilation_cache_max_gb=float(sys.argv[2]))))

@@ -184,7 +184,7 @@ def test_train_py_stops_before_the_first_step_naming_every_bad_record(tmp_path):
 def test_on_error_skip_from_the_command_line_drops_the_bad_records(tmp_path):
     from absl import flags
     from ml_collections import config_flags  # train.py's flag parser
-    from anatomy_r1_jax.train import experiment
+    from anatomy_r1_jax.runtime import builders
 
     train = _bad_train_file(tmp_path)
     argv = ["train.py", f"--config.data.train={train}", "--config.data.eval=", "--config.data.on_error=skip"]
@@ -193,9 +193,9 @@ def test_on_error_skip_from_the_command_line_drops_the_bad_records(tmp_path):
                                     sys_argv=argv)
     fv(argv)
     config, workdir = fv.config, str(tmp_path / "run")
-    tokenizer = experiment.build_tokenizer(config, workdir)
-    data = experiment.build_data(config, workdir)
-    kept = experiment.validate_data(config, data, tokenizer, experiment.build_image_processor(config, tokenizer),
+    tokenizer = builders.build_tokenizer(config, workdir)
+    data = builders.build_data(config, workdir)
+    kept = builders.validate_data(config, data, tokenizer, builders.build_image_processor(config, tokenizer),
                                     workdir)
     assert len(kept.train) == len(data.train) - 2
     assert {r.id for r in data.train} - {r.id for r in kept.train} == {"synthetic-train-000003",

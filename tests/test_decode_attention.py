@@ -106,7 +106,7 @@ def _model(dtype=jnp.float32, attention="auto", scan_layers=True, scale=5.0):
 
 
 def _prompts(model, queries, lp=24, seed=0):
-    from anatomy_r1_jax.rl.batch import PromptBatch
+    from anatomy_r1_jax.data.batch import PromptBatch
 
     rng = np.random.default_rng(seed)
     ids = rng.integers(3, 60, (queries, lp)).astype(np.int32)

@@ -33,7 +33,7 @@ from anatomy_r1_jax.evaluation.evaluator import EvalSettings, Evaluator, decode_
 from anatomy_r1_jax.evaluation.scoring import score, summarize
 from anatomy_r1_jax.rl.rollout import generate
 from anatomy_r1_jax.train.checkpoint import Checkpointer
-from anatomy_r1_jax.train.partitioning import place_state
+from anatomy_r1_jax.runtime.placement import place_state
 from anatomy_r1_jax.train.step import TrainState, make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Run set-up from a config (train/experiment.py): what a run on a records file needs and builds."""
+"""Run set-up from a config (runtime/builders.py): what a run on a records file needs and builds."""
 
 import os
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from anatomy_r1_jax.data.synthetic import make_synthetic_dataset
-from anatomy_r1_jax.train import experiment
+from anatomy_r1_jax.runtime import builders
 from configs import synthetic
 
 
@@ -19,7 +19,7 @@ def records_file(tmp_path_factory):
 def test_synthetic_config_on_a_records_file_builds_no_synthetic_eval_set(records_file, tmp_path):
     config = synthetic.get_config("method=grpo")
     config.data.train = records_file
-    data = experiment.build_data(config, str(tmp_path))
+    data = builders.build_data(config, str(tmp_path))
     assert data.train and data.eval == [] and data.matrix_path == ""
     assert not os.path.exists(tmp_path / "data")  # the 8000-question benchmark was not generated
 
@@ -29,12 +29,12 @@ def test_plain_grpo_on_a_records_file_needs_no_similarity_source(records_file, t
     curriculum still names the missing source in one line."""
     config = synthetic.get_config("method=grpo")
     config.data.train = records_file
-    data = experiment.build_data(config, str(tmp_path))
-    scores = experiment.similarity_scores(config, data, model=None, tokenizer=None, workdir=str(tmp_path))
+    data = builders.build_data(config, str(tmp_path))
+    scores = builders.similarity_scores(config, data, model=None, tokenizer=None, workdir=str(tmp_path))
     assert scores.shape == (len(data.train),) and np.isnan(scores).all()
     config.curriculum.schedule = "staged"
     with pytest.raises(ValueError, match="curriculum.backend='matrix' needs curriculum.matrix"):
-        experiment.similarity_scores(config, data, model=None, tokenizer=None, workdir=str(tmp_path))
+        builders.similarity_scores(config, data, model=None, tokenizer=None, workdir=str(tmp_path))
 
 
 def test_curriculum_score_chooses_the_question_score(records_file, tmp_path):
@@ -45,10 +45,10 @@ def test_curriculum_score_chooses_the_question_score(records_file, tmp_path):
     config = synthetic.get_config("method=asc")
     config.data.train = records_file
     config.curriculum.matrix = os.path.join(os.path.dirname(records_file), "class_similarity.json")
-    data = experiment.build_data(config, str(tmp_path))
+    data = builders.build_data(config, str(tmp_path))
     sim = sim_lib.make_similarity("matrix", matrix=config.curriculum.matrix)
     for score, fn in (("distractors", sim_lib.question_similarity), ("symmetric", sim_lib.symmetric_similarity)):
         config.curriculum.score = score
-        got = experiment.similarity_scores(config, data, model=None, tokenizer=None, workdir=str(tmp_path))
+        got = builders.similarity_scores(config, data, model=None, tokenizer=None, workdir=str(tmp_path))
         np.testing.assert_allclose(got, [fn(r, sim) for r in data.train])
     assert not np.allclose([sim_lib.question_similarity(r, sim) for r in data.train], got)

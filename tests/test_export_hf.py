@@ -25,7 +25,7 @@ from anatomy_r1_jax.data.synthetic import make_synthetic_dataset
 from anatomy_r1_jax.evaluation.checkpoints import build_setup, restore_model_state
 from anatomy_r1_jax.evaluation.export import export_checkpoint
 from anatomy_r1_jax.evaluation.run_config import config_for_checkpoints
-from anatomy_r1_jax.train import experiment
+from anatomy_r1_jax.runtime import builders
 from anatomy_r1_jax.train.checkpoint import Checkpointer
 from anatomy_r1_jax.train.step import TrainState, make_optimizer
 from hf_tiny import hf_image_logits
@@ -62,7 +62,7 @@ def make_run(run: Path, config, step: int, seed: int, base_saved: bool = True):
     (a LoRA run's adapters; frozen None)."""
     run.mkdir(parents=True)
     (run / "config.json").write_text(config.to_json_best_effort(indent=1))
-    experiment.build_tokenizer(config, str(run))
+    builders.build_tokenizer(config, str(run))
     setup = build_setup(config, str(run))
     params, frozen = random_state(setup.params, seed), random_state(setup.frozen, seed + 1)
     tx = make_optimizer(1e-3)

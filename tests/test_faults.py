@@ -2,7 +2,7 @@
 that vanishes, a NaN), nothing finished is lost and a resume ends where the uninterrupted run ends.
 
 Faults are injected at exact points through the test-only ANATOMY_R1_FAULT variable
-(anatomy_r1_jax/train/faults.py); signals are real signals the process sends itself there. To keep
+(anatomy_r1_jax/anatomy_r1_jax/faults.py); signals are real signals the process sends itself there. To keep
 the suite short one run is stopped again and again, each time at the next point, and resumed, and
 the runs that are compared start together."""
 
@@ -249,8 +249,8 @@ def test_a_query_whose_image_was_unreadable_is_masked_out_of_its_step_and_counte
     image could not be read (row p * G + j of a micro-batch the j-th rollout of its query p; the
     trainer hands it the flags of the micro-batch's own queries, in the length plan's order), and
     _unreadable_count counts them."""
-    from anatomy_r1_jax.rl.batch import Completions
-    from anatomy_r1_jax.train.distributed import DataShard
+    from anatomy_r1_jax.data.batch import Completions
+    from anatomy_r1_jax.runtime.distributed import DataShard
     from anatomy_r1_jax.train.trainer import Trainer
 
     g, local = 2, 2

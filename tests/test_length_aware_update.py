@@ -15,10 +15,10 @@ import pytest
 
 from anatomy_r1_jax import sharding
 from anatomy_r1_jax.models import lora
-from anatomy_r1_jax.rl.batch import Completions, TrainBatch
+from anatomy_r1_jax.data.batch import Completions, TrainBatch
 from anatomy_r1_jax.train.compiled import Programs, run_iterations
 from anatomy_r1_jax.train.micro_batches import bucket_lengths, plan_micro_batches, trimmed_completions
-from anatomy_r1_jax.train.partitioning import put_batch, split_model
+from anatomy_r1_jax.runtime.placement import put_batch, split_model
 from anatomy_r1_jax.train.step import StepConfig, make_optimizer
 from test_rollout_step import GRID, RULES, _stack, make_model, one_device_mesh, prompt_batch
 

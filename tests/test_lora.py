@@ -21,7 +21,7 @@ from anatomy_r1_jax import sharding
 from anatomy_r1_jax.models import QwenVL, lora
 from anatomy_r1_jax.train.compiled import Programs
 from anatomy_r1_jax.train.logprobs import completion_logps
-from anatomy_r1_jax.train.partitioning import put_batch, split_model
+from anatomy_r1_jax.runtime.placement import put_batch, split_model
 from anatomy_r1_jax.train.step import StepConfig, TrainState, make_optimizer
 from test_rollout_step import RULES, _stack, _train_batch, one_device_mesh, tiny_model_cfg
 
@@ -270,7 +270,7 @@ def test_export_after_a_full_warm_up_merges_the_adapters_into_the_warm_up_checkp
 
     from anatomy_r1_jax.evaluation.checkpoints import base_state, build_setup, restore_model_state
     from anatomy_r1_jax.evaluation.export import PEFT_DIR, export_checkpoint
-    from anatomy_r1_jax.train import experiment
+    from anatomy_r1_jax.runtime import builders
     from anatomy_r1_jax.train.checkpoint import Checkpointer
     from test_export_hf import default_config, random_state
 
@@ -282,7 +282,7 @@ def test_export_after_a_full_warm_up_merges_the_adapters_into_the_warm_up_checkp
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text(config.to_json_best_effort(indent=1))
-    experiment.build_tokenizer(config, str(run))
+    builders.build_tokenizer(config, str(run))
     setup = build_setup(config, str(run))
     adapters, base = random_state(setup.params, 1), random_state(setup.frozen, 2)
     warm_adapters = jax.tree_util.tree_map_with_path(  # the warm-up leaves B = 0
@@ -292,7 +292,7 @@ def test_export_after_a_full_warm_up_merges_the_adapters_into_the_warm_up_checkp
     for step, params, frozen in ((2, warm_params, warm_frozen), (5, adapters, None)):
         tx = make_optimizer(1e-3)
         ckpt.save(step, TrainState(step=jnp.asarray(step, jnp.int32), params=params, frozen=frozen, ref_params=None,
-                                   opt_state=tx.init(params)), {"lora": experiment.adapter_base(config, step, "")})
+                                   opt_state=tx.init(params)), {"lora": builders.adapter_base(config, step, "")})
     ckpt.close()
 
     restored, frozen = restore_model_state(setup, str(run / "checkpoints" / "5"))
@@ -336,14 +336,14 @@ def test_adapter_only_checkpoint_restores_onto_the_base_model(tmp_path):
 
 
 def test_config_errors_name_the_field():
-    from anatomy_r1_jax.train import experiment
+    from anatomy_r1_jax.runtime import builders
     from test_export_hf import default_config
 
     config = default_config()
     config.model.lora.update(rank=8, vision=True)
     config.model.freeze_vision = True
     with pytest.raises(ValueError, match="model.lora.vision=True .* model.freeze_vision=False"):
-        experiment.with_adapters(config, None)
+        builders.with_adapters(config, None)
     with pytest.raises(ValueError, match="model.lora.targets"):
         lora.LoraConfig(rank=8, targets=("q", "qkv"))
     with pytest.raises(ValueError, match="model.lora.dropout"):

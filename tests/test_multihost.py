@@ -15,7 +15,7 @@ import pytest
 from anatomy_r1_jax.data.collate import BatchShape, Collator, ImageFeatures
 from anatomy_r1_jax.data.records import Record
 from anatomy_r1_jax.rl.rollout import image_embeddings
-from anatomy_r1_jax.train import experiment
+from anatomy_r1_jax.runtime import builders
 
 
 @pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
@@ -24,8 +24,8 @@ def tiny(request, tmp_path_factory):
 
     config = get_config()
     config.model.family = request.param
-    tokenizer = experiment.build_tokenizer(config, str(tmp_path_factory.mktemp("tok")))
-    model = experiment.build_model(config, tokenizer)
+    tokenizer = builders.build_tokenizer(config, str(tmp_path_factory.mktemp("tok")))
+    model = builders.build_model(config, tokenizer)
     return model, Collator(tokenizer, model.config, BatchShape(prompt_length=96, completion_length=8,
                                                               patches_per_query=16))
 
@@ -96,7 +96,7 @@ COMPARED = ("sft/loss", "grad_norm", "loss", "kl", "clip_fraction", "entropy", "
 
 def _launch(workdir, config, devices: int, process_id: int | None = None, port: int = 0, fault: str = ""):
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
-           "ANATOMY_R1_FAULT": fault}  # train/faults.py
+           "ANATOMY_R1_FAULT": fault}  # anatomy_r1_jax/faults.py
     if process_id is not None:
         env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(process_id))
     log = open(f"{workdir}.{process_id}.log", "w")

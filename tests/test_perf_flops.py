@@ -9,9 +9,9 @@ from flax import nnx
 
 from anatomy_r1_jax.models import QwenVL, QwenVLConfig
 from anatomy_r1_jax.perf import flops, workloads
-from anatomy_r1_jax.rl.batch import Completions, PromptBatch, TrainBatch
+from anatomy_r1_jax.data.batch import Completions, PromptBatch, TrainBatch
 from anatomy_r1_jax.train.logprobs import completion_logps
-from anatomy_r1_jax.train.partitioning import split_model
+from anatomy_r1_jax.runtime.placement import split_model
 from anatomy_r1_jax.train.step import StepConfig, TrainState, make_optimizer, train_step
 
 Q, G, LP, T = 2, 4, 48, 16

@@ -12,8 +12,8 @@ from anatomy_r1_jax import sharding
 from anatomy_r1_jax.models import QwenVL, QwenVLConfig
 from anatomy_r1_jax.perf import abstract, hlo, workloads
 from anatomy_r1_jax.perf.memory import bytes_per_device, compiled_memory
-from anatomy_r1_jax.train.partitioning import place_state, split_model
-from anatomy_r1_jax.train.precision import BF16
+from anatomy_r1_jax.runtime.placement import place_state, split_model
+from anatomy_r1_jax.runtime.precision import BF16
 from anatomy_r1_jax.train.step import StepConfig, make_optimizer, train_step
 
 FSDP = [("embed", "fsdp"), ("vision_embed", "fsdp"), ("activation_batch", "fsdp"), ("activation_embed", "fsdp"),

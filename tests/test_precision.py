@@ -11,8 +11,8 @@ from flax import nnx
 
 from anatomy_r1_jax.models import QwenVL, QwenVLConfig
 from anatomy_r1_jax.models.presets import tiny_hf_config
-from anatomy_r1_jax.train.partitioning import split_model
-from anatomy_r1_jax.train.precision import Precision, init_optimizer
+from anatomy_r1_jax.runtime.placement import split_model
+from anatomy_r1_jax.runtime.precision import Precision, init_optimizer
 from anatomy_r1_jax.train.step import StepConfig, TrainState, make_optimizer, train_step
 from test_rollout_step import _stack, _train_batch
 

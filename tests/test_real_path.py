@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from anatomy_r1_jax.train import experiment
+from anatomy_r1_jax.runtime import builders
 from hf_tiny import HF_CLASSES, hf_image_logits, widen_
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def _checkpoint_folder(path: Path) -> Path:
 
     build_tiny_tokenizer(path)
     Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=12845056).save_pretrained(path)
-    hf = experiment.tiny_hf_config_for(AutoTokenizer.from_pretrained(path), "qwen2_5_vl", **TINY)
+    hf = builders.tiny_hf_config_for(AutoTokenizer.from_pretrained(path), "qwen2_5_vl", **TINY)
     config_cls, model_cls = HF_CLASSES["qwen2_5_vl"]
     torch.manual_seed(0)
     model = model_cls(config_cls(**hf)).eval()

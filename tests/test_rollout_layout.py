@@ -16,7 +16,7 @@ from anatomy_r1_jax.models.presets import tiny_hf_config
 from anatomy_r1_jax.perf import hlo, workloads
 from anatomy_r1_jax.rl.sampling import SamplingConfig, sample_token
 from anatomy_r1_jax.train.compiled import Programs, rollout_programs
-from anatomy_r1_jax.train.partitioning import place_state, put_batch, split_model
+from anatomy_r1_jax.runtime.placement import place_state, put_batch, split_model
 from anatomy_r1_jax.train.trainer import rollout_calls, step_order
 from configs import default
 from configs.methods import REAL_MODEL, REAL_MODELS

@@ -15,12 +15,12 @@ from anatomy_r1_jax import sharding
 from anatomy_r1_jax.models import QwenVL, QwenVLConfig, get_rope_index
 from anatomy_r1_jax.models.presets import tiny_hf_config
 from anatomy_r1_jax.models.vision_inputs import pad_pixel_values, vision_inputs
-from anatomy_r1_jax.rl.batch import Completions, PromptBatch, TrainBatch
+from anatomy_r1_jax.data.batch import Completions, PromptBatch, TrainBatch
 from anatomy_r1_jax.rl.rollout import generate
 from anatomy_r1_jax.rl.sampling import SamplingConfig, sample_token
 from anatomy_r1_jax.train.compiled import Programs
 from anatomy_r1_jax.train.logprobs import completion_logps
-from anatomy_r1_jax.train.partitioning import put_batch, split_model
+from anatomy_r1_jax.runtime.placement import put_batch, split_model
 from anatomy_r1_jax.train.step import StepConfig, TrainState, make_optimizer, train_step
 
 GRID = (1, 4, 4)  # 16 patches -> 4 image tokens

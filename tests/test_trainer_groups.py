@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from anatomy_r1_jax.rl.batch import Completions
+from anatomy_r1_jax.data.batch import Completions
 from anatomy_r1_jax.train.trainer import Trainer
 from configs import default
 

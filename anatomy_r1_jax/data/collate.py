@@ -19,7 +19,7 @@ from anatomy_r1_jax.data.readers import DataError
 from anatomy_r1_jax.data.records import Record
 from anatomy_r1_jax.models.rope_index import get_rope_index
 from anatomy_r1_jax.models.vision_inputs import concat_vision_inputs, pad_pixel_values, vision_inputs
-from anatomy_r1_jax.rl.batch import PromptBatch
+from anatomy_r1_jax.data.batch import PromptBatch
 
 IMAGE_PAD = "<|image_pad|>"
 
@@ -136,7 +136,7 @@ class Collator:
         """Prompt batches of `prompts` laid end to end: rows and patches of part k after those of
         parts < k, as one call with all their groups packs them, except that each part keeps its
         padding patches (and padding image_rows) at its end. Multi-host training joins the data
-        shards' batches with it (train/distributed.py)."""
+        shards' batches with it (runtime/distributed.py)."""
         real, units = [], 0
         for p in parts:  # image_rows: each part's real entries, shifted past earlier parts' tower outputs
             real.append(p.image_rows[: int((p.input_ids == self.cfg.image_token_id).sum())] + units)

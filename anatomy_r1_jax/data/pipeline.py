@@ -46,7 +46,7 @@ from anatomy_r1_jax.data.collate import ImageFeatures, preprocess_images
 from anatomy_r1_jax.data.images import image_problem
 from anatomy_r1_jax.data.readers import DataError
 from anatomy_r1_jax.data.records import Record
-from anatomy_r1_jax.train import faults
+from anatomy_r1_jax import faults
 
 log = logging.getLogger(__name__)
 ON_UNREADABLE = ("raise", "skip")

@@ -40,7 +40,7 @@ from anatomy_r1_jax.data import prompts
 from anatomy_r1_jax.data.collate import prompt_ids, prompt_text
 from anatomy_r1_jax.data.readers import DataError, write_jsonl
 from anatomy_r1_jax.data.records import Record
-from anatomy_r1_jax.methods.augmentation import question_rephrasings
+from anatomy_r1_jax.data.rephrasings import question_rephrasings
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ loaded), directly onto the shardings the config's rules give on the mesh. The mo
 `nnx.merge(graphdef, params, frozen)` with the graphdef the run's config builds. A LoRA run's
 checkpoint may hold its adapters alone (`frozen` empty): the base weights are then the config's base
 model (model.path or the tiny model of config.seed) or, after a full warm-up, the warm-up's last
-checkpoint of the same run (train/experiment.adapter_base, as its meta says).
+checkpoint of the same run (runtime/builders.adapter_base, as its meta says).
 
 Checkpoint specs (command lines): "base" (the model as the config builds it: model.path, or the
 tiny model made from config.seed), a run workdir (its latest step), its `checkpoints` folder, or
@@ -29,8 +29,8 @@ from flax import nnx
 
 from anatomy_r1_jax import sharding
 from anatomy_r1_jax.models import QwenVL, QwenVLConfig, lora, model_options
-from anatomy_r1_jax.train import experiment
-from anatomy_r1_jax.train.partitioning import place_state, rollout_layout, split_model
+from anatomy_r1_jax.runtime import builders
+from anatomy_r1_jax.runtime.placement import place_state, rollout_layout, split_model
 
 log = logging.getLogger(__name__)
 
@@ -112,11 +112,11 @@ def _tokenizer_and_image_processor(config, workdir: str | None):
     built in a scratch folder: evaluation and export never write into a run."""
     if config.tokenizer.path or config.model.path or (
             workdir and os.path.exists(os.path.join(workdir, "tokenizer", "tokenizer.json"))):
-        tokenizer = experiment.build_tokenizer(config, workdir)
-        return tokenizer, experiment.build_image_processor(config, tokenizer)
+        tokenizer = builders.build_tokenizer(config, workdir)
+        return tokenizer, builders.build_image_processor(config, tokenizer)
     with tempfile.TemporaryDirectory() as scratch:
-        tokenizer = experiment.build_tokenizer(config, scratch)
-        return tokenizer, experiment.build_image_processor(config, tokenizer)
+        tokenizer = builders.build_tokenizer(config, scratch)
+        return tokenizer, builders.build_image_processor(config, tokenizer)
 
 
 def build_setup(config, workdir: str | None, *, mesh=None, rollout: bool = False) -> ModelSetup:
@@ -133,12 +133,12 @@ def build_setup(config, workdir: str | None, *, mesh=None, rollout: bool = False
         mesh, rules = rollout_layout(c, mesh)
     tokenizer, image_processor = _tokenizer_and_image_processor(c, workdir)
     if c.model.path:
-        dtypes = experiment.DTYPES
-        model = nnx.eval_shape(lambda: experiment.with_adapters(c, QwenVL(
+        dtypes = builders.DTYPES
+        model = nnx.eval_shape(lambda: builders.with_adapters(c, QwenVL(
             QwenVLConfig.from_dir(c.model.path), dtype=dtypes[c.model.dtype], param_dtype=dtypes[c.model.param_dtype],
             rngs=nnx.Rngs(0), **model_options(c.model))))
     else:
-        model = nnx.eval_shape(lambda: experiment.build_model(c, tokenizer))
+        model = nnx.eval_shape(lambda: builders.build_model(c, tokenizer))
     graphdef, params, frozen = split_model(model, c.model.freeze_vision)
     return ModelSetup(c, tokenizer, image_processor, model.config, mesh, rules, graphdef,
                       _abstract(params, mesh, rules), _abstract(frozen, mesh, rules), bool(c.model.freeze_vision))
@@ -148,7 +148,7 @@ def base_state(setup: ModelSetup):
     """(params, frozen) of the base model (model.path, or the tiny model made from config.seed:
     what training starts from), placed on the setup's mesh."""
     with sharding.use_rules(setup.mesh, setup.rules):
-        model = experiment.build_model(setup.config, setup.tokenizer, setup.mesh, setup.rules)
+        model = builders.build_model(setup.config, setup.tokenizer, setup.mesh, setup.rules)
     _, params, frozen = split_model(model, setup.freeze_vision)
     return place_state(params, setup.mesh, setup.rules), place_state(frozen, setup.mesh, setup.rules)
 
@@ -205,7 +205,7 @@ def restore_model_state(setup: ModelSetup, step_dir: str):
         # A LoRA checkpoint without base weights: the config's base model, or the run's warm-up checkpoint.
         step_dir = os.path.abspath(step_dir)
         step = int(os.path.basename(step_dir)) if os.path.basename(step_dir).isdigit() else None
-        base = experiment.adapter_base(setup.config, step, os.path.dirname(step_dir))
+        base = builders.adapter_base(setup.config, step, os.path.dirname(step_dir))
         base_frozen = restore_model_state(setup, base["base"])[1] if "base_step" in base else base_state(setup)[1]
     _check_parameter_names(setup, stored, step_dir, frozen=base_frozen is None)
     errors = []

@@ -33,9 +33,9 @@ from anatomy_r1_jax.data.records import Record
 from anatomy_r1_jax.evaluation.scoring import score, summarize
 from anatomy_r1_jax.rl.rollout import decode_completions
 from anatomy_r1_jax.rl.sampling import SamplingConfig, sampling_config
-from anatomy_r1_jax.train import distributed
-from anatomy_r1_jax.train.compiled import Programs
-from anatomy_r1_jax.train.partitioning import put_batch
+from anatomy_r1_jax.runtime import distributed
+from anatomy_r1_jax.runtime.programs import RolloutPrograms
+from anatomy_r1_jax.runtime.placement import put_batch
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class Evaluator:
                 self.traces += 1
 
             t0 = time.perf_counter()
-            program = Programs.create(self.graphdef, self.mesh, self.rules).generate(cfg, on_trace=count_trace)
+            program = RolloutPrograms.create(self.graphdef, self.mesh, self.rules).generate(cfg, on_trace=count_trace)
             _PROGRAMS[key] = program.lower(params, frozen, batch, rng).compile()
             self.timing.compile += time.perf_counter() - t0
         self._compiled[mode] = _PROGRAMS[key]

@@ -11,7 +11,7 @@
 The weights keep the run's dtype (config.model.param_dtype) unless another is asked for. A LoRA
 run (model.lora.rank > 0) is exported merged: W + alpha/r A B in every adapted layer, rounded once
 to that dtype; its adapters alone go to out/peft_adapters in PEFT's format when the checkpoint does
-not hold its base weights itself (train/experiment.adapter_base): they apply to model.path (no
+not hold its base weights itself (runtime/builders.adapter_base): they apply to model.path (no
 warm-up: sft.steps = 0, as in the real-model configs; or a checkpoint of an adapter warm-up), or,
 after a full warm-up (model.lora.warmup="full"), to the run's warm-up checkpoint that
 base_model_name_or_path names (export it with scripts/export_hf.py for the base in Hugging Face
@@ -32,8 +32,8 @@ from flax import nnx
 from anatomy_r1_jax.evaluation import processing_image_only_qwen2_vl
 from anatomy_r1_jax.evaluation.checkpoints import build_setup, load_model_state, resolve_checkpoint
 from anatomy_r1_jax.models import lora, save_pretrained
-from anatomy_r1_jax.train import experiment
-from anatomy_r1_jax.train.experiment import DTYPES
+from anatomy_r1_jax.runtime import builders
+from anatomy_r1_jax.runtime.precision import DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def export_checkpoint(config, checkpoint: str, out_dir: str, *, dtype: str | Non
         os.makedirs(out_dir, exist_ok=True)
     if lora.has_adapters(model):
         # The adapters alone in PEFT's format while their base is another checkpoint, then the merged model.
-        base = experiment.adapter_base(config, ref.step, os.path.dirname(ref.path or ""))
+        base = builders.adapter_base(config, ref.step, os.path.dirname(ref.path or ""))
         if not base["base_saved"]:
             lora.save_peft_adapters(model, os.path.join(out_dir, PEFT_DIR), base=base["base"])
         else:

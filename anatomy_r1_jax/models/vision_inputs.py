@@ -251,7 +251,7 @@ def concat_vision_inputs(parts: "list[VisionInputs]") -> VisionInputs:
     its end): what a batch made of the parts' images in turn computes, up to where padding sits.
     Frame and window ids of part k are shifted past those of parts < k, its unit indices by their
     unit counts, its attention rows follow those of parts < k (`concat_attention_rows`). Multi-host
-    training joins the data shards' batches with it (train/distributed.py).
+    training joins the data shards' batches with it (runtime/distributed.py).
     """
     shifted, frames, windows, units = [], [], [], 0
     frame_shift = window_shift = 0

@@ -22,7 +22,7 @@ from anatomy_r1_jax.models.lora import LoraConfig, add_adapters
 from anatomy_r1_jax.models.qwen_vl import QwenVL
 from anatomy_r1_jax.models.weights import abstract_model
 from anatomy_r1_jax.perf.memory import leaf_bytes_per_device
-from anatomy_r1_jax.train.partitioning import batch_shardings, split_model
+from anatomy_r1_jax.runtime.placement import batch_shardings, split_model
 from anatomy_r1_jax.train.step import TrainState
 
 

@@ -24,7 +24,7 @@ from anatomy_r1_jax.models.config import QwenVLConfig
 from anatomy_r1_jax.models.presets import hf_config
 from anatomy_r1_jax.models.rope_index import get_rope_index
 from anatomy_r1_jax.models.vision_inputs import pad_pixel_values, vision_inputs
-from anatomy_r1_jax.rl.batch import PromptBatch
+from anatomy_r1_jax.data.batch import PromptBatch
 
 PATCH_DIM = 3 * 2 * 14 * 14  # processor row: C * temporal_patch * patch * patch
 
@@ -210,7 +210,7 @@ def random_completions(cfg: QwenVLConfig, rows: int, length: int, *, seed: int =
 def train_batch(prompts: PromptBatch, comp: dict[str, np.ndarray]):
     """A NumPy TrainBatch with a leading micro-batch axis of 1 ([1, N, ...]) from image prompts and
     `random_completions`."""
-    from anatomy_r1_jax.rl.batch import Completions, TrainBatch
+    from anatomy_r1_jax.data.batch import Completions, TrainBatch
 
     n = comp["ids"].shape[0]
     batch = TrainBatch(prompt=prompts, completions=Completions(

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from anatomy_r1_jax.models.cached_attention import expand_groups
 from anatomy_r1_jax.models.language import Prefix
 from anatomy_r1_jax.models.rope_index import decode_position_ids
-from anatomy_r1_jax.rl.batch import Completions, PromptBatch
+from anatomy_r1_jax.data.batch import Completions, PromptBatch
 from anatomy_r1_jax.rl.sampling import SamplingConfig, sample_token
 
 

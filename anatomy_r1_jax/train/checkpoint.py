@@ -25,7 +25,7 @@ import shutil
 import jax
 import orbax.checkpoint as ocp
 
-from anatomy_r1_jax.train import faults
+from anatomy_r1_jax import faults
 from anatomy_r1_jax.train.preemption import RunStopped
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ class Checkpointer:
         if jax.process_index() == 0:
             os.makedirs(aside, exist_ok=True)
             os.rename(os.path.join(self.directory, str(step)), target)
-        from anatomy_r1_jax.train import distributed  # (distributed imports nothing of ours back)
+        from anatomy_r1_jax.runtime import distributed
 
         distributed.barrier(f"checkpoint {step} set aside")
         self.manager.reload()

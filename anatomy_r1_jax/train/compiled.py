@@ -1,4 +1,4 @@
-"""Where the compiled functions are built: the update, the old log-probs, the rollout and answering.
+"""Where the update's compiled functions are built: the train state, the update, the old log-probs.
 
 Every function here is traced inside `sharding.use_rules(mesh, rules)` (the context is entered in
 the traced body, so whenever jax traces it, the models' activation constraints are active) and
@@ -12,69 +12,37 @@ compiled with the train state's shardings as in- and outputs:
     update            program, per micro-batch a reference and an accumulate program (one compiled
                       shape per bucket length T_m, the accumulator donated), then an apply program
                       (state donated); `LengthAwareUpdate`
-    rollout           (params, frozen, prompts, rng, sampling, G, S) -> Completions
-    generate          (params, frozen, prompts, rng) -> Completions    (one sampling config; evaluation)
+    rollout, generate runtime/programs.py (RolloutPrograms, which Programs extends)
 
 The trainer, the evaluator, the benchmarks and the tests build their programs here, so a test of
 the sharded update tests the program training runs. Batches are placed by
-`partitioning.put_batch` (rows on the mesh axes of the logical `activation_batch` axis) before the call.
+`placement.put_batch` (rows on the mesh axes of the logical `activation_batch` axis) before the call.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
-import os
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-log = logging.getLogger(__name__)
-
-from anatomy_r1_jax import sharding
 from anatomy_r1_jax.models import lora
-from anatomy_r1_jax.rl.batch import TrainBatch
-from anatomy_r1_jax.rl.rollout import generate
-from anatomy_r1_jax.rl.sampling import SamplingConfig
-from anatomy_r1_jax.train.partitioning import place_state, rollout_layout, split_model
-from anatomy_r1_jax.train.precision import Precision, init_optimizer
+from anatomy_r1_jax.data.batch import TrainBatch
+from anatomy_r1_jax.runtime.placement import place_state, split_model
+from anatomy_r1_jax.runtime.precision import Precision, init_optimizer
+from anatomy_r1_jax.runtime.programs import RolloutPrograms, traced_under_rules
 from anatomy_r1_jax.train import step as step_lib
 from anatomy_r1_jax.train.step import StepConfig, TrainState, policy_logps, train_step
 
 
-def _traced_under_rules(fn: Callable, mesh, rules) -> Callable:
-    """`fn` whose body runs inside `use_rules(mesh, rules)` (active at trace time, wherever jit traces)."""
-
-    @functools.wraps(fn)
-    def wrapped(*args, **kwargs):
-        with sharding.use_rules(mesh, rules):
-            return fn(*args, **kwargs)
-
-    return wrapped
-
-
 @dataclasses.dataclass(frozen=True)
-class Programs:
-    """The compiled functions of one model (graphdef) on one mesh under one set of logical rules."""
-
-    graphdef: nnx.GraphDef
-    mesh: jax.sharding.Mesh
-    rules: tuple
-
-    @classmethod
-    def create(cls, graphdef, mesh, rules, field: str = "sharding_rules") -> "Programs":
-        """`field`: the config field the rules come from (named when one is refused)."""
-        sharding.check_rules(rules, field)
-        return cls(graphdef, mesh, tuple(tuple(r) for r in rules))
-
-    @property
-    def replicated(self) -> NamedSharding:
-        return NamedSharding(self.mesh, P())
+class Programs(RolloutPrograms):
+    """The compiled functions of one model (graphdef) on one mesh under one set of logical rules:
+    the rollout's (runtime/programs.py) and the train state's and update's."""
 
     # ---- the train state ----------------------------------------------------------------------
     def init_state(self, tx: optax.GradientTransformation, precision: Precision, params, frozen, *,
@@ -145,7 +113,7 @@ class Programs:
         and kept on `state`'s shardings, metrics replicated: built for `state`'s trainable part (one
         update per phase when the phases train different parts, `switch_trainable`)."""
         state_sh = _shardings(state)
-        step = _traced_under_rules(functools.partial(train_step, self.graphdef, tx, cfg), self.mesh, self.rules)
+        step = traced_under_rules(functools.partial(train_step, self.graphdef, tx, cfg), self.mesh, self.rules)
         return jax.jit(step, in_shardings=(state_sh, None), out_shardings=(state_sh, self.replicated),
                        donate_argnums=0)
 
@@ -154,45 +122,13 @@ class Programs:
         policy at cfg.temperature (step.policy_logps), rows sharded like the batch."""
         fn = lambda state, batch: policy_logps(self.graphdef, state, batch, cfg.temperature,  # noqa: E731
                                                cfg.logp_chunk, cfg.group_size)
-        return jax.jit(_traced_under_rules(fn, self.mesh, self.rules))
+        return jax.jit(traced_under_rules(fn, self.mesh, self.rules))
 
     def length_aware_update(self, tx: optax.GradientTransformation, cfg: StepConfig, state: TrainState,
                             lengths: tuple[int, ...]) -> "LengthAwareUpdate":
         """The GRPO update over micro-batches each trimmed to its own bucket length (one of `lengths`,
         train/micro_batches.py): `LengthAwareUpdate`, built for `state`'s trainable part."""
         return LengthAwareUpdate.build(self, tx, cfg, state, lengths)
-
-    # ---- generation ---------------------------------------------------------------------------
-    def rollout(self, cache_dtype=None, read_segments: int = 4):
-        """Jitted `(params, frozen, prompts, rng, sampling, group_size, prompts_per_group) ->
-        Completions` (rl/rollout.py generate, its KV caches in `cache_dtype`, None = the model's
-        compute dtype, its decode loop in `read_segments` segments; the last three static)."""
-
-        def run(params, frozen, batch, rng, cfg, group_size, prompts_per_group):
-            return generate(nnx.merge(self.graphdef, params, frozen), batch, rng, cfg, cache_dtype=cache_dtype,
-                            group_size=group_size, prompts_per_group=prompts_per_group, read_segments=read_segments)
-
-        return jax.jit(_traced_under_rules(run, self.mesh, self.rules), static_argnums=(4, 5, 6))
-
-    def generate(self, cfg: SamplingConfig, on_trace: Callable[[], None] | None = None):
-        """Jitted `(params, frozen, prompts, rng) -> Completions` for one sampling config, one row
-        per prompt (what evaluation answers with); `on_trace` is called each time it is traced."""
-
-        def run(params, frozen, batch, rng):
-            if on_trace is not None:
-                on_trace()
-            return generate(nnx.merge(self.graphdef, params, frozen), batch, rng, cfg)
-
-        return jax.jit(_traced_under_rules(run, self.mesh, self.rules))
-
-
-def rollout_programs(config, graphdef, mesh) -> Programs:
-    """The rollout's programs, on a layout of their own: config.rollout_mesh ([] = the training
-    `mesh`) under config.rollout_sharding_rules. The decode loop reads every weight once per token,
-    so the trainer reshards the weights onto this layout once per step (replicated, or
-    tensor-parallel over a few devices) instead of all-gathering fsdp shards on every token."""
-    return Programs.create(graphdef, *rollout_layout(config, mesh), field="rollout_sharding_rules")
-
 
 def _shardings(tree):
     return jax.tree.map(lambda x: x.sharding, tree)
@@ -237,7 +173,7 @@ class LengthAwareUpdate:
             stats = step_lib.step_statistics(cfg, jnp.stack(rewards), jnp.stack(categories))
             return (tuple(stats.advantages), tuple(stats.keep), stats.valid_fraction, stats.metrics)
 
-        jit = lambda fn, **kw: jax.jit(_traced_under_rules(fn, *rules), **kw)  # noqa: E731
+        jit = lambda fn, **kw: jax.jit(traced_under_rules(fn, *rules), **kw)  # noqa: E731
         reference = functools.partial(step_lib.reference_logps, g, cfg)
         accumulate = functools.partial(step_lib.accumulate_micro_batch, g, cfg)
         apply = functools.partial(step_lib.apply_accumulated, tx, cfg)
@@ -304,42 +240,3 @@ def run_iterations(update, old_logps, state: TrainState, batch, num_iterations: 
     for _ in range(num_iterations):
         state, metrics = update(state, batch)
     return state, metrics
-
-
-def use_compilation_cache(config) -> None:
-    """Keep compiled programs in `config.compilation_cache` (jax's persistent compilation cache;
-    "" = off): a restarted run loads the update, rollout and evaluation programs it compiled before
-    (keyed by the program, its shapes and shardings, the jax version and the devices) instead of
-    compiling them again. Call before the first compilation.
-
-    The folder is bounded: past `config.compilation_cache_max_gb` jax deletes the least recently
-    used programs. jax writes an entry's program, then its access time (`-atime`), under the
-    folder's lock; a program without its time is a write cut short (a kill -9 mid-write). jax would
-    read it, fail, compile, and never replace it (it does not overwrite an existing key), and its
-    eviction would stop at the missing time: such entries are deleted here, under the same lock."""
-    directory = os.path.expanduser(config.compilation_cache)
-    if not directory:
-        return
-    jax.config.update("jax_compilation_cache_dir", directory)
-    jax.config.update("jax_compilation_cache_max_size", int(config.compilation_cache_max_gb * 2**30))
-    drop_unfinished_cache_entries(directory)
-
-
-def drop_unfinished_cache_entries(directory: str) -> None:
-    """Deletes the programs in jax's cache `directory` that have no access-time file (see
-    `use_compilation_cache`), and access times without a program."""
-    import filelock
-
-    if not os.path.isdir(directory):
-        return
-    with filelock.FileLock(os.path.join(directory, ".lockfile"), timeout=60):
-        names = set(os.listdir(directory))
-        programs = {n.removesuffix("-cache") for n in names if n.endswith("-cache")}
-        times = {n.removesuffix("-atime") for n in names if n.endswith("-atime")}
-        for key in programs - times:
-            os.remove(os.path.join(directory, key + "-cache"))
-        for key in times - programs:
-            os.remove(os.path.join(directory, key + "-atime"))
-    if programs - times:
-        log.info("compilation cache %s: dropped %d program(s) whose write was cut short", directory,
-                 len(programs - times))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from anatomy_r1_jax.rl.batch import PromptBatch
+from anatomy_r1_jax.data.batch import PromptBatch
 from anatomy_r1_jax.rl.rollout import completion_positions, expand_groups, image_embeddings, shared_prefill
 
 

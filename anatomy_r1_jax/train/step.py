@@ -14,7 +14,7 @@ its micro-batches in one program; the length-aware update (train/compiled.py Len
 calls the same parts, `step_statistics` -> `reference_logps` / `accumulate_micro_batch` per
 micro-batch, each trimmed to its own length -> `apply_accumulated`, as programs of their own.
 
-Every dtype follows the run's precision policy (train/precision.py): weights, compute, gradients,
+Every dtype follows the run's precision policy (runtime/precision.py): weights, compute, gradients,
 optimizer moments and an optional float32 master copy.
 """
 
@@ -32,10 +32,10 @@ from flax import nnx
 from anatomy_r1_jax.models import lora
 from anatomy_r1_jax.rl import advantages as adv_lib
 from anatomy_r1_jax.rl import losses
-from anatomy_r1_jax.rl.batch import TrainBatch
-from anatomy_r1_jax.train import precision as precision_lib
+from anatomy_r1_jax.data.batch import TrainBatch
+from anatomy_r1_jax.runtime import precision as precision_lib
 from anatomy_r1_jax.train.logprobs import completion_logps
-from anatomy_r1_jax.train.precision import Precision
+from anatomy_r1_jax.runtime.precision import Precision
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,7 +7,7 @@ Per GRPO step (B queries, G rollouts each, M micro-batches):
 A supervised warm-up (config.sft.steps, tiny runs) precedes GRPO on the same step counter.
 Randomness is a pure function of (seed, step), so a killed run resumes exactly.
 Several processes (hosts): each reads and collates its data shard's queries; host-side decisions
-(GDQA variants, rewards, metrics) see the whole step on every process (train/distributed.py), and
+(GDQA variants, rewards, metrics) see the whole step on every process (runtime/distributed.py), and
 process 0 alone writes metrics and plots.
 Stops (train/preemption.py): SIGTERM / SIGINT end the run after the step in flight with a checkpoint
 of that step on every host; an unreadable latest checkpoint is set aside and the newest one that
@@ -41,17 +41,20 @@ from anatomy_r1_jax.methods.reroll import (REGROUPS, MicroRollout, RerollStats, 
                                           reroll_zero_variance)
 from anatomy_r1_jax.methods.similarity import answer_classes
 from anatomy_r1_jax.models import lora
-from anatomy_r1_jax.rl.batch import Completions, TrainBatch
+from anatomy_r1_jax.data.batch import Completions, TrainBatch
 from anatomy_r1_jax.rl.rewards import compute_rewards
 from anatomy_r1_jax.rl.rollout import decode_completions
 from anatomy_r1_jax.rl.sampling import sampling_config
-from anatomy_r1_jax.train import distributed, experiment, faults, preemption
+from anatomy_r1_jax import faults
+from anatomy_r1_jax.runtime import builders, distributed
+from anatomy_r1_jax.train import preemption
 from anatomy_r1_jax.train.checkpoint import Checkpointer, UnreadableCheckpoint
 from anatomy_r1_jax.train.metrics import MetricsWriter, plot_curves, read_metrics, update_metrics
 from anatomy_r1_jax.train.micro_batches import bucket_lengths, plan_micro_batches, trimmed_completions
-from anatomy_r1_jax.train.compiled import Programs, rollout_programs, run_iterations
-from anatomy_r1_jax.train.partitioning import place_state, put_batch, shard_rows, split_model
-from anatomy_r1_jax.train.precision import Precision
+from anatomy_r1_jax.runtime.programs import rollout_programs
+from anatomy_r1_jax.train.compiled import Programs, run_iterations
+from anatomy_r1_jax.runtime.placement import place_state, put_batch, shard_rows, split_model
+from anatomy_r1_jax.runtime.precision import Precision
 from anatomy_r1_jax.train.schedules import phase_optimizers, phase_schedules
 from anatomy_r1_jax.train.step import StepConfig
 
@@ -105,18 +108,18 @@ class Trainer:
         self.rules = [tuple(r) for r in c.sharding_rules]
         self.shard = distributed.data_shard(self.mesh, self.rules)
         with distributed.primary_first("tokenizer and data"):
-            self.tokenizer = experiment.build_tokenizer(c, workdir)
-            self.data = experiment.build_data(c, workdir)
-        self.image_processor = experiment.build_image_processor(c, self.tokenizer)
-        self.data = experiment.validate_data(c, self.data, self.tokenizer, self.image_processor, workdir)
+            self.tokenizer = builders.build_tokenizer(c, workdir)
+            self.data = builders.build_data(c, workdir)
+        self.image_processor = builders.build_image_processor(c, self.tokenizer)
+        self.data = builders.validate_data(c, self.data, self.tokenizer, self.image_processor, workdir)
         with sharding.use_rules(self.mesh, self.rules):
-            model = experiment.build_model(c, self.tokenizer, self.mesh, self.rules)
+            model = builders.build_model(c, self.tokenizer, self.mesh, self.rules)
         self.model_cfg = model.config
         if distributed.is_primary():
             with open(os.path.join(workdir, "config.json"), "w") as f:  # what is trained (family, preset)
-                f.write(experiment.trained_config(c, model.config).to_json_best_effort(indent=1))
+                f.write(builders.trained_config(c, model.config).to_json_best_effort(indent=1))
         with distributed.primary_first("similarity scores"):
-            self.sq = experiment.similarity_scores(c, self.data, model, self.tokenizer, workdir)
+            self.sq = builders.similarity_scores(c, self.data, model, self.tokenizer, workdir)
         self.sq_by_id = dict(zip((r.id for r in self.data.train), self.sq))
         self.category_index = {name: i for i, name in enumerate(self.data.categories)}
 
@@ -184,7 +187,7 @@ class Trainer:
         self.it = iter(self.pipeline)
         self.it_sft = iter(self.pipeline_sft) if self.pipeline_sft is not None else None
         # The base a LoRA run's GRPO checkpoints name (the full warm-up's last checkpoint) is kept.
-        base = experiment.adapter_base(c, c.sft.steps + 1, "") if self.lora.enabled else {}
+        base = builders.adapter_base(c, c.sft.steps + 1, "") if self.lora.enabled else {}
         self.ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=c.train.keep_checkpoints,
                                  preserve=(base["base_step"],) if "base_step" in base else ())
         self.saved = 0  # the newest step this run checkpointed or resumed from
@@ -519,7 +522,7 @@ class Trainer:
         batches, out = self._grpo_batches(step)
         self._rollout_cache = None  # the rollout's copy of the weights is not held through the update
         out["data/unreadable_queries"] = self._unreadable_count(self.it)
-        if faults.active("nan", "update", step + 1):  # test-only (train/faults.py): a non-finite loss
+        if faults.active("nan", "update", step + 1):  # test-only (anatomy_r1_jax/faults.py): a non-finite loss
             batches = [b.replace(rewards=b.rewards * np.float32("nan")) for b in batches]
         update = self._update("grpo")
         if self.length_buckets:  # micro-batches of their own widths, placed one by one
@@ -549,10 +552,10 @@ class Trainer:
         self.state = self.programs.reset_optimizer(self.tx["grpo"], self.precision, self.state)
 
     def _lora_base(self, step: int) -> dict:
-        """experiment.adapter_base of checkpoint `step` ({"base_saved": True} without LoRA)."""
+        """builders.adapter_base of checkpoint `step` ({"base_saved": True} without LoRA)."""
         if not self.lora.enabled:
             return {"base_saved": True}
-        return experiment.adapter_base(self.config, step, self.ckpt.directory)
+        return builders.adapter_base(self.config, step, self.ckpt.directory)
 
     def _meta(self, step: int) -> dict:
         meta = {"pipeline": self.it.get_state(),
@@ -566,7 +569,7 @@ class Trainer:
     def _save(self, done: int, meta: dict | None = None) -> None:
         """A LoRA checkpoint holds the adapters and their optimizer state, and the frozen base weights
         only where they are its own (trained in a full warm-up, or the warm-up's adapters folded into
-        them); else its meta names the checkpoint they come from (experiment.adapter_base)."""
+        them); else its meta names the checkpoint they come from (builders.adapter_base)."""
         base_saved = self._lora_base(done)["base_saved"]
         self.ckpt.save(done, self.state if base_saved else self.state.replace(frozen=None), meta or self._meta(done))
         self.saved = done

@@ -15,7 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from anatomy_r1_jax import sharding
 from anatomy_r1_jax.models import lora
-from anatomy_r1_jax.rl.batch import PromptBatch, TrainBatch
+from anatomy_r1_jax.data.batch import PromptBatch, TrainBatch
 
 
 def split_model(model: nnx.Module, freeze_vision: bool, trains: str | None = None):
@@ -108,7 +108,7 @@ def batch_shardings(batch, mesh: Mesh, rules, micro_axis: bool = False, shard_co
 
 def put_batch(batch, mesh: Mesh, rules, micro_axis: bool = False, shard_count: int = 1):
     """Host batch -> global arrays. shard_count 1: every process passes the whole batch (device_put).
-    Several data shards: every process passes its shard's rows and patches (train/distributed.py) and
+    Several data shards: every process passes its shard's rows and patches (runtime/distributed.py) and
     the same gather indices; jax.make_array_from_process_local_data assembles the global arrays."""
     if shard_count == 1:
         return jax.device_put(batch, batch_shardings(batch, mesh, rules, micro_axis))

@@ -23,7 +23,7 @@ from anatomy_r1_jax.methods import similarity as sim_lib
 from anatomy_r1_jax.models import lora
 from anatomy_r1_jax.models import QwenVL, QwenVLConfig, load_pretrained, model_options
 from anatomy_r1_jax.models.presets import matching_preset, tiny_hf_config
-from anatomy_r1_jax.train.precision import DTYPES
+from anatomy_r1_jax.runtime.precision import DTYPES
 
 log = logging.getLogger(__name__)
 
