@@ -143,18 +143,19 @@ def reroll_policy(config) -> RerollPolicy | None:
 
 @dataclasses.dataclass
 class MicroRollout:
-    """One micro-batch's rollout on the host: groups [P][G] records (row p * G + j conditioned on
-    groups[p][j]), completions (host Completions, rows [P * G]), texts [P * G], rewards [P * G] (total)
-    and accuracy [P * G] (the run's accuracy reward), prompt: what the rollout that last sampled rows
-    of `groups` was given (opaque here: the trainer's prompt batch of all P groups, which a re-roll's
-    rollout builds anew; None once the groups changed without a rollout: to be built again)."""
+    """A rollout call's groups on the host: groups [P][G] records (row p * G + j conditioned on
+    groups[p][j]), completions (host Completions, rows [P * G]), texts [P * G], rewards [P * G]
+    (total), accuracy [P * G] (the run's accuracy reward), per_reward {name: [P * G]} (every
+    reward's values) and prompt: (the PromptBatch the rows were sampled from, S its prompt rows per
+    group), None once the groups changed without a rollout (to be collated again)."""
 
     groups: list[list[Record]]
     completions: Any
     texts: list[str]
     rewards: np.ndarray
     accuracy: np.ndarray
-    prompt: Any = None
+    per_reward: dict = dataclasses.field(default_factory=dict)
+    prompt: tuple[Any, int] | None = None
 
 
 @dataclasses.dataclass
@@ -193,24 +194,35 @@ def _replace_rows(old, new, rows: np.ndarray):
     return jax.tree.map(lambda o, n: np.where(rows.reshape((-1,) + (1,) * (np.ndim(o) - 1)), n, o), old, new)
 
 
+def replace_groups(micro: MicroRollout, new: MicroRollout, todo: np.ndarray) -> MicroRollout:
+    """`micro` with the groups where todo [P] is True taken from `new` (records, completions, texts,
+    rewards; `new`'s prompt, which sampled every row)."""
+    rows = np.repeat(todo, len(micro.groups[0]))
+    return MicroRollout(groups=[n if t else o for o, n, t in zip(micro.groups, new.groups, todo)],
+                        completions=_replace_rows(micro.completions, new.completions, rows),
+                        texts=[n if keep else o for o, n, keep in zip(micro.texts, new.texts, rows)],
+                        rewards=np.where(rows, new.rewards, micro.rewards),
+                        accuracy=np.where(rows, new.accuracy, micro.accuracy),
+                        per_reward=_replace_rows(micro.per_reward, new.per_reward, rows), prompt=new.prompt)
+
+
 def reroll_zero_variance(
     micro: MicroRollout,
     *,
     group_size: int,
     rounds: int,
     regroup: Callable[[list[Record]], list[Record]],
-    rollout: Callable[[list[list[Record]], int], tuple[Any, list[str]]],
-    score: Callable[[list[str], list[Record]], tuple[np.ndarray, np.ndarray]],
+    roll: Callable[[list[list[Record]], int, np.ndarray], MicroRollout],
     signal: str = "reward",
 ) -> tuple[MicroRollout, RerollStats, np.ndarray]:
-    """Re-rolls the micro-batch's groups that `signal` (a SIGNALS name) says need it (see the module
-    docstring).
+    """Re-rolls the groups of `micro` that `signal` (a SIGNALS name) says need it (see the module
+    docstring), for at most `rounds` rounds.
 
-    regroup(group) -> the G records of its re-roll; rollout(groups [P][G], round) -> (host
-    Completions [P * G rows], texts [P * G], its prompt) with the micro-batch's fixed shape; score(texts,
-    records) -> (total rewards, accuracy rewards), for the re-rolled rows only. Returns the micro-batch
-    with the re-rolled groups' records, completions, texts and rewards in place of theirs, what it
-    cost and found, and rescued [P] bool (re-rolled groups that carry the signal after it).
+    regroup(group) -> the G records of its re-roll; roll(groups [P][G], round, todo [P] bool) -> a
+    MicroRollout of all P groups with the call's fixed shape, whose rows of the `todo` groups are
+    scored (the rollout itself: the collector's, train/collector.py). Returns `micro` with the
+    re-rolled groups' records, completions, texts and rewards in place of theirs, what it cost and
+    found, and rescued [P] bool (re-rolled groups that carry the signal after it).
     """
     g, sig = group_size, SIGNALS.get(signal)
     outcomes = group_outcomes(micro.rewards, micro.accuracy, g)
@@ -220,19 +232,12 @@ def reroll_zero_variance(
         if not todo.any():
             break
         t0 = time.perf_counter()
-        groups = [regroup(grp) if t else grp for grp, t in zip(micro.groups, todo)]
-        completions, texts, prompt = rollout(groups, r)
-        rows = np.repeat(todo, g)
-        rewards, accuracy = micro.rewards.copy(), micro.accuracy.copy()
-        rewards[rows], accuracy[rows] = score([t for t, keep in zip(texts, rows) if keep],
-                                              [rec for grp, t in zip(groups, todo) if t for rec in grp])
-        micro = MicroRollout(groups=groups, completions=_replace_rows(micro.completions, completions, rows),
-                             texts=[new if keep else old for old, new, keep in zip(micro.texts, texts, rows)],
-                             rewards=rewards, accuracy=accuracy, prompt=prompt)
+        new = roll([regroup(grp) if t else grp for grp, t in zip(micro.groups, todo)], r, todo)
+        micro = replace_groups(micro, new, todo)
         stats.calls += 1
-        stats.rows += len(texts)
+        stats.rows += len(new.texts)
         stats.seconds += time.perf_counter() - t0
-        todo &= sig.needs_reroll(rewards, accuracy, g)
+        todo &= sig.needs_reroll(micro.rewards, micro.accuracy, g)
     rerolled = first if stats.calls else np.zeros_like(first)
     rescued = rerolled & sig.learns(micro.rewards, micro.accuracy, g)
     stats.rerolled, stats.rescued = int(rerolled.sum()), int(rescued.sum())
@@ -244,8 +249,9 @@ def reroll_zero_variance(
 
 def on_original_prompt(micro: MicroRollout, rescued: np.ndarray) -> MicroRollout:
     """The micro-batch with each rescued group's G records replaced by its query (groups[p][0], the
-    original prompt), so that the update trains its completions on the prompt evaluation asks and
-    their rewards are scored against it; its prompt batch is to be built again (prompt None)."""
+    original prompt), so that the update trains its completions on the prompt evaluation asks; its
+    prompt batch is to be built again (prompt None) and those rows' rewards scored again against
+    the query (the collector does both)."""
     if not np.any(rescued):
         return micro
     groups = [[grp[0]] * len(grp) if r else grp for grp, r in zip(micro.groups, rescued)]

@@ -1,4 +1,5 @@
-"""Placement of the train state and batches on a mesh, from the config's logical rules.
+"""Placement: the train state and batches on a mesh (from the config's logical rules), and a GRPO step's host
+decisions (which queries each rollout call and micro-batch holds, each data shard's prompt rows).
 
 The state's shardings come from each parameter's logical `axes` (see `anatomy_r1_jax.sharding`);
 optimizer moments follow their parameters. Batch rows (dimension N of [N, ...], or of
@@ -16,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from anatomy_r1_jax import sharding
 from anatomy_r1_jax.models import lora
 from anatomy_r1_jax.data.batch import PromptBatch, TrainBatch
+from anatomy_r1_jax.runtime.distributed import DataShard
 
 
 def split_model(model: nnx.Module, freeze_vision: bool, trains: str | None = None):
@@ -133,3 +135,71 @@ def shard_rows(batch, index: int, count: int, micro_axis: bool = False):
         return np.take(x, np.arange(index * n, (index + 1) * n), axis=row_dim)
 
     return _map_roles(batch, rows, lambda x: x, micro_axis)
+
+
+# ---- a GRPO step's host decisions: which queries each rollout call and micro-batch holds -----------------
+def rollout_calls(batch_size: int, rollout_batch_size: int, shards: int) -> int:
+    """R, a GRPO step's rollout calls: train.batch_size / rl.rollout_batch_size queries each (0: one
+    call). Raises one line when the sizes do not divide (each call holds every data shard's part)."""
+    size = rollout_batch_size or batch_size
+    if size < 1 or batch_size % size or size % shards:
+        raise ValueError(f"config rl.rollout_batch_size={rollout_batch_size} must divide train.batch_size="
+                         f"{batch_size} and be a multiple of the {shards} data shards (hosts) of the mesh (0: one "
+                         f"rollout call per step)")
+    return batch_size // size
+
+
+def step_order(shards: int, local: int, parts_from: int, parts_to: int) -> np.ndarray:
+    """A step's shards x local queries (each shard's in its pipeline order) in the order of
+    `parts_to` parts, as indices into their order in `parts_from` parts. In P parts, part by part
+    and in each the shards' local parts in turn (`step_records`), query i of shard h sits at
+    (i // (local / P)) * shards * local / P + h * local / P + i % (local / P). Returns idx [B]:
+    the k-th query of the `parts_to` order is the idx[k]-th of the `parts_from` order."""
+    h, i = np.divmod(np.arange(shards * local), local)
+
+    def position(parts):
+        per = local // parts
+        return (i // per) * shards * per + h * per + i % per
+
+    order = np.empty(shards * local, np.int64)
+    order[position(parts_to)] = position(parts_from)
+    return order
+
+
+def step_records(shard: DataShard, queries, parts: int, records):
+    """The records of a step's queries (this shard's, data/pipeline.py Query) on all data shards, in
+    the order of `parts` parts (rollout calls, micro-batches): part by part, each the shards' local
+    parts in turn (`step_order`); `records`: the training records the queries index."""
+    if shard.count == 1:
+        return [q.record for q in queries]
+    local = shard.gather(np.array([q.index for q in queries], np.int64))
+    per = len(queries) // parts
+    return [records[i] for m in range(parts) for part in local for i in part[m * per:(m + 1) * per]]
+
+
+def shard_prompts(shard: DataShard, collator, batch: PromptBatch) -> PromptBatch:
+    """This data shard's collated PromptBatch -> what `put_batch` takes: its rows and patches of the
+    batch all shards' prompts make together (frame and window ids shifted past earlier shards'),
+    and that batch's gather indices. Only the bookkeeping travels between hosts, not pixels."""
+    if shard.count == 1:
+        return batch
+    joined = collator.concat(shard.gather(batch.replace(pixel_values=batch.pixel_values[:, :1])))
+    return shard_rows(joined, shard.index, shard.count).replace(pixel_values=batch.pixel_values)
+
+
+class RolloutWeights:
+    """(params, frozen) resharded onto the rollout's layout (`rollout_layout`), once per state: a
+    step's rollout calls, its re-rolls and an evaluation of the same weights share one copy, which
+    `drop` releases before the update. The decode loop then reads weights local to each device."""
+
+    def __init__(self, mesh: Mesh, rules):
+        self.mesh, self.rules, self._cache = mesh, rules, None
+
+    def __call__(self, params, frozen):
+        if self._cache is None or self._cache[0] is not params:
+            self._cache = (params, (place_state(params, self.mesh, self.rules),
+                                    place_state(frozen, self.mesh, self.rules)))
+        return self._cache[1]
+
+    def drop(self) -> None:
+        self._cache = None

@@ -280,3 +280,17 @@ def policy_logps(graphdef: nnx.GraphDef, state: TrainState, batch: TrainBatch, t
     logps = _batch_logps(lambda: nnx.merge(graphdef, state.params, state.frozen), batch, temperature, chunk,
                          group_size)
     return logps * batch.completions.mask
+
+
+def step_configs(config, *, num_categories: int, precision: Precision) -> dict[str, StepConfig]:
+    """The run's update settings per phase, {"sft", "grpo"}, from its config (the only place they are made)."""
+    c = config
+    common = dict(temperature=c.rl.temperature, logp_chunk=c.train.logp_chunk, num_categories=num_categories,
+                  precision=precision)
+    grpo = StepConfig(objective=c.rl.loss, group_size=c.rl.group_size, advantage=c.rl.advantage,
+                      eps_low=c.rl.eps_low, eps_high=c.rl.eps_high, beta=c.rl.beta, aggregation=c.rl.aggregation,
+                      max_completion_length=c.rl.max_completion_length,
+                      old_logps="batch" if c.rl.num_iterations > 1 else "current",
+                      drop_invalid_groups=c.rl.dynamic_sampling == "drop", **common)
+    sft = StepConfig(objective="sft", advantage="none", group_size=1, beta=0.0, **{**common, "temperature": 1.0})
+    return {"grpo": grpo, "sft": sft}
