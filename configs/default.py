@@ -27,7 +27,7 @@ def get_config(arg=None):
         tiny=dict(hidden_size=96, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vision_depth=2, vision_hidden_size=64, vision_num_heads=2,
                   vision_intermediate_size=128),
-        dtype="float32",  # compute; param_dtype: the weights (precision policy: train/precision.py)
+        dtype="float32",  # compute; param_dtype: the weights (precision policy: runtime/precision.py)
         param_dtype="float32",
         remat="none",  # per-layer recomputation in the backward pass: "none" | "full" | "save_dots"
         # "auto" (cuDNN on GPU, XLA on CPU, chunked on TPU) | "reference" | "xla" | "cudnn" | "chunked"
@@ -101,7 +101,7 @@ def get_config(arg=None):
         rollout_batch_size=0,
     )
 
-    # The rest of the precision policy (train/precision.py): the dtype gradients are accumulated in, AdamW's
+    # The rest of the precision policy (runtime/precision.py): the dtype gradients are accumulated in, AdamW's
     # moments, and whether AdamW updates a float32 master copy of bf16 weights.
     c.optim = dict(lr=5e-4, warmup_steps=20, schedule="constant", weight_decay=0.0, grad_clip=1.0, b1=0.9, b2=0.99,
                    grad_dtype="float32", moment_dtype="float32", master_weights=False)

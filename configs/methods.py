@@ -48,7 +48,7 @@ ARMS = {name: {"method": name, "curriculum.schedule": schedule, "gdqa.trigger": 
 
 # METHOD.md's recipe for a real checkpoint (--config.model.path=/local/checkpoint is required). The
 # sampler and optimizer values are written out, not inherited, so that tuning the tiny default run
-# never changes them. Precision policy (train/precision.py): bf16 weights and compute, fp32 gradients,
+# never changes them. Precision policy (runtime/precision.py): bf16 weights and compute, fp32 gradients,
 # fp32 Adam moments and an fp32 master copy of the weights (lr 1e-5 steps are below bf16's
 # resolution). Memory per trainable parameter: weights 2 + master 4 + Adam 8 + gradients 4 + frozen
 # reference 2 = 20 B, plus activations (remat on); the frozen vision tower (~0.67 B params) costs 2 B/param.

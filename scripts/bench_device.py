@@ -107,7 +107,7 @@ def measure(args) -> dict:
     policy = Precision(weights=args.dtype, compute=args.dtype, master_weights=args.dtype != "float32")
     # Compiled as the trainer compiles them (train/compiled.py): the update on the training mesh and
     # rules, the rollout (one call for the step's rows, its cache in the compute dtype) on its own
-    # layout, the weights resharded onto it before each rollout (Trainer._rollout_weights).
+    # layout, the weights resharded onto it before each rollout (placement.RolloutWeights).
     programs = Programs.create(graphdef, mesh, rules)
     decoding = rollout_programs(config, graphdef, mesh)
     state = programs.init_state(tx, policy, params, frozen, reference=True)

@@ -11,7 +11,7 @@ decodes all its tokens):
 - "training layout": the weights as training holds them (fsdp shards), the rollout under
   config.sharding_rules: what the trainer ran before the rollout had a layout of its own;
 - "rollout layout": the weights resharded once (timed with it) onto config.rollout_sharding_rules
-  and the rollout compiled there (the trainer's `_rollout_weights` + `rollout_programs`).
+  and the rollout compiled there (the trainer's `placement.RolloutWeights` + `rollout_programs`).
 
 Decode tok/s = rows x (T - 1) / (time of a T-token rollout - time of a 1-token rollout), medians of
 interleaved runs (perf/timing.py). Also printed: the token loop's collectives in each program.

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -205,7 +206,7 @@ def test_no_restorable_checkpoint_stops_with_exit_code_2(tmp_path):
     file are each named and set aside, the oldest good one restores; with none good the run stops
     with one line (exit code 2)."""
     from anatomy_r1_jax.train.checkpoint import Checkpointer
-    from anatomy_r1_jax.train.trainer import Trainer
+    from anatomy_r1_jax.train.state import RunState
 
     directory = str(tmp_path / "checkpoints")
     state = {"w": jax.numpy.arange(5000.0)}  # above OCDBT's inline size: its own data file
@@ -218,51 +219,53 @@ def test_no_restorable_checkpoint_stops_with_exit_code_2(tmp_path):
         path = os.path.join(directory, "3", name)
         os.remove(path) if os.path.isfile(path) else __import__("shutil").rmtree(path)
 
-    class Restoring:  # what Trainer.restore uses of a trainer
+    class Restoring:  # what RunState.restore uses of a run's state
         def __init__(self):
-            self.ckpt, self.state = Checkpointer(directory, keep=3), state
+            self.run, self.train = types.SimpleNamespace(ckpt=Checkpointer(directory, keep=3)), state
 
         def _restore(self, step):
-            self.state, meta = self.ckpt.restore(step, state)
+            self.train, meta = self.run.ckpt.restore(step, state)
             assert meta == {"step": step}
             return step
 
     trainer = Restoring()
-    assert Trainer.restore(trainer) == 1
-    np.testing.assert_array_equal(trainer.state["w"], state["w"])
+    assert RunState.restore(trainer) == 1
+    np.testing.assert_array_equal(trainer.train["w"], state["w"])
     assert sorted(os.listdir(f"{directory}.unreadable")) == ["2", "3"]
-    trainer.ckpt.close()
+    trainer.run.ckpt.close()
 
     _truncate_largest_array_file(os.path.join(directory, "1"))
     trainer = Restoring()
     with pytest.raises(preemption.RunStopped) as stop:
-        Trainer.restore(trainer)
+        RunState.restore(trainer)
     assert stop.value.exit_code == preemption.EXIT_NO_CHECKPOINT == 2
     assert str(stop.value) == (f"{directory}: none of the checkpoints [1] restores (each moved to {directory}"
                                f".unreadable/); running the same command again starts from step 0")
     assert sorted(os.listdir(f"{directory}.unreadable")) == ["1", "2", "3"] and os.listdir(directory) == []
-    trainer.ckpt.close()
+    trainer.run.ckpt.close()
 
 
 def test_a_query_whose_image_was_unreadable_is_masked_out_of_its_step_and_counted():
-    """Trainer._leave_out_unreadable zeroes exactly the completion rows of the groups whose query's
+    """StepCollector._leave_out_unreadable zeroes exactly the completion rows of the groups whose query's
     image could not be read (row p * G + j of a micro-batch the j-th rollout of its query p; the
-    trainer hands it the flags of the micro-batch's own queries, in the length plan's order), and
-    _unreadable_count counts them."""
+    collector hands it the flags of the micro-batch's own queries, in the length plan's order), and
+    Trainer._unreadable_count counts them."""
     from anatomy_r1_jax.data.batch import Completions
     from anatomy_r1_jax.runtime.distributed import DataShard
+    from anatomy_r1_jax.train.collector import StepCollector
     from anatomy_r1_jax.train.trainer import Trainer
 
     g, local = 2, 2
     ones = np.ones((local * g, 3), np.int32)
     completions = Completions(ids=ones, mask=ones, logps=ones * 0.0, lengths=ones.sum(-1))
 
-    class Stepping:  # what the two methods use of a trainer
+    class Stepping:  # what the two methods use of a collector and a trainer
         group_size, shard = g, DataShard()
+        run_parts = types.SimpleNamespace(shard=shard)
         it = type("Iterator", (), {"unreadable": np.array([False, False, False, True])})()
 
-    kept = Trainer._leave_out_unreadable(Stepping(), completions, np.array([False, False]))
+    kept = StepCollector._leave_out_unreadable(Stepping(), completions, np.array([False, False]))
     np.testing.assert_array_equal(kept.mask, np.ones((4, 3)))
-    left = Trainer._leave_out_unreadable(Stepping(), completions, np.array([False, True]))
+    left = StepCollector._leave_out_unreadable(Stepping(), completions, np.array([False, True]))
     np.testing.assert_array_equal(left.mask[:, 0], [1, 1, 0, 0])  # its second query: rows 2, 3
     assert Trainer._unreadable_count(Stepping(), Stepping.it) == 1.0

@@ -8,7 +8,7 @@ from anatomy_r1_jax.data import read_records
 from anatomy_r1_jax.data.prompts import VARIANTS
 from anatomy_r1_jax.data.records import LETTERS, Record
 from anatomy_r1_jax.methods import augmentation as aug
-from anatomy_r1_jax.rl.advantages import group_advantages, invalid_group_mask
+from anatomy_r1_jax.rl.advantages import group_advantages, all_equal_groups
 from anatomy_r1_jax.rl.rewards import compute_rewards
 
 DATA = "/work/shared/data/anatomy_r1"
@@ -160,7 +160,7 @@ def test_assign_group_variants_and_pooled_advantages():
     rewards, _ = compute_rewards(completions, group, {"format": 1.0, "accuracy": 1.0})
     expected_acc = [1.0 if r.answer == "A" else 0.0 for r in group]
     np.testing.assert_array_equal(rewards, 1.0 + np.array(expected_acc))
-    assert bool(invalid_group_mask(plain_rewards, G)[0])  # G copies: no gradient
+    assert bool(all_equal_groups(plain_rewards, G)[0])  # G copies: no gradient
     # pooled group of G: the ordinary group advantages over the G rewards, whatever the variants
     adv = np.asarray(group_advantages(rewards, G))
     ref = (rewards - rewards.mean()) / (rewards.std(ddof=1) + 1e-4)

@@ -66,13 +66,16 @@ def test_the_new_arms():
 # ---- GDQA as a recognition signal (issue 23) ------------------------------------------------------
 
 
-def _script_rollout(script, g):
-    """rollout(groups, round) whose rows of group p say script[p][round] (G strings of "c" correct /
-    "f" formatted, e.g. "cf"); completions: the row's text length, a [P * G] leaf."""
-    def rollout(groups, r):
+def _script_roll(script):
+    """roll(groups, round, todo) whose rows of group p say script[p][round] (G strings of "c" correct /
+    "f" formatted, e.g. "cf"), scored by `_score`; completions: the row's text length, a [P * G] leaf."""
+    def roll(groups, r, todo):
+        del todo  # (every row is scored here; the re-roll keeps the rows of the groups it re-rolled)
         texts = [t for p in range(len(groups)) for t in script[p][min(r, len(script[p]) - 1)]]
-        return {"length": np.array([len(t) for t in texts])}, texts, ("prompt", r)
-    return rollout
+        total, acc = _score(texts, None)
+        return reroll_mod.MicroRollout(groups, {"length": np.array([len(t) for t in texts])}, texts, total, acc,
+                                       prompt=("prompt", r))
+    return roll
 
 
 def _score(texts, rows):
@@ -110,8 +113,8 @@ def test_signal_decides_which_groups_are_rerolled_and_rescued(signal, rerolled, 
     micro = _micro(FIRST)
     script = {p: REROLL[p] for p in range(3)}
     out, stats, mask = reroll_mod.reroll_zero_variance(
-        micro, group_size=4, rounds=1, regroup=lambda grp: list(grp), rollout=_script_rollout(script, 4),
-        score=_score, signal=signal)
+        micro, group_size=4, rounds=1, regroup=lambda grp: list(grp), roll=_script_roll(script),
+        signal=signal)
     changed = [p for p in range(3) if out.texts[4 * p:4 * p + 4] != micro.texts[4 * p:4 * p + 4]]
     assert changed == [p for p in rerolled if REROLL[p][0] != FIRST[p]]
     assert list(np.flatnonzero(mask)) == rescued and stats.rescued == len(rescued)
@@ -133,7 +136,7 @@ def test_reward_signal_counts_a_format_only_rescue_that_accuracy_does_not():
     not by the accuracy."""
     first = [["f"] * 4]
     script = {0: [["f", "", "f", "f"]]}
-    kw = dict(group_size=4, rounds=1, regroup=lambda grp: list(grp), rollout=_script_rollout(script, 4), score=_score)
+    kw = dict(group_size=4, rounds=1, regroup=lambda grp: list(grp), roll=_script_roll(script))
     assert reroll_mod.reroll_zero_variance(_micro(first), signal="reward", **kw)[1].rescued == 1
     accuracy = reroll_mod.reroll_zero_variance(_micro(first), signal="accuracy", **kw)[1]
     assert accuracy.rerolled == 1 and accuracy.rescued == 0 and accuracy.accuracy_varies == 0

@@ -39,7 +39,7 @@ def test_registered_estimators():
 
 def test_invalid_groups_and_categories():
     r = np.array([1, 1, 0, 0, 0, 0, 2, 2, 2, 1, 0, 1], np.float32)  # groups of 3
-    invalid = adv.invalid_group_mask(r, 3)
+    invalid = adv.all_equal_groups(r, 3)
     np.testing.assert_array_equal(invalid, [False, True, True, False])
     np.testing.assert_allclose(adv.valid_group_fraction(r, 3), 0.5)
     inv, cnt = adv.invalid_counts_by_category(invalid, np.array([0, 0, 2, 2]), 3)

@@ -15,9 +15,10 @@ from anatomy_r1_jax.models import QwenVL, QwenVLConfig
 from anatomy_r1_jax.models.presets import tiny_hf_config
 from anatomy_r1_jax.perf import hlo, workloads
 from anatomy_r1_jax.rl.sampling import SamplingConfig, sample_token
-from anatomy_r1_jax.train.compiled import Programs, rollout_programs
+from anatomy_r1_jax.runtime.programs import rollout_programs
+from anatomy_r1_jax.train.compiled import Programs
 from anatomy_r1_jax.runtime.placement import place_state, put_batch, split_model
-from anatomy_r1_jax.train.trainer import rollout_calls, step_order
+from anatomy_r1_jax.runtime.placement import rollout_calls, step_order
 from configs import default
 from configs.methods import REAL_MODEL, REAL_MODELS
 
@@ -78,7 +79,7 @@ def test_sampling_draws_categoricals_token_whatever_the_row_split():
 
 @pytest.mark.parametrize("shards,local,calls,micro", [(1, 8, 1, 4), (2, 4, 1, 2), (2, 4, 2, 1), (4, 4, 2, 4)])
 def test_step_order_maps_rollout_calls_onto_micro_batches(shards, local, calls, micro):
-    """Query i of shard h, labelled (h, i), laid out as `Trainer._step_records` orders P parts:
+    """Query i of shard h, labelled (h, i), laid out as `placement.step_records` orders P parts:
     step_order(..., calls, micro) must take the calls' order to the micro-batches' order."""
     def layout(parts):
         per = local // parts

@@ -6,6 +6,7 @@ The scripted policy stands in for the compiled rollout: it reads each completion
 prompt row the rollout engine expands it from: row q * G + j <- prompt row q * S + j % S) and answers
 by a rule on that prompt, tagging the completion with its rollout call."""
 
+import dataclasses
 import re
 
 import jax
@@ -43,53 +44,60 @@ def _options(prompt: str) -> dict[str, str]:
 
 
 class ScriptedPolicy:
-    """Replaces Trainer.rollout: answer(call, row, prompt) -> the completion text of row `row`."""
+    """A step collector's rollout (train/collector.py Rollout): answer(call, row, prompt) -> the
+    completion text of row `row`."""
 
-    def __init__(self, trainer, answer):
-        self.trainer, self.answer, self.prompts = trainer, answer, []
+    def __init__(self, run, answer):
+        self.run, self.answer, self.prompts = run, answer, []
 
-    def __call__(self, params, frozen, batch, key, sampling, group_size, prompts_per_group):
+    def __call__(self, batch, key, group_size, prompts_per_group):
         ids, mask = np.asarray(batch.input_ids), np.asarray(batch.attention_mask)
-        tok = self.trainer.tokenizer
+        tok = self.run.tokenizer
         decoded = [tok.decode(row[m > 0].tolist(), skip_special_tokens=False) for row, m in zip(ids, mask)]
         s, q = prompts_per_group, len(decoded) // prompts_per_group
         rows = [decoded[p * s + j % s] for p in range(q) for j in range(group_size)]
         call = len(self.prompts)
         self.prompts.append(rows)
         texts = [self.answer(call, k, prompt) for k, prompt in enumerate(rows)]
-        cids, cmask = self.trainer.collator.targets(texts, self.trainer.eos_id)
+        cids, cmask = self.run.collator.targets(texts, self.run.eos_id)
         return Completions(ids=cids, mask=cmask, logps=np.zeros(cids.shape, np.float32), lengths=cmask.sum(-1))
 
 
-def _use(trainer, monkeypatch, answer, **settings):
-    """The trainer with `settings` (gdqa.* / rl.*) and the scripted policy; the GDQA state, the
-    re-roll policy and the data iterator are the trainer's own, rebuilt from its config. Returns
-    the policy and the list the step's records (all micro-batches, in order) are appended to."""
-    from anatomy_r1_jax.methods.augmentation import GDQAState
-    from anatomy_r1_jax.methods.reroll import reroll_policy
+class Steps:
+    """The step collector of the trainer's run with `settings` (gdqa.* / rl.*: its GDQA state, re-roll
+    policy and rollout calls rebuilt from them), driven by the scripted policy over a fresh data
+    iterator: `collect(step)` -> (TrainBatches, metrics) as a GRPO step makes them; `records`: the
+    steps' queries, in order."""
 
-    c = _config()
-    for field, value in settings.items():
-        section, name = field.split(".")
-        c[section][name] = value
-    monkeypatch.setattr(trainer, "config", c)
-    monkeypatch.setattr(trainer, "gdqa", GDQAState(trigger=c.gdqa.trigger, num_variants=c.gdqa.num_variants,
-                                                   kinds=tuple(c.gdqa.kinds)))
-    monkeypatch.setattr(trainer, "reroll", reroll_policy(c))
-    monkeypatch.setattr(trainer, "it", iter(trainer.pipeline))
-    policy = ScriptedPolicy(trainer, answer)
-    monkeypatch.setattr(trainer, "rollout", policy)
-    records, step_records = [], trainer._step_records
-    monkeypatch.setattr(trainer, "_step_records", lambda *a: records.extend(step_records(*a)) or list(records))
-    return policy, records
+    def __init__(self, trainer, answer, **settings):
+        from anatomy_r1_jax.methods.augmentation import GDQAState
+        from anatomy_r1_jax.methods.reroll import reroll_policy
+        from anatomy_r1_jax.runtime.placement import rollout_calls
+
+        c = _config()
+        for field, value in settings.items():
+            section, name = field.split(".")
+            c[section][name] = value
+        self.run, self.config = trainer.run_parts, c
+        self.gdqa = GDQAState(trigger=c.gdqa.trigger, num_variants=c.gdqa.num_variants, kinds=tuple(c.gdqa.kinds))
+        self.collector = dataclasses.replace(self.run.collector, reroll=reroll_policy(c),
+                                             calls=rollout_calls(c.train.batch_size, c.rl.rollout_batch_size, 1))
+        self.policy, self.records, self.it = ScriptedPolicy(self.run, answer), [], iter(self.run.pipeline)
+
+    def collect(self, step):
+        queries = next(self.it)
+        self.records += [q.record for q in queries]
+        seed = self.config.seed
+        return self.collector.collect(queries, self.it.unreadable, self.policy, self.gdqa,
+                                      jax.random.fold_in(jax.random.key(seed), step), np.random.default_rng([seed, step]))
 
 
 def _rows(trainer, batch):
     """(the prompt text of each completion row as the update expands the batch's S prompt rows,
     the completion texts, the rewards, S)."""
     ids, mask = np.asarray(batch.prompt.input_ids), np.asarray(batch.prompt.attention_mask)
-    decoded = [trainer.tokenizer.decode(r[m > 0].tolist(), skip_special_tokens=False) for r, m in zip(ids, mask)]
-    texts = trainer.decode(batch.completions)
+    decoded = [trainer.run_parts.tokenizer.decode(r[m > 0].tolist(), skip_special_tokens=False) for r, m in zip(ids, mask)]
+    texts = trainer.run_parts.decode(batch.completions)
     q = len(texts) // G
     s = len(decoded) // q
     prompts = [decoded[p * s + j % s] for p in range(q) for j in range(G)]
@@ -121,9 +129,11 @@ def test_gdqa_pooling_rows_prompts_rewards_and_records_line_up(trainer, monkeypa
     option A is its query's answer: each row's reward must be that of its own prompt row
     (q * S + j % S), of its own query (micro-batch slices in order), whether the step's 4 queries
     are rolled out in one call (rl.rollout_batch_size=0) or in one call per micro-batch of 2."""
-    policy, records = _use(trainer, monkeypatch, answer_a, **{"gdqa.trigger": "always", "gdqa.kinds": ("permute",),
+    steps = Steps(trainer, answer_a, **{"gdqa.trigger": "always", "gdqa.kinds": ("permute",),
                                                               "rl.rollout_batch_size": rollout_batch_size})
-    batches, out = trainer._grpo_batches(step=5)
+    policy = steps.policy
+    records = steps.records
+    batches, out = steps.collect(5)
     assert [len(rows) for rows in policy.prompts] == ([4 * G] if rollout_batch_size == 0 else [2 * G, 2 * G])
     assert out["prompts_per_group"] == 2.0 and out["gdqa_triggered"] == 1.0
     expected_all, swapped_all = [], []
@@ -150,9 +160,11 @@ def test_online_reroll_replaces_exactly_the_all_equal_groups(trainer, monkeypatc
     def answer(call, k, prompt):
         return "oops" if (call, k) in diverge else answer_a(call, k, prompt)
 
-    policy, records = _use(trainer, monkeypatch, answer, **{"gdqa.trigger": "online", "gdqa.kinds": ("permute",),
+    steps = Steps(trainer, answer, **{"gdqa.trigger": "online", "gdqa.kinds": ("permute",),
                                                             "gdqa.num_variants": 4, "rl.rollout_batch_size": 2})
-    batches, out = trainer._grpo_batches(step=7)
+    policy = steps.policy
+    records = steps.records
+    batches, out = steps.collect(7)
     assert len(policy.prompts) == 3  # 2 micro-batch rollouts + 1 re-roll (max_rerolls = 1)
     calls = [[_call(t) if t != "oops" else -1 for t in _rows(trainer, b)[1]] for b in batches]
     assert calls == [[-1] + [0] * (G - 1) + [2] * G, [-1] + [1] * (G - 1) + [-1] + [1] * (G - 1)]
@@ -170,8 +182,8 @@ def test_online_reroll_replaces_exactly_the_all_equal_groups(trainer, monkeypatc
     assert out["gdqa/reroll_rows"] == 2 * G  # one fixed-shape call of 2 groups (padding included)
     assert out["prompts_per_group"] == 4.0
     # the trigger state sees the final groups
-    assert trainer.gdqa.last_all_equal[records[0].id] is False
-    assert trainer.gdqa.last_all_equal[records[1].id] is (len(set(rerolled)) == 1)
+    assert steps.gdqa.last_all_equal[records[0].id] is False
+    assert steps.gdqa.last_all_equal[records[1].id] is (len(set(rerolled)) == 1)
 
 
 def test_one_rollout_call_per_step_feeds_every_micro_batch(trainer, monkeypatch):
@@ -185,9 +197,11 @@ def test_one_rollout_call_per_step_feeds_every_micro_batch(trainer, monkeypatch)
     def answer(call, k, prompt):
         return "oops" if (call, k) in diverge else answer_a(call, k, prompt)
 
-    policy, records = _use(trainer, monkeypatch, answer, **{"gdqa.trigger": "online", "gdqa.kinds": ("permute",),
+    steps = Steps(trainer, answer, **{"gdqa.trigger": "online", "gdqa.kinds": ("permute",),
                                                             "gdqa.num_variants": 4})
-    batches, out = trainer._grpo_batches(step=7)
+    policy = steps.policy
+    records = steps.records
+    batches, out = steps.collect(7)
     assert [len(rows) for rows in policy.prompts] == [4 * G, 4 * G]  # the step's rollout, then its re-roll
     assert len(batches) == 2
     calls = [[_call(t) if t != "oops" else -1 for t in _rows(trainer, b)[1]] for b in batches]
@@ -208,15 +222,16 @@ def test_length_aware_micro_batches_sort_groups_and_trim_them_to_buckets(trainer
     their longest completion into the micro-batches (queries 1 and 3 answer briefly, 0 and 2 at
     length), each micro-batch trimmed to its bucket, its rows' prompts, completions and rewards
     still lined up with their queries."""
-    assert trainer.length_buckets == (8, 16, 24)
+    assert trainer.run_parts.length_buckets == (8, 16, 24)
 
     def answer(call, k, prompt):
         return f"<think>{call}</think><answer>A</answer>" if (k // G) % 2 else \
             f"<think>{call}{'0' * 9}</think><answer>A</answer>"
 
-    _, records = _use(trainer, monkeypatch, answer)
-    batches, out = trainer._grpo_batches(step=5)
-    short, long = (len(trainer.collator.targets([answer(0, k, "")], trainer.eos_id)[1][0].nonzero()[0]) for k in (G, 0))
+    steps = Steps(trainer, answer)
+    records = steps.records
+    batches, out = steps.collect(5)
+    short, long = (len(trainer.run_parts.collator.targets([answer(0, k, "")], trainer.run_parts.eos_id)[1][0].nonzero()[0]) for k in (G, 0))
     widths = [b.completions.ids.shape[1] for b in batches]
     assert widths == [next(n for n in (8, 16, 24) if n >= length) for length in (short, long)] and widths[0] < 24
     assert out["update_length_fraction"] == pytest.approx(sum(widths) / 48)
@@ -245,9 +260,10 @@ def test_dynamic_resample_rerolls_the_same_prompts_for_bounded_rounds(trainer, m
             return "oops"
         return f"<think>{call}</think><answer>{'A' if r == 0 else 'B'}</answer>"
 
-    policy, _ = _use(trainer, monkeypatch, answer, **{"rl.dynamic_sampling": "resample",
+    steps = Steps(trainer, answer, **{"rl.dynamic_sampling": "resample",
                                                       "rl.max_resample_rounds": rounds, "rl.rollout_batch_size": 2})
-    batches, out = trainer._grpo_batches(step=9)
+    policy = steps.policy
+    batches, out = steps.collect(9)
     assert len(policy.prompts) == 2 + 2 * rounds
     for i, b in enumerate(batches):
         prompts, texts, rewards, s = _rows(trainer, b)
@@ -283,15 +299,16 @@ def test_each_phase_applies_its_own_learning_rate(trainer, monkeypatch):
     def varied(call, k, prompt):  # half "A", half "B": a group has an advantage unless neither is right
         return f"<think>{call}</think><answer>{'A' if k % 2 else 'B'}</answer>"
 
-    _use(trainer, monkeypatch, varied)
-    before = jax.device_get(trainer.state.params)
+    monkeypatch.setattr(trainer, "rollout", ScriptedPolicy(trainer.run_parts, varied))
+    monkeypatch.setattr(trainer.run_parts, "it", iter(trainer.run_parts.pipeline))
+    before = jax.device_get(trainer.state.train.params)
     trainer.sft_iteration(0)
-    after_sft = jax.device_get(trainer.state.params)
+    after_sft = jax.device_get(trainer.state.train.params)
     check(moves(before, after_sft), 1e-3)
-    trainer._begin_grpo()
+    trainer.state.begin_grpo()
     out = trainer.grpo_iteration(1)
     assert out["grad_norm"] > 0 and out["invalid_gradient_ratio"] < 1.0
-    check(moves(after_sft, jax.device_get(trainer.state.params)), 1e-5)
+    check(moves(after_sft, jax.device_get(trainer.state.train.params)), 1e-5)
 
 
 @pytest.mark.parametrize("rollout_batch_size", [0, 2])
@@ -312,12 +329,14 @@ def test_accuracy_signal_rescues_all_wrong_groups_and_trains_on_the_chosen_promp
         text = records[(call % calls) * (4 // calls) + k // G].answer_text if right else "Spleen"
         return f"<think>{call}</think><answer>{text}</answer>"
 
-    policy, records_seen = _use(trainer, monkeypatch, answer, **{
+    steps = Steps(trainer, answer, **{
         "gdqa.trigger": "online", "gdqa.kinds": ("rephrase",), "gdqa.num_variants": 2,
         "gdqa.signal": "accuracy", "gdqa.rescued_prompt": rescued_prompt,
         "rl.rollout_batch_size": rollout_batch_size})
+    policy = steps.policy
+    records_seen = steps.records
     records = records_seen
-    batches, out = trainer._grpo_batches(step=3)
+    batches, out = steps.collect(3)
     assert len(policy.prompts) == 2 * calls  # the rollouts, then their re-rolls
     assert out["gdqa/rerolled/all_wrong"] == 4.0 and out["gdqa/rescued/all_wrong"] == 4.0
     assert out["gdqa/rescued_groups"] == 4.0 and out["gdqa/accuracy_varies_after"] == 4.0

@@ -3,8 +3,8 @@
     records -> batches of B questions (the last padded with repeats of its final question)
       -> images preprocessed once per question -> collate (static shapes; a question's n samples
          are one group sharing its image encoding)
-      -> rows put on the mesh's data axes (partitioning.put_batch)
-      -> one compiled `generate` per mode (train/compiled.py) (greedy [B rows], sampled [B*n rows]), reused by every
+      -> rows put on the mesh's data axes (placement.put_batch)
+      -> one compiled `generate` per mode (runtime/programs.py) (greedy [B rows], sampled [B*n rows]), reused by every
          batch and every checkpoint of the same shapes -> decode -> score (scoring.py)
 
 The compiled programs are ahead-of-time `Compiled` objects: a batch of other shapes or shardings

@@ -34,6 +34,7 @@ import numpy as np
 from anatomy_r1_jax.data.prompts import VARIANTS as PROMPT_VARIANTS
 from anatomy_r1_jax.data.rephrasings import parse_ssg_question, question_rephrasings  # noqa: F401 (methods API)
 from anatomy_r1_jax.data.records import LETTERS, Record
+from anatomy_r1_jax.rl.advantages import all_equal_groups
 from anatomy_r1_jax.rl.registry import Registry
 
 KINDS = ("rephrase", "permute", "template")
@@ -145,13 +146,6 @@ def online_trigger(state: "GDQAState", record_id: str) -> bool:
     variants in the same step, before the update (methods/reroll.py, gdqa.max_rerolls rounds)."""
     del state, record_id
     return False
-
-
-def all_equal_groups(rewards: np.ndarray, group_size: int) -> np.ndarray:
-    """[P] bool: whether each group of G rewards (rewards [P * G], groups contiguous) is all equal
-    (every advantage 0: no gradient)."""
-    grouped = np.asarray(rewards, np.float64).reshape(-1, group_size)
-    return np.all(grouped == grouped[:, :1], axis=1)
 
 
 @dataclasses.dataclass

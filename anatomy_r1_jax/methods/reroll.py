@@ -47,7 +47,8 @@ import jax
 import numpy as np
 
 from anatomy_r1_jax.data.records import Record
-from anatomy_r1_jax.methods.augmentation import GDQAState, all_equal_groups, spread_variants
+from anatomy_r1_jax.methods.augmentation import GDQAState, spread_variants
+from anatomy_r1_jax.rl.advantages import all_equal_groups
 from anatomy_r1_jax.rl.registry import Registry
 
 # rl.dynamic_sampling: "off"; "resample" (re-roll all-equal groups, REGROUPS "same"); "drop" (zero weight in the loss)

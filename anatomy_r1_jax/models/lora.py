@@ -104,7 +104,7 @@ class LoraConfig:
         return self.alpha / self.rank
 
     def trains(self, phase: str) -> str:
-        """What phase "sft" (the supervised warm-up) or "grpo" trains (partitioning.split_model):
+        """What phase "sft" (the supervised warm-up) or "grpo" trains (placement.split_model):
         "adapters", or "base" (every weight but the adapters: no LoRA, or LoRA's full warm-up, whose
         weights become GRPO's frozen base; its adapters stay at B = 0 until GRPO trains them)."""
         if not self.enabled or (phase == "sft" and self.warmup == "full"):

@@ -4,7 +4,7 @@ from anatomy_r1_jax.rl.advantages import (
     ADVANTAGES,
     group_advantages,
     invalid_counts_by_category,
-    invalid_group_mask,
+    all_equal_groups,
     invalid_ratio_by_category,
     register_advantage,
     valid_group_fraction,

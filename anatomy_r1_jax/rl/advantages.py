@@ -10,6 +10,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from anatomy_r1_jax.rl.registry import Registry
 
@@ -18,8 +19,8 @@ ADVANTAGES: Registry[AdvantageFn] = Registry("advantage estimator")
 register_advantage = ADVANTAGES.register
 
 
-def _grouped(rewards: jax.Array, group_size: int) -> jax.Array:
-    rewards = jnp.asarray(rewards, jnp.float32)
+def _grouped(rewards: jax.Array, group_size: int, xp=jnp) -> jax.Array:
+    rewards = xp.asarray(rewards, xp.float32)
     if rewards.ndim != 1 or rewards.shape[0] % group_size:
         raise ValueError(f"rewards shape {rewards.shape} is not [num_prompts * {group_size}]")
     return rewards.reshape(-1, group_size)
@@ -64,15 +65,18 @@ def no_advantages(rewards: jax.Array, group_size: int) -> jax.Array:
     return jnp.zeros_like(rewards, jnp.float32)
 
 
-def invalid_group_mask(rewards: jax.Array, group_size: int) -> jax.Array:
-    """[P] bool: True where every reward of the group is equal (all advantages 0: no gradient)."""
-    g = _grouped(rewards, group_size)
-    return jnp.all(g == g[:, :1], axis=1)
+def all_equal_groups(rewards, group_size: int):
+    """[P] bool: True where every reward of the group (rewards [P * G], groups contiguous) is equal
+    (all advantages 0: no gradient). A jax array in (the update), a jax array out; NumPy or a list in
+    (the host's GDQA and re-roll bookkeeping), NumPy out."""
+    xp = jnp if isinstance(rewards, jax.Array) else np
+    g = _grouped(rewards, group_size, xp)
+    return xp.all(g == g[:, :1], axis=1)
 
 
 def valid_group_fraction(rewards: jax.Array, group_size: int) -> jax.Array:
     """Scalar: fraction of groups whose rewards are not all equal (GPG's 1 / alpha)."""
-    return 1.0 - jnp.mean(invalid_group_mask(rewards, group_size).astype(jnp.float32))
+    return 1.0 - jnp.mean(all_equal_groups(rewards, group_size).astype(jnp.float32))
 
 
 def invalid_counts_by_category(
@@ -81,7 +85,7 @@ def invalid_counts_by_category(
     """Per-category (invalid groups, groups) counts, summable across steps and devices.
 
     Args:
-      invalid: [P] bool from `invalid_group_mask`.
+      invalid: [P] bool from `all_equal_groups`.
       categories: [P] int in [0, num_categories), one per group (e.g. the anatomy class).
     Returns:
       (invalid_count [C] float32, group_count [C] float32).
@@ -97,5 +101,5 @@ def invalid_ratio_by_category(
     rewards: jax.Array, group_size: int, categories: jax.Array, num_categories: int
 ) -> jax.Array:
     """[C] float32: fraction of a category's groups with all-equal rewards; NaN where it has none."""
-    inv, cnt = invalid_counts_by_category(invalid_group_mask(rewards, group_size), categories, num_categories)
+    inv, cnt = invalid_counts_by_category(all_equal_groups(rewards, group_size), categories, num_categories)
     return jnp.where(cnt > 0, inv / jnp.maximum(cnt, 1.0), jnp.nan)

@@ -29,9 +29,10 @@ import numpy as np
 from anatomy_r1_jax.data.batch import Completions, PromptBatch, TrainBatch
 from anatomy_r1_jax.data.collate import Collator
 from anatomy_r1_jax.data.records import Record
-from anatomy_r1_jax.methods.augmentation import GDQAState, all_equal_groups, assign_group_variants
+from anatomy_r1_jax.methods.augmentation import GDQAState, assign_group_variants
 from anatomy_r1_jax.methods.reroll import (REGROUPS, MicroRollout, RerollPolicy, RerollStats, on_original_prompt,
                                           reroll_zero_variance)
+from anatomy_r1_jax.rl.advantages import all_equal_groups
 from anatomy_r1_jax.rl.rewards import compute_rewards
 from anatomy_r1_jax.runtime.distributed import DataShard
 from anatomy_r1_jax.runtime.placement import shard_prompts, step_order, step_records

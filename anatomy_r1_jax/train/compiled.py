@@ -98,7 +98,7 @@ class Programs(RolloutPrograms):
         return state.replace(params=params, frozen=frozen)
 
     def switch_trainable(self, state: TrainState, trains: str, freeze_vision: bool) -> TrainState:
-        """`state` whose trainable part is `trains` (partitioning.split_model): the same arrays split
+        """`state` whose trainable part is `trains` (placement.split_model): the same arrays split
         anew into params / frozen; the graphdef, and so every program but the update, is unchanged.
         A LoRA run's full warm-up -> GRPO ("base" -> "adapters"): the warm-up's weights become the
         frozen base, and so the KL reference (adapters off), and the adapters, still at B = 0 (the

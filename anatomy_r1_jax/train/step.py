@@ -142,7 +142,7 @@ def step_statistics(cfg: StepConfig, rewards: jax.Array, categories: jax.Array) 
     g = cfg.group_size
     flat = rewards.reshape(-1)
     advantages = adv_lib.ADVANTAGES.get(cfg.advantage)(flat, g).reshape(m, n)
-    invalid = adv_lib.invalid_group_mask(flat, g)
+    invalid = adv_lib.all_equal_groups(flat, g)
     valid_fraction = 1.0 - jnp.mean(invalid.astype(jnp.float32))
     keep = jnp.repeat(~invalid, g).reshape(m, n) if cfg.drop_invalid_groups else jnp.ones((m, n), bool)
     cats = categories.reshape(-1)[::g]
