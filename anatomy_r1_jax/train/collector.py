@@ -12,7 +12,8 @@
          one S for the whole step)
 
 `StepCollector.collect` is the whole of it; nothing here holds device state, so a test drives it
-with a scripted rollout. GDQA's calibration rolls out with the same `roll`. Several processes:
+with a scripted rollout. GDQA's calibration (`calibrate_gdqa`) rolls out with the same `roll`; a
+warm-up step's batch is `warmup_batch`. Several processes:
 each collates its own queries (images) and sees every shard's completions (runtime/placement.py).
 """
 
@@ -20,11 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import time
 from typing import Callable, Sequence
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 from anatomy_r1_jax.data.batch import Completions, PromptBatch, TrainBatch
 from anatomy_r1_jax.data.collate import Collator
@@ -34,9 +37,12 @@ from anatomy_r1_jax.methods.reroll import (REGROUPS, MicroRollout, RerollPolicy,
                                           reroll_zero_variance)
 from anatomy_r1_jax.rl.advantages import all_equal_groups
 from anatomy_r1_jax.rl.rewards import compute_rewards
+from anatomy_r1_jax.runtime import distributed
 from anatomy_r1_jax.runtime.distributed import DataShard
 from anatomy_r1_jax.runtime.placement import shard_prompts, step_order, step_records
 from anatomy_r1_jax.train.micro_batches import MicroBatchPlan, plan_micro_batches, trimmed_completions
+
+log = logging.getLogger(__name__)
 
 # (this shard's PromptBatch [q / shards * S rows], key, G, S) -> host Completions of every shard's q * G rows
 Rollout = Callable[[PromptBatch, jax.Array, int, int], Completions]
@@ -258,6 +264,18 @@ class StepCollector:
         keep = np.repeat(~unreadable, self.group_size)[:, None].astype(completions.mask.dtype)
         return completions.replace(mask=completions.mask * keep)
 
+    # ---- the warm-up ----------------------------------------------------------------------------------
+    def warmup_batch(self, queries, unreadable: np.ndarray, target: Callable[[Record], str], eos_id: int) -> TrainBatch:
+        """A supervised warm-up step's TrainBatch: each query's prompt and its `target` text (a query
+        whose image could not be read, unreadable [its queries], masked out)."""
+        records = [q.record for q in queries]
+        batch = self.collator.prompts([[rec] for rec in records], [q.images for q in queries])
+        ids, mask = self.collator.targets([target(rec) for rec in records], eos_id)
+        mask = mask * ~unreadable[:, None]
+        comp = Completions(ids=ids, mask=mask, logps=np.zeros(ids.shape, np.float32), lengths=mask.sum(-1))
+        return TrainBatch(prompt=shard_prompts(self.shard, self.collator, batch), completions=comp,
+                          rewards=np.zeros((len(records),), np.float32), categories=self.categories(records))
+
     # ---- GDQA calibration ---------------------------------------------------------------------------
     def calibration_rollouts(self, queries, rollout: Rollout, key, index: int) -> tuple[list[str], np.ndarray,
                                                                                           np.ndarray]:
@@ -277,3 +295,30 @@ class StepCollector:
             correct.append(mr.accuracy > 0)
             ids += [r.id for r in chunk]
         return ids, np.concatenate(rewards), np.concatenate(correct)
+
+
+def calibrate_gdqa(collector: StepCollector, gdqa: GDQAState, iterator, rollout: Rollout, config) -> float:
+    """GDQA's calibration, once, before the first GRPO step (also when the run resumes from a
+    warm-up checkpoint). gdqa.calibration = FILE: an evaluate.py result of the base model on the
+    training records. "auto": the current policy rolls out G plain samples for each query of the
+    GRPO run ahead (train.steps batches of `iterator`, in the curriculum order the run will use, at
+    most one epoch or gdqa.calibration_steps batches; the iterator is rewound afterwards). Queries
+    whose G rewards are all equal and not all correct are marked hard, so the adaptive trigger fires
+    on their first visit (they leave the hard set once a group of theirs diverges). Returns the
+    fraction marked hard (of the queries rolled out for "auto", of the training records for a FILE)."""
+    c, records = config, collector.records
+    if c.gdqa.calibration != "auto":
+        hard = gdqa.calibrate_from_evaluation(c.gdqa.calibration, [r.id for r in records])
+        log.info("GDQA calibration %s: %d of %d training queries marked hard", c.gdqa.calibration, hard, len(records))
+        return hard / max(len(records), 1)
+    steps = min(c.train.steps, -(-len(records) // c.train.batch_size))
+    steps = min(steps, c.gdqa.calibration_steps) if c.gdqa.calibration_steps > 0 else steps
+    resume_at, key = iterator.get_state(), jax.random.key(c.seed + 1_000_003)
+    parts = [collector.calibration_rollouts(next(iterator), rollout, key, step)
+             for step in tqdm(range(steps), desc="GDQA calibration", leave=False, disable=not distributed.is_primary())]
+    iterator.set_state(resume_at)
+    ids = [i for part in parts for i in part[0]]
+    hard = gdqa.calibrate(ids, np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts]),
+                          collector.group_size)
+    log.info("GDQA calibration: %d of %d upcoming queries marked hard", hard, len(ids))
+    return hard / max(len(ids), 1)

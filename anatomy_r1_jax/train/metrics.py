@@ -4,6 +4,7 @@ TensorBoard, PNG curves)."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -11,6 +12,11 @@ from typing import Iterable
 
 import numpy as np
 
+
+log = logging.getLogger(__name__)
+
+CURVES = ("reward/total", "reward/format", "reward/accuracy", "eval/accuracy", "invalid_gradient_ratio", "sq_mean",
+          "kl", "clip_fraction", "entropy", "completion_length", "loss", "tokens_per_second")
 
 UPDATE_METRICS = ("loss", "kl", "clip_fraction", "entropy", "grad_norm", "invalid_gradient_ratio", "update_skipped",
                   "updates_skipped_total", "updates_skipped_consecutive")
@@ -105,3 +111,21 @@ def plot_curves(rows: list[dict], out_path: str, keys: Iterable[str], title: str
     fig.savefig(out_path, dpi=110)
     plt.close(fig)
     return out_path
+
+
+def report_run(path: str, workdir: str, warm_up: int) -> list[dict]:
+    """The run's rows (metrics.jsonl at `path`), its GRPO curves in workdir/curves.png (from the
+    step GRPO starts, `warm_up`), and its last line: the held-out accuracy with the paired gain."""
+    rows = read_metrics(path)
+    grpo = [row for row in rows if row.get("phase") == 1.0 or row["step"] == warm_up]
+    plot_curves(grpo if len(grpo) > 1 else rows, os.path.join(workdir, "curves.png"),
+                CURVES, title="GRPO", bands={"eval/accuracy": ("eval/accuracy_lo", "eval/accuracy_hi")})
+    final = [row for row in rows if "eval/accuracy" in row]
+    if final and "eval/gain" in final[-1]:
+        f = final[-1]
+        log.info("held-out accuracy %.3f -> %.3f (%d questions): gain %+.3f +- %.3f (95%% CI, paired)",
+                 f["eval/accuracy_start"], f["eval/accuracy_start"] + f["eval/gain"], f["eval/gain_n"],
+                 f["eval/gain"], f["eval/gain_ci95"])
+    elif final:
+        log.info("final held-out accuracy %.3f (step %d)", final[-1]["eval/accuracy"], final[-1]["step"])
+    return rows

@@ -32,6 +32,19 @@ class RunState:
 
     def __init__(self, run):
         self.run, self.train, self.saved = run, run.initial_state, 0
+        self._updates = {}
+
+    def update(self, phase: str):
+        """The compiled update of `phase` ("sft" | "grpo"), built once, for the state that phase
+        trains (its trainable split); the length-aware one for GRPO with train.length_buckets."""
+        r = self.run
+        if phase not in self._updates:
+            if phase == "grpo" and r.length_buckets:
+                self._updates[phase] = r.programs.length_aware_update(r.tx[phase], r.step_configs[phase], self.train,
+                                                                      r.length_buckets)
+            else:
+                self._updates[phase] = r.programs.update(r.tx[phase], r.step_configs[phase], self.train)
+        return self._updates[phase]
 
     # ---- the phases ---------------------------------------------------------------------------------
     def begin_grpo(self) -> None:

@@ -17,7 +17,6 @@ non-finite updates in a row each stop the run with one line.
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import jax
@@ -30,18 +29,15 @@ from anatomy_r1_jax.data.batch import Completions, TrainBatch
 from anatomy_r1_jax.data.readers import DataError
 from anatomy_r1_jax.evaluation.heldout import itstime
 from anatomy_r1_jax.runtime import distributed
-from anatomy_r1_jax.runtime.placement import put_batch, shard_prompts
+from anatomy_r1_jax.runtime.placement import put_batch
 from anatomy_r1_jax.train import preemption
 from anatomy_r1_jax.train.assembly import build_run
+from anatomy_r1_jax.train.collector import calibrate_gdqa
 from anatomy_r1_jax.train.compiled import run_iterations
-from anatomy_r1_jax.train.metrics import MetricsWriter, plot_curves, read_metrics, update_metrics
+from anatomy_r1_jax.train.metrics import MetricsWriter, report_run, update_metrics
 from anatomy_r1_jax.train.state import RunState
 
 log = logging.getLogger(__name__)
-
-CURVES = ("reward/total", "reward/format", "reward/accuracy", "eval/accuracy", "invalid_gradient_ratio", "sq_mean",
-          "kl", "clip_fraction", "entropy", "completion_length", "loss", "tokens_per_second")
-
 
 def _stack(items):
     return jax.tree.map(lambda *xs: np.stack(xs), *items)
@@ -54,7 +50,6 @@ class Trainer:
         self.config, self.workdir = config, workdir
         self.run_parts = build_run(config, workdir)
         self.state = RunState(self.run_parts)
-        self.updates = {}
 
     # ---- the device side ------------------------------------------------------------------------------
     def rollout(self, batch, key, group_size: int, prompts_per_group: int) -> Completions:
@@ -65,17 +60,6 @@ class Trainer:
         placed = put_batch(batch, layout.mesh, layout.rules, False, r.shard.count)
         weights = r.rollout_weights(self.state.train.params, self.state.train.frozen)
         return distributed.to_host(r.rollout(*weights, placed, key, r.sampling, group_size, prompts_per_group))
-
-    def _update(self, phase: str):
-        """The compiled update of `phase` ("sft" | "grpo"), built once, for the state that phase trains."""
-        r = self.run_parts
-        if phase not in self.updates:
-            if phase == "grpo" and r.length_buckets:
-                self.updates[phase] = r.programs.length_aware_update(r.tx[phase], r.step_configs[phase],
-                                                                     self.state.train, r.length_buckets)
-            else:
-                self.updates[phase] = r.programs.update(r.tx[phase], r.step_configs[phase], self.state.train)
-        return self.updates[phase]
 
     def _place(self, batch, micro_axis=False):
         return put_batch(batch, self.run_parts.mesh, self.run_parts.rules, micro_axis, self.run_parts.shard.count)
@@ -91,15 +75,9 @@ class Trainer:
     # ---- the steps --------------------------------------------------------------------------------------
     def sft_iteration(self, step: int) -> dict:
         r, c = self.run_parts, self.config.sft
-        queries = next(r.it_sft)
-        records = [q.record for q in queries]
-        batch = r.collator.prompts([[q.record] for q in queries], [q.images for q in queries])
-        ids, mask = r.collator.targets([prompts.warmup_target(rec, c.target, c.answer) for rec in records], r.eos_id)
-        mask = mask * ~r.it_sft.unreadable[:, None]  # a query whose image could not be read is left out
-        comp = Completions(ids=ids, mask=mask, logps=np.zeros(ids.shape, np.float32), lengths=mask.sum(-1))
-        tb = TrainBatch(prompt=shard_prompts(r.shard, r.collator, batch), completions=comp,
-                        rewards=np.zeros((len(records),), np.float32), categories=r.collector.categories(records))
-        self.state.train, metrics = self._update("sft")(self.state.train, self._place(_stack([tb]), micro_axis=True))
+        tb = r.collector.warmup_batch(next(r.it_sft), r.it_sft.unreadable, lambda rec: prompts.warmup_target(
+            rec, c.target, c.answer), r.eos_id)
+        self.state.train, metrics = self.state.update("sft")(self.state.train, self._place(_stack([tb]), micro_axis=True))
         return {"sft/loss": metrics["loss"], "grad_norm": metrics["grad_norm"],
                 "updates_skipped_consecutive": metrics["updates_skipped_consecutive"],
                 "data/unreadable_queries": self._unreadable_count(r.it_sft)}
@@ -119,7 +97,7 @@ class Trainer:
         out["data/unreadable_queries"] = self._unreadable_count(r.it)
         if faults.active("nan", "update", step + 1):  # test-only (anatomy_r1_jax/faults.py): a non-finite loss
             batches = [b.replace(rewards=b.rewards * np.float32("nan")) for b in batches]
-        update = self._update("grpo")
+        update = self.state.update("grpo")
         if r.length_buckets:  # micro-batches of their own widths, placed one by one
             tb, old_logps = tuple(self._place(b) for b in batches), update.old_logps
         else:
@@ -132,32 +110,9 @@ class Trainer:
         return out
 
     def calibrate_gdqa(self) -> float:
-        """GDQA's calibration, once, before the first GRPO step (also when the run resumes from a
-        warm-up checkpoint). gdqa.calibration = FILE: an evaluate.py result of the base model on
-        the training records. "auto": the current policy rolls out G plain samples for each query of
-        the GRPO run ahead (train.steps batches, in the curriculum order the run will use, at most
-        one epoch or gdqa.calibration_steps batches; the data iterator is rewound afterwards).
-        Queries whose G rewards are all equal and not all correct are marked hard, so the adaptive
-        trigger fires on their first visit (they leave the hard set once a group of theirs diverges).
-        Returns the fraction marked hard (of the queries rolled out for "auto", of the training records for a FILE)."""
-        r, c = self.run_parts, self.config
-        if c.gdqa.calibration != "auto":
-            hard = r.gdqa.calibrate_from_evaluation(c.gdqa.calibration, [q.id for q in r.data.train])
-            log.info("GDQA calibration %s: %d of %d training queries marked hard", c.gdqa.calibration, hard,
-                     len(r.data.train))
-            return hard / max(len(r.data.train), 1)
-        steps = min(c.train.steps, -(-len(r.data.train) // c.train.batch_size))
-        steps = min(steps, c.gdqa.calibration_steps) if c.gdqa.calibration_steps > 0 else steps
-        resume_at, key = r.it.get_state(), jax.random.key(c.seed + 1_000_003)
-        parts = [r.collector.calibration_rollouts(next(r.it), self.rollout, key, step)
-                 for step in tqdm(range(steps), desc="GDQA calibration", leave=False,
-                                  disable=not distributed.is_primary())]
-        r.it.set_state(resume_at)
-        ids = [i for part in parts for i in part[0]]
-        hard = r.gdqa.calibrate(ids, np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts]),
-                                c.rl.group_size)
-        log.info("GDQA calibration: %d of %d upcoming queries marked hard", hard, len(ids))
-        return hard / max(len(ids), 1)
+        """GDQA's calibration (train/collector.py calibrate_gdqa) with the run's rollout and data iterator."""
+        r = self.run_parts
+        return calibrate_gdqa(r.collector, r.gdqa, r.it, self.rollout, self.config)
 
     # ---- the loop -------------------------------------------------------------------------------------
     def run(self) -> list[dict]:
@@ -181,19 +136,7 @@ class Trainer:
                     r.it_sft.close()
         if writer is None:  # processes other than 0 return this session's rows
             return rows
-        rows = read_metrics(writer.path)
-        grpo = [row for row in rows if row.get("phase") == 1.0 or row["step"] == self.config.sft.steps]
-        plot_curves(grpo if len(grpo) > 1 else rows, os.path.join(self.workdir, "curves.png"),
-                    CURVES, title="GRPO", bands={"eval/accuracy": ("eval/accuracy_lo", "eval/accuracy_hi")})
-        final = [row for row in rows if "eval/accuracy" in row]
-        if final and "eval/gain" in final[-1]:
-            f = final[-1]
-            log.info("held-out accuracy %.3f -> %.3f (%d questions): gain %+.3f +- %.3f (95%% CI, paired)",
-                     f["eval/accuracy_start"], f["eval/accuracy_start"] + f["eval/gain"], f["eval/gain_n"],
-                     f["eval/gain"], f["eval/gain_ci95"])
-        elif final:
-            log.info("final held-out accuracy %.3f (step %d)", final[-1]["eval/accuracy"], final[-1]["step"])
-        return rows
+        return report_run(writer.path, self.workdir, self.config.sft.steps)
 
     def _loop(self, start: int, writer: MetricsWriter | None) -> list[dict]:
         """Steps start..end; metrics rows of this session (written by process 0 only)."""
