@@ -110,12 +110,12 @@ def get_config(arg=None):
     # none) counted from its first step, and its own AdamW state (GRPO starts with fresh moments).
     c.sft = dict(steps=100, lr=2e-3, batch_size=32, target="think", answer="text", warmup_steps=20, schedule="constant")
 
-    c.train = dict(
+    c.train = ml_collections.ConfigDict(dict(
         batch_size=16,  # queries per GRPO step (rows = batch_size * group_size)
         micro_batches=1,
         steps=400,  # one epoch of the 6400 training queries
         log_every=1,  # a metrics.jsonl row every N steps (and at every evaluation and the last step)
-        eval_every=100,
+        eval_every=100,  # the held-out evaluation's cadence (evals.heldout.every follows it)
         checkpoint_every=100,
         # A non-finite loss or gradient skips its update (optax.apply_if_finite); this many in a row stop the run.
         max_consecutive_errors=10,
@@ -131,7 +131,15 @@ def get_config(arg=None):
         # proportion to the real tokens with K compiled shapes (train/micro_batches.py); 0: every
         # micro-batch padded to rl.max_completion_length (one scanned program).
         length_buckets=4,
-    )
+    ))
+    # Evaluations during training, by name (big_vision style), each on the evaluator scripts/evaluate.py
+    # uses (greedy answers, the run's accuracy reward): records "eval" (data.eval, data.eval_size) or a
+    # records file (read and checked with the run's data, data.format; its first `limit`, 0: all); every N
+    # GRPO steps counted from GRPO's start, at the warm-up's last step (GRPO's start, against which each
+    # later evaluation reports its paired gain) and at the last step. "heldout" logs eval/*, its gain is the
+    # run's last line; another name logs eval_<name>/*.
+    c.evals = ml_collections.ConfigDict()
+    c.evals.heldout = ml_collections.ConfigDict(dict(records="eval", every=c.train.get_ref("eval_every"), limit=0))
 
     # The ablation arm (configs/methods.py ARMS). The default run is plain GRPO: at this scale ASC's easy
     # stage is dominated by the two pale classes and the policy collapses onto them (docs/results/default_run.md);

@@ -36,6 +36,8 @@ class Data:
     matrix_path: str  # class-similarity matrix ("" when none)
     train_file: str = ""  # the files the records came from
     eval_file: str = ""
+    extra: dict = dataclasses.field(default_factory=dict)  # config.evals.<name> with a records file: its records
+    extra_files: dict = dataclasses.field(default_factory=dict)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")  # fast tokenizer, or the byte-level BPE's vocab (+ merges.txt)
@@ -129,13 +131,20 @@ def build_data(config, workdir: str) -> Data:
     eval_file = (paths["val"] if eval_spec == "synthetic" else eval_spec) if eval_spec else ""
     train = read_records(train_file, **read)
     evals = read_records(eval_file, **read) if eval_file else []
-    if c.prompt_variant:
-        train = [r if r.prompt_variant else dataclasses.replace(r, prompt_variant=c.prompt_variant) for r in train]
-        evals = [r if r.prompt_variant else dataclasses.replace(r, prompt_variant=c.prompt_variant) for r in evals]
+    def with_variant(records):  # data.prompt_variant for records that name none
+        if not c.prompt_variant:
+            return records
+        return [r if r.prompt_variant else dataclasses.replace(r, prompt_variant=c.prompt_variant) for r in records]
+
+    train, evals = with_variant(train), with_variant(evals)
     evals = evals[: c.eval_size] if c.eval_size else evals
-    categories = sorted({r.category for r in train + evals})
-    log.info("data: %d train, %d eval records, %d categories", len(train), len(evals), len(categories))
-    return Data(train, evals, categories, matrix, train_file, eval_file)
+    extra_files = {name: ev.records for name, ev in config.evals.items() if ev.records != "eval"}
+    extra = {name: with_variant(read_records(path, **read))[: config.evals[name].limit or None]
+             for name, path in extra_files.items()}
+    categories = sorted({r.category for r in train + evals + [r for recs in extra.values() for r in recs]})
+    log.info("data: %d train, %d eval records, %d categories%s", len(train), len(evals), len(categories),
+             "".join(f"; evals.{name}: {len(recs)} records" for name, recs in extra.items()))
+    return Data(train, evals, categories, matrix, train_file, eval_file, extra, extra_files)
 
 
 def validate_data(config, data: Data, tokenizer, image_processor, workdir: str) -> Data:
@@ -150,10 +159,13 @@ def validate_data(config, data: Data, tokenizer, image_processor, workdir: str) 
     t0 = time.perf_counter()
     splits = {"train": (data.train, check(data.train, file=data.train_file,
                                           gdqa_kinds=tuple(config.gdqa.kinds) if gdqa_on else ())),
-              "eval": (data.eval, check(data.eval, file=data.eval_file))}
+              "eval": (data.eval, check(data.eval, file=data.eval_file)),
+              **{f"evals.{name}": (recs, check(recs, file=data.extra_files[name])) for name, recs in data.extra.items()}}
     kept = validation.drop_or_raise(splits, c.on_error, os.path.join(workdir, "invalid_records.jsonl"))
-    log.info("data: checked %d records in %.1f s", len(data.train) + len(data.eval), time.perf_counter() - t0)
-    return dataclasses.replace(data, train=kept["train"], eval=kept["eval"])
+    log.info("data: checked %d records in %.1f s", sum(len(recs) for recs, _ in splits.values()),
+             time.perf_counter() - t0)
+    return dataclasses.replace(data, train=kept["train"], eval=kept["eval"],
+                               extra={name: kept[f"evals.{name}"] for name in data.extra})
 
 
 def similarity_scores(config, data: Data, model, tokenizer, workdir: str) -> np.ndarray:

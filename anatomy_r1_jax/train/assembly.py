@@ -7,7 +7,7 @@
     sampling, GDQA state, re-roll       rl/sampling.py, methods/augmentation.py, methods/reroll.py
     programs                            the update's (train/compiled.py) and the rollout's, on its own
                                         layout (runtime/programs.py, config.rollout_mesh / _rules)
-    held-out evaluation                 evaluation/heldout.py over the evaluator scripts/evaluate.py uses
+    evaluations (config.evals)          evaluation/heldout.py over the evaluator scripts/evaluate.py uses
     step configs, optimizers            train/step.py, train/schedules.py (one per phase)
     the step collector                  train/collector.py
     checkpointer, initial TrainState    train/checkpoint.py, train/compiled.py
@@ -70,7 +70,7 @@ class Run:
     rollout_programs: Any
     rollout_weights: RolloutWeights
     rollout: Any  # the compiled rollout: (params, frozen, prompts, key, sampling, G, S) -> Completions
-    heldout: HeldOut | None
+    evals: dict[str, HeldOut]  # config.evals with records (evals.heldout: data.eval, when there is one)
     step_configs: dict
     old_logps: Any  # the padded update's old log-probs program (rl.num_iterations > 1)
     length_buckets: tuple[int, ...] | None
@@ -100,6 +100,16 @@ def _check_batch_sizes(c, shards: int) -> None:
         if size % parts:
             raise ValueError(f"config {name}={size} must be a multiple of {parts} (train.micro_batches x the "
                              f"{shards} data shards (hosts) of the mesh)")
+
+
+def _evaluations(config, evaluator: Evaluator, data: builders.Data) -> dict[str, HeldOut]:
+    """config.evals -> {name: HeldOut} of those that have records (data.eval may be empty: no held-out set)."""
+    out = {}
+    for name, ev in config.evals.items():
+        records = data.eval if ev.records == "eval" else data.extra[name]
+        if records:
+            out[name] = HeldOut(evaluator, records, name=name, every=int(ev.every))
+    return out
 
 
 def build_run(config, workdir: str) -> Run:
@@ -183,7 +193,7 @@ def build_run(config, workdir: str) -> Run:
         lora=adapters, graphdef=graphdef, programs=programs, rollout_programs=rollout,
         rollout_weights=RolloutWeights(rollout.mesh, rollout.rules),
         rollout=rollout.rollout(cache_dtype=precision.compute_dtype),
-        heldout=HeldOut(evaluator, data.eval) if data.eval else None,
+        evals=_evaluations(c, evaluator, data),
         step_configs=configs, old_logps=programs.old_logps(configs["grpo"]),
         length_buckets=length_buckets, schedules=schedules, tx=tx, kl_reference=kl_reference,
         initial_state=initial_state, collector=None, gdqa=gdqa, pipeline=pipeline, pipeline_sft=pipeline_sft,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 
 from anatomy_r1_jax import faults
+from anatomy_r1_jax.evaluation.heldout import HELDOUT
 from anatomy_r1_jax.runtime import builders
 from anatomy_r1_jax.train import preemption
 from anatomy_r1_jax.train.checkpoint import UnreadableCheckpoint
@@ -27,8 +28,8 @@ log = logging.getLogger(__name__)
 
 class RunState:
     """`train`: the TrainState; `saved`: the newest step this run checkpointed or resumed from. The
-    host parts a checkpoint's meta holds are the run's (`run.it`, `run.it_sft`, `run.gdqa`,
-    `run.heldout.start`); `run` is train/assembly.py's Run."""
+    host parts a checkpoint's meta holds are the run's (`run.it`, `run.it_sft`, `run.gdqa`, each
+    evaluation's start `run.evals[name].start`); `run` is train/assembly.py's Run."""
 
     def __init__(self, run):
         self.run, self.train, self.saved = run, run.initial_state, 0
@@ -65,7 +66,8 @@ class RunState:
     def meta(self, step: int) -> dict:
         r = self.run
         meta = {"pipeline": r.it.get_state(), "pipeline_sft": r.it_sft.get_state() if r.it_sft is not None else None,
-                "gdqa": r.gdqa.to_json(), "eval_start": r.heldout.start if r.heldout else None,
+                "gdqa": r.gdqa.to_json(), "eval_start": r.evals[HELDOUT].start if HELDOUT in r.evals else None,
+                "eval_starts": {name: ev.start for name, ev in r.evals.items() if name != HELDOUT},
                 "kl_reference": self.train.ref_params is not None}
         if r.lora.enabled:
             meta["lora"] = self.lora_base(step)
@@ -119,8 +121,9 @@ class RunState:
         if r.it_sft is not None and meta.get("pipeline_sft") is not None:
             r.it_sft.set_state(meta["pipeline_sft"])
         r.gdqa = r.gdqa.resumed(meta["gdqa"])
-        if r.heldout is not None:
-            r.heldout.start = meta.get("eval_start")
+        starts = {**(meta.get("eval_starts") or {}), HELDOUT: meta.get("eval_start")}
+        for name, ev in r.evals.items():
+            ev.start = starts.get(name)
         log.info("resumed from step %d", step)
         self.saved = step
         return step

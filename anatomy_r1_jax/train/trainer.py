@@ -68,9 +68,9 @@ class Trainer:
         """How many of the last batch's queries (all data shards') were left out: unreadable images."""
         return float(sum(int(part) for part in self.run_parts.shard.gather(np.int32(iterator.unreadable.sum()))))
 
-    def evaluate(self) -> tuple[dict, dict[str, float]]:
-        weights = self.run_parts.rollout_weights(self.state.train.params, self.state.train.frozen)
-        return self.run_parts.heldout.evaluate(*weights)
+    def evaluate(self, evaluation) -> tuple[dict, dict[str, float]]:
+        """An evaluation (evaluation/heldout.py) of the current weights, on the rollout's layout."""
+        return evaluation.evaluate(*self.run_parts.rollout_weights(self.state.train.params, self.state.train.frozen))
 
     # ---- the steps --------------------------------------------------------------------------------------
     def sft_iteration(self, step: int) -> dict:
@@ -143,11 +143,11 @@ class Trainer:
         c, r, s = self.config, self.run_parts, self.state
         warm, rows = c.sft.steps, []
         total = warm + c.train.steps
-        heldout = r.heldout
-        if start == warm and c.train.steps and heldout and heldout.start is None:
-            # GRPO starts here without a warm-up evaluation (no warm-up, or a checkpoint from before
-            # one was kept): evaluate the policy it starts from.
-            heldout.start = {"step": start, "correct": self.evaluate()[1]}
+        for ev in r.evals.values():
+            if start == warm and c.train.steps and ev.start is None:
+                # GRPO starts here without a warm-up evaluation (no warm-up, or a checkpoint from before
+                # one was kept): evaluate the policy it starts from.
+                ev.start = {"step": start, "correct": self.evaluate(ev)[1]}
         bar = tqdm(range(start, total), initial=start, total=total, desc="train", dynamic_ncols=True,
                    disable=writer is None)
         for step in bar:
@@ -170,16 +170,16 @@ class Trainer:
             out["lr"] = r.schedules["sft" if sft else "grpo"](step if sft else step - warm)
             done = step + 1
             last = done == total
-            # every train.eval_every GRPO steps, the last step, and the warm-up's last (where GRPO starts)
-            due = itstime(done, c.train.eval_every, last=last, first=warm) or (sft and done == warm)
-            if due and heldout:  # no eval metrics without eval records
+            due = [ev for ev in r.evals.values() if ev.due(done, warm_up=warm, last=last)]
+            if due:
                 faults.reached("eval", done)
-                metrics, correct = self.evaluate()
+            for ev in due:
+                metrics, correct = self.evaluate(ev)
                 out.update(metrics)
-                if done == warm:
-                    heldout.start = {"step": done, "correct": correct}
-                elif heldout.start is not None:
-                    out.update(heldout.gain(correct))
+                if done == warm:  # the warm-up's last evaluation: where GRPO starts
+                    ev.start = {"step": done, "correct": correct}
+                elif ev.start is not None:
+                    out.update(ev.gain(correct))
             out = {"phase": 0.0 if sft else 1.0, **{k: float(v) for k, v in out.items()}}
             rows.append({"step": done, **out})
             if writer is not None and (itstime(done, c.train.log_every, last=last) or due or calibration):
