@@ -134,7 +134,7 @@ def get_config(arg=None):
     ))
     # Evaluations during training, by name (big_vision style), each on the evaluator scripts/evaluate.py
     # uses (greedy answers, the run's accuracy reward): records "eval" (data.eval, data.eval_size) or a
-    # records file (read and checked with the run's data, data.format; its first `limit`, 0: all); every N
+    # records file (read and checked with the run's data, data.format; its first `limit`, 0: all; "": off); every N
     # GRPO steps counted from GRPO's start, at the warm-up's last step (GRPO's start, against which each
     # later evaluation reports its paired gain) and at the last step. "heldout" logs eval/*, its gain is the
     # run's last line; another name logs eval_<name>/*.

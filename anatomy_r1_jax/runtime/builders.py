@@ -138,7 +138,7 @@ def build_data(config, workdir: str) -> Data:
 
     train, evals = with_variant(train), with_variant(evals)
     evals = evals[: c.eval_size] if c.eval_size else evals
-    extra_files = {name: ev.records for name, ev in config.evals.items() if ev.records != "eval"}
+    extra_files = {name: ev.records for name, ev in config.evals.items() if ev.records not in ("eval", "")}
     extra = {name: with_variant(read_records(path, **read))[: config.evals[name].limit or None]
              for name, path in extra_files.items()}
     categories = sorted({r.category for r in train + evals + [r for recs in extra.values() for r in recs]})

@@ -106,7 +106,7 @@ def _evaluations(config, evaluator: Evaluator, data: builders.Data) -> dict[str,
     """config.evals -> {name: HeldOut} of those that have records (data.eval may be empty: no held-out set)."""
     out = {}
     for name, ev in config.evals.items():
-        records = data.eval if ev.records == "eval" else data.extra[name]
+        records = data.eval if ev.records == "eval" else data.extra.get(name, [])  # records "": switched off
         if records:
             out[name] = HeldOut(evaluator, records, name=name, every=int(ev.every))
     return out
