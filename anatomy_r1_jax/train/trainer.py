@@ -53,7 +53,7 @@ from anatomy_r1_jax.train.compiled import Programs, rollout_programs, run_iterat
 from anatomy_r1_jax.train.partitioning import place_state, put_batch, shard_rows, split_model
 from anatomy_r1_jax.train.precision import Precision
 from anatomy_r1_jax.train.schedules import phase_optimizers, phase_schedules
-from anatomy_r1_jax.train.step import StepConfig
+from anatomy_r1_jax.train.step import step_configs
 
 log = logging.getLogger(__name__)
 
@@ -195,15 +195,8 @@ class Trainer:
         log-probs (num_iterations > 1) and the rollout, all built by train/compiled.py (traced under
         the sharding rules, compiled once)."""
         c = self.config
-        common = dict(temperature=c.rl.temperature, logp_chunk=c.train.logp_chunk,
-                      num_categories=max(1, len(self.data.categories)), precision=self.precision)
-        grpo = StepConfig(objective=c.rl.loss, group_size=self.group_size, advantage=c.rl.advantage,
-                          eps_low=c.rl.eps_low, eps_high=c.rl.eps_high, beta=c.rl.beta, aggregation=c.rl.aggregation,
-                          max_completion_length=c.rl.max_completion_length,
-                          old_logps="batch" if c.rl.num_iterations > 1 else "current",
-                          drop_invalid_groups=c.rl.dynamic_sampling == "drop", **common)
-        sft = StepConfig(objective="sft", advantage="none", group_size=1, beta=0.0, **{**common, "temperature": 1.0})
-        self.step_configs, self.updates = {"grpo": grpo, "sft": sft}, {}
+        self.step_configs = step_configs(c, num_categories=len(self.data.categories), precision=self.precision)
+        grpo, self.updates = self.step_configs["grpo"], {}
         # The length-aware GRPO update (train.length_buckets K > 0): micro-batches of groups sorted by
         # length, each trimmed to one of K bucket lengths (train/micro_batches.py); 0: padded to T.
         k = c.train.length_buckets
