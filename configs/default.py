@@ -79,7 +79,10 @@ def get_config(arg=None):
         top_p=1.0,
         top_k=0,
         max_completion_length=24,
-        beta=0.04,
+        # The policy loss (rl/losses.py POLICY_LOSSES: "grpo", "gpg") reads its config's fields from
+        # rl.<field> by name (GRPOLoss: eps_low, eps_high, beta, aggregation, max_completion_length);
+        # a new loss's new knob is one more field here, with its default.
+        beta=0.04,  # the KL weight (0: no reference policy)
         eps_low=0.2,
         eps_high=0.2,
         loss="grpo",

@@ -89,6 +89,15 @@ REAL_MODELS = {
 }
 
 
+def paper_update(c: ml_collections.ConfigDict, *, group: int, length: int,
+                 logp_chunk: int) -> ml_collections.ConfigDict:
+    """`c` with REAL_MODEL's GRPO settings (rl.*: temperature 0.9, KL 0.04, clip 0.2, ...) at G = group
+    rollouts of T = length tokens, log-probs in chunks of logp_chunk: the update the benchmark scripts
+    time (train/step.py step_configs builds their StepConfig from it, as the trainer does)."""
+    rl = {k: v for k, v in REAL_MODEL.items() if k.startswith("rl.") and not k.startswith("rl.rewards.")}
+    return override(c, rl, {"rl.group_size": group, "rl.max_completion_length": length, "train.logp_chunk": logp_chunk})
+
+
 def parse_arg(arg: str | None, **choices: tuple[str, dict]) -> dict:
     """'method=asc,model=qwen2_5_vl_3b' -> {'method': ARMS['asc'], 'model': REAL_MODELS[...]}: each
     keyword is (default name, its table of presets); unknown keys or names raise one line."""

@@ -57,9 +57,9 @@ from anatomy_r1_jax.runtime.programs import rollout_programs  # noqa: E402
 from anatomy_r1_jax.train.compiled import Programs  # noqa: E402
 from anatomy_r1_jax.runtime.placement import place_state, put_batch, split_model  # noqa: E402
 from anatomy_r1_jax.runtime.precision import Precision  # noqa: E402
-from anatomy_r1_jax.train.step import StepConfig, make_optimizer  # noqa: E402
+from anatomy_r1_jax.train.step import make_optimizer, step_configs  # noqa: E402
 from configs.default import get_config  # noqa: E402
-from configs.methods import REAL_MODELS  # noqa: E402
+from configs.methods import REAL_MODELS, paper_update  # noqa: E402
 
 PRESET_SIZES = {"3b": "qwen2_5_vl_3b", "7b": "qwen2_5_vl_7b"}
 
@@ -113,8 +113,8 @@ def measure(args) -> dict:
     state = programs.init_state(tx, policy, params, frozen, reference=True)
     params, frozen = state.params, state.frozen
     prompts = put_batch(host_prompts, decoding.mesh, decoding.rules)
-    step_cfg = StepConfig(group_size=args.group, beta=0.04, temperature=0.9, logp_chunk=args.logp_chunk,
-                          precision=policy)
+    run = paper_update(get_config(), group=args.group, length=t, logp_chunk=args.logp_chunk)
+    step_cfg = step_configs(run, precision=policy)["grpo"]
     update = programs.update(tx, step_cfg, state)
 
     no_eos = tuple(cfg.eos_token_ids) + (cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id,

@@ -44,12 +44,20 @@ from anatomy_r1_jax.perf.memory import compiled_memory  # noqa: E402
 from anatomy_r1_jax.perf.timing import time_interleaved  # noqa: E402
 from anatomy_r1_jax.train.compiled import Programs  # noqa: E402
 from anatomy_r1_jax.runtime.placement import split_model  # noqa: E402
-from anatomy_r1_jax.train.step import StepConfig, make_optimizer  # noqa: E402
+from anatomy_r1_jax.train.step import make_optimizer, step_configs  # noqa: E402
 from configs.default import get_config  # noqa: E402
+from configs.methods import paper_update  # noqa: E402
 
 DEFAULT_CASES = ("tiny,8,8,160,24", "100m,2,4,128,32")
 RULES = [tuple(r) for r in get_config().sharding_rules]
-HP = dict(lr=1e-5, b1=0.9, b2=0.99, grad_clip=1.0, beta=0.04, eps=0.2, temperature=0.9, logp_chunk=32)
+HP = dict(lr=1e-5, b1=0.9, b2=0.99, grad_clip=1.0)
+
+
+def step_config(group: int, length: int):
+    """The update both sides run: the GRPO StepConfig of the paper's settings (configs/methods.py
+    paper_update: temperature 0.9, beta 0.04, clip 0.2, token-mean) at G = group, T = length, fp32."""
+    return step_configs(paper_update(get_config(), group=group, length=length, logp_chunk=32))["grpo"]
+
 
 
 # ---- ours ----------------------------------------------------------------------------------------
@@ -58,15 +66,14 @@ def our_batch(prompts, comp):
     return jax.device_put(jax.tree.map(jnp.asarray, workloads.train_batch(prompts, comp)))
 
 
-def our_update(model, group: int):
-    """(jitted step, initial TrainState) for the GRPO update of the benchmark."""
+def our_update(model, group: int, length: int):
+    """(jitted step, initial TrainState) for the GRPO update of the benchmark (completions of `length`)."""
     graphdef, params, frozen = split_model(model, freeze_vision=False)
     params, frozen = jax.tree.map(jnp.copy, (params, frozen))  # the step donates its state; the model stays usable
     tx = make_optimizer(HP["lr"], grad_clip=HP["grad_clip"], b1=HP["b1"], b2=HP["b2"])
     # Compiled as the trainer compiles it (train/compiled.py), on the default device.
     programs = Programs.create(graphdef, sharding.make_mesh([("data", 1)], devices=jax.devices()[:1]), RULES)
-    cfg = StepConfig(group_size=group, beta=HP["beta"], temperature=HP["temperature"], eps_low=HP["eps"],
-                     eps_high=HP["eps"], logp_chunk=HP["logp_chunk"])
+    cfg = step_config(group, length)
     state = programs.init_state(tx, cfg.precision, params, frozen, reference=True)
     return programs.update(tx, cfg, state), state
 
@@ -75,7 +82,7 @@ class OurStepper:
     """Holds the (donated) state between calls; `__call__` runs one update and returns its metrics."""
 
     def __init__(self, model, group: int, batch):
-        self.step, self.state = our_update(model, group)
+        self.step, self.state = our_update(model, group, batch.completions.ids.shape[-1])
         self.batch = batch
 
     def compile(self):
@@ -113,6 +120,7 @@ class TorchStepper:
         self.opt = torch.optim.AdamW(self.policy.parameters(), lr=HP["lr"], betas=(HP["b1"], HP["b2"]),
                                      weight_decay=0.0, eps=1e-8)
         self.inputs, self.group = inputs, group
+        self.cfg = step_config(group, comp["ids"].shape[1])
         self.ids = torch.from_numpy(comp["ids"]).long()
         self.mask = torch.from_numpy(comp["mask"]).long()
         self.rewards = torch.from_numpy(comp["rewards"])
@@ -120,13 +128,14 @@ class TorchStepper:
     def __call__(self):
         r = self.rewards.view(-1, self.group)
         adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)).view(-1, 1)
-        logp = torch_token_logps(self.policy, self.inputs, self.ids, self.mask, HP["temperature"])
+        cfg, loss = self.cfg, self.cfg.loss
+        logp = torch_token_logps(self.policy, self.inputs, self.ids, self.mask, cfg.temperature)
         with torch.no_grad():
-            ref_logp = torch_token_logps(self.ref, self.inputs, self.ids, self.mask, HP["temperature"])
+            ref_logp = torch_token_logps(self.ref, self.inputs, self.ids, self.mask, cfg.temperature)
         ratio = torch.exp(logp - logp.detach())
-        surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - HP["eps"], 1 + HP["eps"]) * adv)
+        surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - loss.eps_low, 1 + loss.eps_high) * adv)
         d = ref_logp - logp
-        per_token = -surrogate + HP["beta"] * (torch.exp(d) - d - 1)
+        per_token = -surrogate + loss.beta * (torch.exp(d) - d - 1)
         m = self.mask.float()
         loss = (per_token * m).sum() / m.sum()
         self.opt.zero_grad(set_to_none=True)
@@ -222,8 +231,10 @@ def main(argv=None):
             args.scaling or args.only_scaling) else None
     print(f"Command: `{report.command_line()}`\n")
     if results:
-        print(f"fp32, one micro-batch, lr {HP['lr']}, beta {HP['beta']}, eps {HP['eps']}, temperature "
-              f"{HP['temperature']}; medians of {args.reps} interleaved updates; samples = rows per second; "
+        paper = step_config(8, 24)
+        print(f"fp32, one micro-batch, lr {HP['lr']}, beta {paper.loss.beta}, eps {paper.loss.eps_low} / "
+              f"{paper.loss.eps_high}, temperature {paper.temperature}; medians of {args.reps} interleaved "
+              "updates; samples = rows per second; "
               "FLOP/s = XLA's FLOP count of the compiled step / its time (torch's: the per-row count, the "
               "same arithmetic); 'shared': one prompt row per group (prefix sharing), 'per row': G.\n")
         print(table(results))

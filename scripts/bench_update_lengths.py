@@ -43,8 +43,9 @@ from anatomy_r1_jax.data.batch import Completions, TrainBatch  # noqa: E402
 from anatomy_r1_jax.train.compiled import Programs  # noqa: E402
 from anatomy_r1_jax.train.micro_batches import bucket_lengths, plan_micro_batches, trimmed_completions  # noqa: E402
 from anatomy_r1_jax.runtime.placement import put_batch, split_model  # noqa: E402
-from anatomy_r1_jax.train.step import StepConfig, make_optimizer  # noqa: E402
+from anatomy_r1_jax.train.step import make_optimizer, step_configs  # noqa: E402
 from configs.default import get_config  # noqa: E402
+from configs.methods import paper_update  # noqa: E402
 
 DEFAULT_CASE = "tiny,8,8,160,256"
 RULES = [tuple(r) for r in get_config().sharding_rules]
@@ -90,7 +91,7 @@ def run_case(case: workloads.Case, micro_batches: int, buckets: int, reps: int):
     programs = Programs.create(graphdef, mesh, RULES)
     tx = make_optimizer(1e-5, grad_clip=1.0, b2=0.99)
     t = case.new_tokens
-    cfg = StepConfig(group_size=case.group, beta=0.04, temperature=0.9, logp_chunk=32, max_completion_length=t)
+    cfg = step_configs(paper_update(get_config(), group=case.group, length=t, logp_chunk=32))["grpo"]
     lengths = bucket_lengths(t, buckets)
     per = case.queries // micro_batches
     sides, plans = {}, {}

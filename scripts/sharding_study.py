@@ -125,7 +125,9 @@ from anatomy_r1_jax.rl.sampling import SamplingConfig  # noqa: E402
 from anatomy_r1_jax.train.compiled import Programs  # noqa: E402
 from anatomy_r1_jax.runtime.placement import put_batch, split_model  # noqa: E402
 from anatomy_r1_jax.runtime.precision import BF16  # noqa: E402
-from anatomy_r1_jax.train.step import StepConfig, make_optimizer  # noqa: E402
+from anatomy_r1_jax.train.step import make_optimizer, step_configs  # noqa: E402
+from configs.default import get_config  # noqa: E402
+from configs.methods import paper_update  # noqa: E402
 
 MIB = 2**20
 
@@ -166,7 +168,7 @@ def measured(strategies: dict, devices: int, size: str, case: str, reps: int) ->
     prompts, _ = workloads.image_prompts(cfg, queries=queries, group=group, prompt_length=lp)
     batch_np = workloads.train_batch(prompts, workloads.random_completions(cfg, queries * group, t))
     tx = make_optimizer(1e-5, grad_clip=1.0, b2=0.99)
-    step_cfg = StepConfig(group_size=group, beta=0.04, temperature=0.9, logp_chunk=32)
+    step_cfg = step_configs(paper_update(get_config(), group=group, length=t, logp_chunk=32))["grpo"]
     graphdef, params0, frozen0 = split_model(model, freeze_vision=False)
     # Host copies: every strategy places its own (the donated step deletes device buffers).
     params0, frozen0 = jax.tree.map(np.asarray, params0), jax.tree.map(np.asarray, frozen0)
@@ -270,9 +272,8 @@ def lower_update(cfg, mesh, rules, shape: PresetShape, model_kw: dict, grads: st
         graphdef, state = abstract.abstract_train_state(cfg, mesh, rules, tx, moment_dtype=jnp.float32,
                                                         reference=reference, **model_kw)
         batch = abstract.abstract_batch(preset_batch(cfg, shape), mesh, rules)
-        step_cfg = StepConfig(group_size=shape.group, beta=0.04, temperature=0.9, logp_chunk=128,
-                              precision=dataclasses.replace(BF16, grads=grads),
-                              max_completion_length=shape.completion_length)
+        run = paper_update(get_config(), group=shape.group, length=shape.completion_length, logp_chunk=128)
+        step_cfg = step_configs(run, precision=dataclasses.replace(BF16, grads=grads))["grpo"]
     return Programs.create(graphdef, mesh, rules).update(tx, step_cfg, state).lower(state, batch)
 
 

@@ -15,6 +15,7 @@ from anatomy_r1_jax import sharding
 from anatomy_r1_jax.models import QwenVL, QwenVLConfig
 from anatomy_r1_jax.models.presets import tiny_hf_config
 from anatomy_r1_jax.rl.advantages import grpo_advantages
+from anatomy_r1_jax.rl.losses import GRPOLoss
 from anatomy_r1_jax.train.compiled import Programs, run_iterations
 from anatomy_r1_jax.runtime.placement import put_batch, split_model
 from anatomy_r1_jax.train.step import StepConfig, make_optimizer
@@ -34,7 +35,7 @@ def _programs(mesh, lr=1e-2):
 def test_update_is_traced_under_the_rules_and_compiles_once():
     mesh = sharding.make_mesh([("data", 2), ("fsdp", 2), ("tensor", 2)])
     programs, tx, params, frozen = _programs(mesh)
-    cfg = StepConfig(group_size=4, beta=0.04, temperature=0.9, logp_chunk=6)
+    cfg = StepConfig(group_size=4, loss=GRPOLoss(beta=0.04), temperature=0.9, logp_chunk=6)
     state = programs.init_state(tx, cfg.precision, params, frozen, reference=True)
     update = programs.update(tx, cfg, state)
     batch = put_batch(_stack([_train_batch(seed=0)]), mesh, RULES, micro_axis=True)
@@ -85,8 +86,8 @@ def _masked(x, mask):
 def test_num_iterations_two_is_a_clipped_second_epoch():
     """Iteration 2 of one rollout: ratio = pi_1 / pi_0 != 1 and the clip acts, loss by hand."""
     mesh = one_device_mesh()
-    cfg = StepConfig(group_size=4, beta=0.0, temperature=0.9, logp_chunk=6, old_logps="batch", eps_low=0.2,
-                     eps_high=0.2)
+    cfg = StepConfig(group_size=4, loss=GRPOLoss(eps_low=0.2, eps_high=0.2, beta=0.0), temperature=0.9, logp_chunk=6,
+                     old_logps="batch")
     batch = _stack([_train_batch(seed=0)])
     mask = batch.completions.mask[0].astype(np.float32)
 

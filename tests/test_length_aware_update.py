@@ -16,6 +16,7 @@ import pytest
 from anatomy_r1_jax import sharding
 from anatomy_r1_jax.models import lora
 from anatomy_r1_jax.data.batch import Completions, TrainBatch
+from anatomy_r1_jax.rl.losses import GPGLoss, GRPOLoss
 from anatomy_r1_jax.train.compiled import Programs, run_iterations
 from anatomy_r1_jax.train.micro_batches import bucket_lengths, plan_micro_batches, trimmed_completions
 from anatomy_r1_jax.runtime.placement import put_batch, split_model
@@ -25,7 +26,8 @@ from test_rollout_step import GRID, RULES, _stack, make_model, one_device_mesh, 
 Q, G, T, M = 4, 4, 32, 2  # 4 groups of 4 rows, budget 32 tokens, 2 micro-batches of 2 groups
 TOKENS = (GRID[1] * GRID[2]) // 4  # image tokens per query
 BUCKETS = bucket_lengths(T, 4)
-CFG = StepConfig(group_size=G, beta=0.04, temperature=0.9, logp_chunk=8, max_completion_length=T, num_categories=3)
+CFG = StepConfig(group_size=G, loss=GRPOLoss(beta=0.04, max_completion_length=T), temperature=0.9, logp_chunk=8,
+                 num_categories=3)
 
 
 def test_buckets_and_the_plan():
@@ -119,7 +121,7 @@ def _run(kind, steps, cfg, *, mesh=None, s=1, iterations=1, adapters=False):
     mesh = mesh or one_device_mesh()
     programs, params, frozen = _programs(mesh, adapters)
     tx = sgd()
-    state = programs.init_state(tx, cfg.precision, params, frozen, reference=cfg.beta != 0 and not adapters)
+    state = programs.init_state(tx, cfg.precision, params, frozen, reference=cfg.needs_reference and not adapters)
     if kind == "padded":
         update, old = programs.update(tx, cfg, state), programs.old_logps(cfg)
         place = lambda step: put_batch(padded_batch(step, s), mesh, RULES, micro_axis=True)  # noqa: E731
@@ -181,9 +183,11 @@ def test_length_aware_update_equals_the_padded_update(variant):
     (old log-probs per trimmed micro-batch) on LoRA adapters (the reference: adapters off)."""
     kw = {}
     if variant == "drop_gpg_drgrpo":
-        cfg = dataclasses.replace(CFG, objective="gpg", beta=0.0, aggregation="drgrpo", drop_invalid_groups=True)
+        cfg = dataclasses.replace(CFG, objective="gpg", drop_invalid_groups=True,
+                                  loss=GPGLoss(beta=0.0, aggregation="drgrpo", max_completion_length=T))
     elif variant == "sequence_mean_prompts_per_row":
-        cfg, kw = dataclasses.replace(CFG, aggregation="sequence-mean-token-mean"), dict(s=G)
+        seq_mean = dataclasses.replace(CFG.loss, aggregation="sequence-mean-token-mean")
+        cfg, kw = dataclasses.replace(CFG, loss=seq_mean), dict(s=G)
     else:
         cfg, kw = dataclasses.replace(CFG, old_logps="batch"), dict(iterations=2, adapters=True)
     steps = STEPS(kw.get("s", 1))
@@ -195,8 +199,8 @@ def test_length_aware_update_equals_the_padded_update(variant):
         assert float(trimmed[1][0]["ratio"]) != 1.0  # the second epoch's ratio
         with pytest.raises(ValueError, match="drgrpo's denominator"):
             _programs(one_device_mesh())[0].length_aware_update(
-                make_optimizer(1e-3), dataclasses.replace(cfg, aggregation="drgrpo", max_completion_length=None),
-                trimmed[0], BUCKETS)
+                make_optimizer(1e-3), dataclasses.replace(cfg, loss=dataclasses.replace(
+                    cfg.loss, aggregation="drgrpo", max_completion_length=None)), trimmed[0], BUCKETS)
 
 
 def test_the_compiled_update_does_the_trimmed_work():

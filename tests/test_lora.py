@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from anatomy_r1_jax import sharding
 from anatomy_r1_jax.models import QwenVL, lora
+from anatomy_r1_jax.rl.losses import GRPOLoss
 from anatomy_r1_jax.train.compiled import Programs
 from anatomy_r1_jax.train.logprobs import completion_logps
 from anatomy_r1_jax.runtime.placement import put_batch, split_model
@@ -26,7 +27,7 @@ from anatomy_r1_jax.train.step import StepConfig, TrainState, make_optimizer
 from test_rollout_step import RULES, _stack, _train_batch, one_device_mesh, tiny_model_cfg
 
 LORA = lora.LoraConfig(rank=4, alpha=8.0, vision=True)  # scale 2
-STEP = StepConfig(group_size=4, beta=0.04, temperature=0.9, logp_chunk=6)
+STEP = StepConfig(group_size=4, loss=GRPOLoss(beta=0.04), temperature=0.9, logp_chunk=6)
 
 
 def base_model(scan_layers=False, seed=0, scale=5.0) -> QwenVL:

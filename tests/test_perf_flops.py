@@ -10,6 +10,7 @@ from flax import nnx
 from anatomy_r1_jax.models import QwenVL, QwenVLConfig
 from anatomy_r1_jax.perf import flops, workloads
 from anatomy_r1_jax.data.batch import Completions, PromptBatch, TrainBatch
+from anatomy_r1_jax.rl.losses import GRPOLoss
 from anatomy_r1_jax.train.logprobs import completion_logps
 from anatomy_r1_jax.runtime.placement import split_model
 from anatomy_r1_jax.train.step import StepConfig, TrainState, make_optimizer, train_step
@@ -57,7 +58,7 @@ def test_forward_and_update_flops_match_xla(shared):
                                                               lengths=ones.sum(-1)),
                        rewards=rng.normal(size=Q * G).astype(np.float32), categories=np.zeros(Q * G, np.int32))
     batch = jax.tree.map(lambda x: np.asarray(x)[None], batch)
-    step = functools.partial(train_step, graphdef, tx, StepConfig(group_size=G, beta=0.04, logp_chunk=T))
+    step = functools.partial(train_step, graphdef, tx, StepConfig(group_size=G, loss=GRPOLoss(beta=0.04), logp_chunk=T))
     update = xla_flops(step, st, batch)
     analytic = flops.update_flops(cfg, queries=Q, group=G, prompt_length=LP, completion_length=T, shared=True)
     # + the LM head's recomputation in the chunked log-softmax's backward and the optimizer's elementwise work

@@ -11,6 +11,7 @@ from flax import nnx
 
 from anatomy_r1_jax.models import QwenVL, QwenVLConfig
 from anatomy_r1_jax.models.presets import tiny_hf_config
+from anatomy_r1_jax.rl.losses import GRPOLoss
 from anatomy_r1_jax.runtime.placement import split_model
 from anatomy_r1_jax.runtime.precision import Precision, init_optimizer
 from anatomy_r1_jax.train.step import StepConfig, TrainState, make_optimizer, train_step
@@ -53,7 +54,7 @@ def test_bf16_update_keeps_the_policys_dtypes():
     policy = MASTER
     graphdef, tx, state = _state(policy)
     batch = _stack([_train_batch(seed=0)])  # random rewards 0..2: non-zero advantages
-    cfg = StepConfig(group_size=4, beta=0.04, temperature=0.9, logp_chunk=6, precision=policy)
+    cfg = StepConfig(group_size=4, loss=GRPOLoss(beta=0.04), temperature=0.9, logp_chunk=6, precision=policy)
     step = functools.partial(train_step, graphdef, tx, cfg)
     assert _accumulated_grad_dtypes(step, state, batch) == {"float32"}
     before = jax.tree.map(np.asarray, state.params)
@@ -84,7 +85,7 @@ def test_master_copy_keeps_updates_smaller_than_bf16_resolution():
     moved = {}
     for policy in (MASTER, BF16_GRADS):
         graphdef, tx, state = _state(policy, lr=1e-5)
-        cfg = StepConfig(group_size=4, beta=0.0, temperature=0.9, logp_chunk=6, precision=policy)
+        cfg = StepConfig(group_size=4, loss=GRPOLoss(beta=0.0), temperature=0.9, logp_chunk=6, precision=policy)
         step = functools.partial(train_step, graphdef, tx, cfg)
         if policy is BF16_GRADS:
             assert _accumulated_grad_dtypes(step, state, batch) == {"bfloat16"}
@@ -104,6 +105,6 @@ def test_policy_errors_name_the_config_field():
     with pytest.raises(ValueError, match="optim.moment_dtype='fp16'"):
         Precision(moments="fp16")
     graphdef, tx, state = _state(MASTER)
-    cfg = StepConfig(group_size=4, beta=0.0, precision=Precision())  # float32 policy, bf16 weights
+    cfg = StepConfig(group_size=4, loss=GRPOLoss(beta=0.0), precision=Precision())  # float32 policy, bf16 weights
     with pytest.raises(ValueError, match="model.param_dtype"):
         jax.eval_shape(functools.partial(train_step, graphdef, tx, cfg), state, _stack([_train_batch(seed=0)]))

@@ -51,14 +51,14 @@ def _reference_loss(logps, old, ref, adv, mask, aggregation, beta=BETA, max_len=
 
 
 def _hp(aggregation, **kw):
-    return dict(eps_low=EPS_LOW, eps_high=EPS_HIGH, beta=BETA, aggregation=aggregation, **kw)
+    return losses.GRPOLoss(eps_low=EPS_LOW, eps_high=EPS_HIGH, beta=BETA, aggregation=aggregation, **kw)
 
 
 @pytest.mark.parametrize("aggregation", ["token-mean", "sequence-mean-token-mean", "drgrpo"])
 def test_grpo_loss_matches_reference(aggregation):
     logps, old, ref, adv, mask = _batch()
     extra = {"max_completion_length": 16} if aggregation == "drgrpo" else {}
-    loss, metrics = jax.jit(lambda *a: losses.grpo_loss(*a, **_hp(aggregation, **extra)))(logps, old, ref, adv, mask)
+    loss, metrics = jax.jit(lambda *a: losses.grpo_loss(_hp(aggregation, **extra), *a))(logps, old, ref, adv, mask)
     expected = _reference_loss(logps, old, ref, adv, mask, aggregation, max_len=extra.get("max_completion_length"))
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
     assert np.isfinite(metrics["kl"])
@@ -66,7 +66,7 @@ def test_grpo_loss_matches_reference(aggregation):
 
 def test_metrics_match_reference():
     logps, old, ref, adv, mask = _batch(1)
-    _, m = losses.grpo_loss(logps, old, ref, adv, mask, **_hp("token-mean"))
+    _, m = losses.grpo_loss(_hp("token-mean"), logps, old, ref, adv, mask)
     n = low = high = 0
     kl = ratio_sum = 0.0
     for b in range(B):
@@ -89,11 +89,11 @@ def test_metrics_match_reference():
 
 def test_beta_zero_allows_no_reference():
     logps, old, ref, adv, mask = _batch()
-    loss, m = losses.grpo_loss(logps, old, None, adv, mask, eps_low=0.2, eps_high=0.2, beta=0.0)
+    loss, m = losses.grpo_loss(losses.GRPOLoss(eps_low=0.2, eps_high=0.2, beta=0.0), logps, old, None, adv, mask)
     np.testing.assert_allclose(loss, _reference_loss(logps, old, ref, adv, mask, "token-mean", beta=0.0), rtol=1e-5)
     assert float(m["kl"]) == 0.0
     with pytest.raises(ValueError, match="ref_logps"):
-        losses.grpo_loss(logps, old, None, adv, mask, beta=0.04)
+        losses.grpo_loss(losses.GRPOLoss(beta=0.04), logps, old, None, adv, mask)
 
 
 @pytest.mark.parametrize("aggregation", ["token-mean", "sequence-mean-token-mean"])
@@ -103,7 +103,7 @@ def test_on_policy_gradient_is_unclipped_policy_gradient(aggregation):
     logps = np.where(mask > 0, logps, 0.0).astype(np.float32)
 
     def loss_fn(lp):
-        return losses.grpo_loss(lp, jax.lax.stop_gradient(lp), ref, adv, mask, **_hp(aggregation))[0]
+        return losses.grpo_loss(_hp(aggregation), lp, jax.lax.stop_gradient(lp), ref, adv, mask)[0]
 
     grad = jax.grad(loss_fn)(jnp.asarray(logps))
     per_token = (-adv[:, None] + BETA * (1 - np.exp(ref - logps))) * mask
@@ -114,7 +114,7 @@ def test_on_policy_gradient_is_unclipped_policy_gradient(aggregation):
     np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-7)
     # central finite difference of the loss with old_logps frozen at the current logps
     def frozen(lp):
-        return losses.grpo_loss(lp, logps, ref, adv, mask, **_hp(aggregation))[0]
+        return losses.grpo_loss(_hp(aggregation), lp, logps, ref, adv, mask)[0]
 
     for b, t in [(0, 2), (1, 1), (4, 5)]:
         e = np.zeros_like(logps)
@@ -127,8 +127,9 @@ def test_clip_removes_gradient_only_where_it_should():
     lp = jnp.zeros((1, 4))
     old = jnp.log(jnp.array([[1.0, 2.0, 0.5, 1.1]]))  # ratios 1, 0.5, 2, 1/1.1
     mask = jnp.ones((1, 4))
+    cfg = losses.GRPOLoss(eps_low=0.2, eps_high=0.2, beta=0.0)
     for a in (1.0, -1.0):
-        g = jax.grad(lambda x: losses.grpo_loss(x, old, None, jnp.array([a]), mask, eps_low=0.2, eps_high=0.2, beta=0.0)[0])(lp)
+        g = jax.grad(lambda x: losses.grpo_loss(cfg, x, old, None, jnp.array([a]), mask)[0])(lp)
         ratio = np.exp(-np.asarray(old))
         active = (ratio > 1.2) & (a > 0) | (ratio < 0.8) & (a < 0)
         np.testing.assert_allclose(g, np.where(active, 0.0, -a * ratio / 4), rtol=1e-6)
@@ -139,21 +140,22 @@ def test_clip_removes_gradient_only_where_it_should():
 def test_micro_batch_accumulation_is_exact(aggregation, name):
     logps, old, ref, adv, mask = _batch(3)
     logps = np.where(mask > 0, logps, 0.0).astype(np.float32)
-    fn = losses.POLICY_LOSSES.get(name)
+    entry = losses.POLICY_LOSSES.get(name)
     kw = dict(beta=BETA, aggregation=aggregation, max_completion_length=12)
-    kw.update(dict(eps_low=EPS_LOW, eps_high=EPS_HIGH) if name == "grpo" else dict(valid_fraction=0.75))
+    kw.update(dict(eps_low=EPS_LOW, eps_high=EPS_HIGH) if name == "grpo" else {})
+    cfg, fn, valid = entry.config(**kw), entry.fn, 0.75  # (grpo ignores the valid fraction)
 
     def full(lp):
-        return losses.loss_value(fn(lp, old, ref, adv, mask, **kw))
+        return losses.loss_value(fn(cfg, lp, old, ref, adv, mask, valid))
 
     def numerator(lp, sl):
-        return fn(lp, old[sl], ref[sl], adv[sl], mask[sl], **kw).numerator
+        return fn(cfg, lp, old[sl], ref[sl], adv[sl], mask[sl], valid).numerator
 
     splits = [slice(0, 1), slice(1, 4), slice(4, 6)]
-    parts = [fn(logps[s], old[s], ref[s], adv[s], mask[s], **kw) for s in splits]
+    parts = [fn(cfg, logps[s], old[s], ref[s], adv[s], mask[s], valid) for s in splits]
     combined = losses.sum_loss_parts(parts)
     np.testing.assert_allclose(losses.loss_value(combined), full(logps), rtol=1e-5)
-    full_parts = fn(logps, old, ref, adv, mask, **kw)
+    full_parts = fn(cfg, logps, old, ref, adv, mask, valid)
     for k, v in full_parts.metric_sums.items():
         np.testing.assert_allclose(combined.metric_sums[k], v, rtol=1e-5, atol=1e-7)
 
@@ -164,12 +166,12 @@ def test_micro_batch_accumulation_is_exact(aggregation, name):
 
 def test_gpg_loss():
     logps, old, ref, adv, mask = _batch(4)
-    loss, m = losses.gpg_loss(logps, old, ref, adv, mask, valid_fraction=0.5, beta=BETA)
+    loss, m = losses.gpg_loss(losses.GPGLoss(beta=BETA), logps, old, ref, adv, mask, 0.5)
     lp = np.where(mask > 0, logps, 0.0)
     d = ref - lp
     per_token = (-lp * adv[:, None] + BETA * (np.exp(d) - d - 1)) * mask
     np.testing.assert_allclose(loss, 2.0 * per_token.sum() / mask.sum(), rtol=1e-5)
     assert float(m["clip_fraction"]) == 0.0
     # no informative group: alpha falls back to 1 and nothing blows up
-    loss0, _ = losses.gpg_loss(logps, None, None, np.zeros(B, np.float32), mask, valid_fraction=0.0)
+    loss0, _ = losses.gpg_loss(losses.GPGLoss(), logps, None, None, np.zeros(B, np.float32), mask, 0.0)
     assert float(loss0) == 0.0

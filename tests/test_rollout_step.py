@@ -16,6 +16,7 @@ from anatomy_r1_jax.models import QwenVL, QwenVLConfig, get_rope_index
 from anatomy_r1_jax.models.presets import tiny_hf_config
 from anatomy_r1_jax.models.vision_inputs import pad_pixel_values, vision_inputs
 from anatomy_r1_jax.data.batch import Completions, PromptBatch, TrainBatch
+from anatomy_r1_jax.rl.losses import GRPOLoss
 from anatomy_r1_jax.rl.rollout import generate
 from anatomy_r1_jax.rl.sampling import SamplingConfig, sample_token
 from anatomy_r1_jax.train.compiled import Programs
@@ -186,7 +187,7 @@ def _slice_batch(b: TrainBatch, lo, hi):
 def test_microbatch_accumulation_and_remat_are_exact():
     """Two micro-batches == one batch; remat (with the KL reference forward, as real configs run it)
     changes nothing."""
-    cfg = StepConfig(group_size=4, beta=0.04, temperature=0.9, logp_chunk=3)
+    cfg = StepConfig(group_size=4, loss=GRPOLoss(beta=0.04), temperature=0.9, logp_chunk=3)
     batches = [_train_batch(seed=0)]
     full, _, m_full = _run_steps(None, batches, 2, cfg, micro=1)
     split, _, m_split = _run_steps(None, batches, 2, cfg, micro=2, remat=True)
@@ -199,7 +200,7 @@ def test_reference_logps_are_a_pass_apart_from_the_gradient_pass():
     log-probs of every micro-batch come first (one lax.map), so its weights (and a backend's copies
     of them, e.g. XLA:CPU's float32 upcasts) are not live beside the gradient pass's; the loss is
     that of the reference computed inside the gradient loop (test_microbatch_accumulation_...)."""
-    cfg = StepConfig(group_size=4, beta=0.04, temperature=0.9, logp_chunk=3)
+    cfg = StepConfig(group_size=4, loss=GRPOLoss(beta=0.04), temperature=0.9, logp_chunk=3)
     graphdef, params, frozen = split_model(make_model(seed=3), freeze_vision=False)
     ref = jax.tree.map(lambda x: x + 1, params)
     tx = make_optimizer(1e-2)
@@ -263,7 +264,7 @@ def test_a_decode_step_writes_the_cache_in_place():
 
 def test_sharded_fsdp_tensor_equals_single_device():
     assert jax.device_count() >= 8
-    cfg = StepConfig(group_size=4, beta=0.04, temperature=0.9, logp_chunk=3)
+    cfg = StepConfig(group_size=4, loss=GRPOLoss(beta=0.04), temperature=0.9, logp_chunk=3)
     batches = [_train_batch(seed=s) for s in range(5)]
     single, _, _ = _run_steps(None, batches, 5, cfg)
     mesh = sharding.make_mesh([("data", 2), ("fsdp", 2), ("tensor", 2)])
@@ -274,13 +275,13 @@ def test_sharded_fsdp_tensor_equals_single_device():
 
 
 def test_sft_objective_learns_and_nonfinite_updates_are_skipped():
-    cfg = StepConfig(objective="sft", advantage="none", group_size=1, beta=0.0, temperature=1.0, logp_chunk=6)
+    cfg = StepConfig(objective="sft", advantage="none", group_size=1, temperature=1.0, logp_chunk=6)
     losses, state, _ = _run_steps(None, [_train_batch(seed=0)], 15, cfg)
     assert losses[-1] < 0.5 * losses[0]
     # A NaN reward makes the GRPO gradient non-finite: the update is skipped, params unchanged.
     bad = _train_batch(seed=1)
     bad = bad.replace(rewards=np.full_like(bad.rewards, np.nan))
-    grpo = StepConfig(group_size=4, beta=0.0, temperature=1.0, logp_chunk=6)
+    grpo = StepConfig(group_size=4, loss=GRPOLoss(beta=0.0), temperature=1.0, logp_chunk=6)
     model = make_model(seed=3)
     graphdef, params, frozen = split_model(model, freeze_vision=False)
     tx = make_optimizer(1e-2)
@@ -300,7 +301,7 @@ def test_dynamic_sampling_drop_trains_on_the_valid_groups_alone():
     b = _train_batch(seed=0)
     b = b.replace(rewards=np.concatenate([b.rewards[:4], np.ones(4, np.float32)]))
     assert len(set(b.rewards[:4].tolist())) > 1
-    cfg = StepConfig(group_size=4, beta=0.04, temperature=0.9, logp_chunk=3)
+    cfg = StepConfig(group_size=4, loss=GRPOLoss(beta=0.04), temperature=0.9, logp_chunk=3)
     drop = dataclasses.replace(cfg, drop_invalid_groups=True)
     norms_d, norms_a, entropy_d, entropy_a = [], [], [], []
     dropped, _, m_d = _run_steps(None, [b], 2, drop, grad_norms=norms_d, entropies=entropy_d)
@@ -367,7 +368,7 @@ def test_shared_prompt_rollout_and_logps_equal_per_row(queries=2, group=4, per_g
 def test_shared_prompt_update_equals_per_row_update_sharded():
     """The GRPO update on S = 1 prompt row per group, on a data x fsdp x tensor mesh (the 4 prompt
     rows one per data x fsdp device), equals the per-row update on one device."""
-    cfg = StepConfig(group_size=4, beta=0.04, temperature=0.9, logp_chunk=3)
+    cfg = StepConfig(group_size=4, loss=GRPOLoss(beta=0.04), temperature=0.9, logp_chunk=3)
     batches = [_train_batch(seed=0, queries=4)]
     runs = {}
     for name, mesh, bs in [("full", None, batches),

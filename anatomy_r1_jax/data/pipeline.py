@@ -225,7 +225,7 @@ class QueryPipeline:
         with cloudpickle (lambdas and closures are) and a pure function of the epoch.
       workers: worker processes preprocessing images (0: threads in this process).
       shard_index, shard_count: this process's share of the stream (its data shard among the
-        processes, `train.distributed.data_shard`).
+        processes, `runtime.distributed.data_shard`).
       shard_block: consecutive positions a shard reads before the next shard's turn; a divisor of
         batch_size (1: strided; batch_size / micro-batches: the trainer's layout, see above).
       drop_remainder: True: each epoch uses the first `steps_per_epoch * batch_size * shard_count`

@@ -1,16 +1,27 @@
 """Policy losses as (numerator, denominator) pairs, so micro-batch accumulation is exact.
 
 Shapes: logps, old_logps, ref_logps, mask [B, T] (completion tokens; mask 1 on real tokens);
-advantages [B] (one per sequence). Log-probs are those of the sampled tokens, computed from
-logits / temperature (METHOD.md section 2).
+advantages [B] (one per sequence); valid_fraction [] (see GPG). Log-probs are those of the sampled
+tokens, computed from logits / temperature (METHOD.md section 2).
 
-Every registered policy loss ("grpo", "gpg", "sft") has one signature,
+Every registered policy loss ("grpo", "gpg", "sft") is one entry of `POLICY_LOSSES`: its function
+and its own frozen config dataclass (its hyper-parameters), with one signature for all,
 
-    fn(logps, old_logps, ref_logps, advantages, mask, *, eps_low, eps_high, beta, aggregation,
-       max_completion_length, valid_fraction) -> LossParts(numerator, denominator, metric_sums)
+    fn(cfg, logps, old_logps, ref_logps, advantages, mask, valid_fraction) -> LossParts
 
-(each ignores the hyper-parameters it has no use for), so the update calls any of them alike. Over
-micro-batches m of one batch,
+(cfg: that loss's config, e.g. `GRPOLoss`; each ignores the arrays it has no use for), so the
+update (train/step.py) calls any of them alike. A run builds the config by field name: each field
+`f` of the dataclass is read from `config.rl.f` (`loss_config`; train/step.py `step_configs`), so
+`rl.eps_low`, `rl.beta`, `rl.aggregation`, `rl.max_completion_length` are GRPOLoss's fields. A field
+named `beta` is the KL weight: the update computes reference log-probs iff it is != 0 (`kl_weight`).
+
+Adding a loss with a new hyper-parameter touches three files:
+  1. rl/losses.py: a frozen dataclass (the new knob a field of it), the function, and
+     `@register_policy_loss("name", NameLoss)` on the function;
+  2. configs/default.py: `c.rl.<knob>` with its default and a comment (select it with rl.loss="name");
+  3. a test (tests/test_step_configs.py shows one: the knob read from the config changes the loss).
+
+Over micro-batches m of one batch,
 
     loss = sum_m numerator_m / sum_m denominator_m,   grad = sum_m grad(numerator_m) / sum_m den_m
 
@@ -32,7 +43,8 @@ fraction is their sum over masked tokens.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+import dataclasses
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -53,8 +65,53 @@ AGGREGATIONS: Registry[AggregationFn] = Registry("loss aggregation")
 register_aggregation = AGGREGATIONS.register
 
 PolicyLossFn = Callable[..., LossParts]
-POLICY_LOSSES: Registry[PolicyLossFn] = Registry("policy loss")
-register_policy_loss = POLICY_LOSSES.register
+
+
+class PolicyLoss(NamedTuple):
+    """One registry entry: `config`, the loss's frozen dataclass of hyper-parameters (hashable: it
+    is part of the update's static config), and `fn(cfg, logps, old_logps, ref_logps, advantages,
+    mask, valid_fraction) -> LossParts`."""
+
+    config: type
+    fn: PolicyLossFn
+
+
+POLICY_LOSSES: Registry[PolicyLoss] = Registry("policy loss")
+
+
+def register_policy_loss(name: str, config: type) -> Callable[[PolicyLossFn], PolicyLossFn]:
+    """`@register_policy_loss("grpo", GRPOLoss)` on a loss function: registers it with its config
+    class as one entry of POLICY_LOSSES (config.rl.loss names it) and returns the function."""
+    if not (dataclasses.is_dataclass(config) and config.__dataclass_params__.frozen):
+        raise TypeError(f"policy loss {name!r}: its config {config!r} must be a frozen dataclass")
+
+    def decorator(fn: PolicyLossFn) -> PolicyLossFn:
+        POLICY_LOSSES.register(name)(PolicyLoss(config, fn))
+        return fn
+
+    return decorator
+
+
+def loss_config(name: str, rl) -> Any:
+    """The config of policy loss `name`, each of its dataclass fields `f` read from `rl.f` (`rl`:
+    config.rl, an ml_collections.ConfigDict or any mapping). An unknown name or a field the config
+    lacks raises one line naming them."""
+    if name not in POLICY_LOSSES:
+        raise ValueError(f"config.rl.loss={name!r} is not a registered policy loss; "
+                         f"registered: {POLICY_LOSSES.names()}")
+    cls = POLICY_LOSSES.get(name).config
+    fields = [f.name for f in dataclasses.fields(cls)]
+    missing = [f for f in fields if f not in rl]
+    if missing:
+        raise ValueError(f"policy loss {name!r} ({cls.__name__}) reads " + ", ".join(f"config.rl.{f}" for f in missing)
+                         + ", which the config lacks: give it a default in configs/default.py")
+    return cls(**{f: rl[f] for f in fields})
+
+
+def kl_weight(cfg) -> float:
+    """beta of a loss config (0 for a loss without a `beta` field): the KL penalty's weight; the
+    update computes the reference policy's log-probs iff it is != 0."""
+    return float(getattr(cfg, "beta", 0.0))
 
 
 def _nonempty_rows(mask: jax.Array) -> jax.Array:
@@ -106,21 +163,37 @@ def _kl_term(logps, ref_logps, beta: float):
     return k3_kl(logps, ref_logps)
 
 
-@register_policy_loss("grpo")
-def grpo_loss_parts(
-    logps: jax.Array,
-    old_logps: jax.Array,
-    ref_logps: jax.Array | None,
-    advantages: jax.Array,
-    mask: jax.Array,
-    *,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    beta: float = 0.04,
-    aggregation: str = "token-mean",
-    max_completion_length: int | None = None,
-    valid_fraction: jax.Array | float = 1.0,
-) -> LossParts:
+@dataclasses.dataclass(frozen=True)
+class GRPOLoss:
+    """Hyper-parameters of "grpo" (each read from config.rl.<field>): the clip range
+    [1 - eps_low, 1 + eps_high], the KL weight beta, the aggregation (AGGREGATIONS) and drgrpo's
+    L = max_completion_length (None: the batch's width T)."""
+
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    beta: float = 0.04
+    aggregation: str = "token-mean"
+    max_completion_length: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class GPGLoss:
+    """Hyper-parameters of "gpg" (each read from config.rl.<field>): the KL weight beta, the
+    aggregation and drgrpo's L = max_completion_length (None: T)."""
+
+    beta: float = 0.0
+    aggregation: str = "token-mean"
+    max_completion_length: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTLoss:
+    """"sft" has no hyper-parameters: a token-mean negative log-likelihood, no reference policy."""
+
+
+@register_policy_loss("grpo", GRPOLoss)
+def grpo_loss_parts(cfg: GRPOLoss, logps: jax.Array, old_logps: jax.Array, ref_logps: jax.Array | None,
+                    advantages: jax.Array, mask: jax.Array, valid_fraction: jax.Array | float = 1.0) -> LossParts:
     """Clipped GRPO surrogate with a k3 KL penalty.
 
     ratio = exp(logp - old_logp)                                       [B, T]
@@ -129,44 +202,32 @@ def grpo_loss_parts(
 
     With num_iterations = 1 pass old_logps = stop_gradient(logps): ratio == 1, the clip is
     inactive and grad = aggregation of (-A + beta * (1 - exp(ref - logp))) * grad(logp).
-    `beta` is a Python float; ref_logps may be None when beta == 0. valid_fraction is unused (one
-    signature for every policy loss).
+    ref_logps may be None when cfg.beta == 0. valid_fraction is unused (one signature for every
+    policy loss).
     """
     del valid_fraction
     logps, old_logps, ref_logps, adv, mask = _prepare(logps, old_logps, ref_logps, advantages, mask)
-    kl = _kl_term(logps, ref_logps, beta)
+    kl = _kl_term(logps, ref_logps, cfg.beta)
     ratio = jnp.exp(logps - old_logps)
-    clipped = jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    clipped = jnp.clip(ratio, 1.0 - cfg.eps_low, 1.0 + cfg.eps_high)
     per_token = -jnp.minimum(ratio * adv, clipped * adv)
-    if beta != 0:
-        per_token = per_token + beta * kl
-    num, den = AGGREGATIONS.get(aggregation)(per_token, mask, max_completion_length=max_completion_length)
+    if cfg.beta != 0:
+        per_token = per_token + cfg.beta * kl
+    num, den = AGGREGATIONS.get(cfg.aggregation)(per_token, mask, max_completion_length=cfg.max_completion_length)
     ratio_sg, adv_b = jax.lax.stop_gradient(ratio), jnp.broadcast_to(adv, ratio.shape)
     sums = {
         "tokens": jnp.sum(mask),
         "kl": jnp.sum(jax.lax.stop_gradient(kl) * mask),
         "ratio": jnp.sum(ratio_sg * mask),
-        "clip_low": jnp.sum(((ratio_sg < 1.0 - eps_low) & (adv_b < 0)) * mask),
-        "clip_high": jnp.sum(((ratio_sg > 1.0 + eps_high) & (adv_b > 0)) * mask),
+        "clip_low": jnp.sum(((ratio_sg < 1.0 - cfg.eps_low) & (adv_b < 0)) * mask),
+        "clip_high": jnp.sum(((ratio_sg > 1.0 + cfg.eps_high) & (adv_b > 0)) * mask),
     }
     return LossParts(num, den, sums)
 
 
-@register_policy_loss("gpg")
-def gpg_loss_parts(
-    logps: jax.Array,
-    old_logps: jax.Array | None,
-    ref_logps: jax.Array | None,
-    advantages: jax.Array,
-    mask: jax.Array,
-    *,
-    valid_fraction: jax.Array | float,
-    beta: float = 0.0,
-    aggregation: str = "token-mean",
-    max_completion_length: int | None = None,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-) -> LossParts:
+@register_policy_loss("gpg", GPGLoss)
+def gpg_loss_parts(cfg: GPGLoss, logps: jax.Array, old_logps: jax.Array | None, ref_logps: jax.Array | None,
+                   advantages: jax.Array, mask: jax.Array, valid_fraction: jax.Array | float) -> LossParts:
     """GPG baseline: plain policy gradient rescaled by the fraction of informative groups.
 
     l     = -logp * A + beta * k3(logp, ref)                           [B, T]
@@ -175,18 +236,16 @@ def gpg_loss_parts(
 
     valid_fraction is the fraction of groups of the *whole batch* whose rewards are not all equal
     (`advantages.valid_group_fraction(rewards, G)`); compute it once per batch and pass the same
-    value to every micro-batch so accumulation stays exact. old_logps only feeds the ratio metric;
-    eps_low / eps_high are unused (one signature for every policy loss).
+    value to every micro-batch so accumulation stays exact. old_logps only feeds the ratio metric.
     """
-    del eps_low, eps_high
     logps, old_logps, ref_logps, adv, mask = _prepare(logps, old_logps, ref_logps, advantages, mask)
-    kl = _kl_term(logps, ref_logps, beta)
+    kl = _kl_term(logps, ref_logps, cfg.beta)
     per_token = -logps * adv
-    if beta != 0:
-        per_token = per_token + beta * kl
+    if cfg.beta != 0:
+        per_token = per_token + cfg.beta * kl
     frac = jnp.asarray(valid_fraction, jnp.float32)
     alpha = jnp.where(frac > 0, 1.0 / jnp.where(frac > 0, frac, 1.0), 1.0)
-    num, den = AGGREGATIONS.get(aggregation)(per_token, mask, max_completion_length=max_completion_length)
+    num, den = AGGREGATIONS.get(cfg.aggregation)(per_token, mask, max_completion_length=cfg.max_completion_length)
     ratio = jnp.ones_like(logps) if old_logps is None else jnp.exp(jax.lax.stop_gradient(logps) - old_logps)
     zero = jnp.zeros((), jnp.float32)
     sums = {
@@ -199,23 +258,22 @@ def gpg_loss_parts(
     return LossParts(alpha * num, den, sums)
 
 
-@register_policy_loss("sft")
-def sft_loss_parts(logps: jax.Array, old_logps: jax.Array | None, ref_logps: jax.Array | None,
-                   advantages: jax.Array, mask: jax.Array, *, beta: float = 0.0, aggregation: str = "token-mean",
-                   **unused) -> LossParts:
+@register_policy_loss("sft", SFTLoss)
+def sft_loss_parts(cfg: SFTLoss, logps: jax.Array, old_logps: jax.Array | None, ref_logps: jax.Array | None,
+                   advantages: jax.Array, mask: jax.Array, valid_fraction: jax.Array | float = 1.0) -> LossParts:
     """Supervised warm-up: negative log-likelihood of the target tokens.
 
     l    = -logp                                                       [B, T]
-    loss = aggregation(l, mask)          (token-mean: sum_bt -logp*m / sum_bt m)
+    loss = sum_bt -logp*m / sum_bt m                                   (token-mean)
 
-    Advantages, old and reference log-probs are unused (the same signature as every policy loss);
-    beta must be 0 (no reference policy in the warm-up).
+    Advantages, old log-probs and valid_fraction are unused (the same signature as every policy
+    loss); ref_logps must be None (no reference policy in the warm-up).
     """
-    del old_logps, advantages, unused  # valid_fraction, max_completion_length, eps_low, eps_high
-    if beta != 0 or ref_logps is not None:
-        raise ValueError("the sft objective has no reference policy: use beta=0")
+    del cfg, old_logps, advantages, valid_fraction
+    if ref_logps is not None:
+        raise ValueError("the sft objective has no reference policy: pass ref_logps=None")
     logps, _, _, _, mask = _prepare(logps, None, None, jnp.zeros(mask.shape[:1]), mask)
-    num, den = AGGREGATIONS.get(aggregation)(-logps, mask)
+    num, den = token_mean(-logps, mask)
     zero = jnp.zeros((), jnp.float32)
     sums = {"tokens": jnp.sum(mask), "kl": zero, "ratio": jnp.sum(mask), "clip_low": zero, "clip_high": zero}
     return LossParts(num, den, sums)
@@ -240,13 +298,13 @@ def finalize_metrics(metric_sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
     return out
 
 
-def grpo_loss(logps, old_logps, ref_logps, advantages, mask, **hparams) -> tuple[jax.Array, dict[str, jax.Array]]:
+def grpo_loss(cfg: GRPOLoss, *arrays) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(loss, metrics) of `grpo_loss_parts` (same arguments) for a whole batch."""
-    parts = grpo_loss_parts(logps, old_logps, ref_logps, advantages, mask, **hparams)
+    parts = grpo_loss_parts(cfg, *arrays)
     return loss_value(parts), finalize_metrics(parts.metric_sums)
 
 
-def gpg_loss(logps, old_logps, ref_logps, advantages, mask, **hparams) -> tuple[jax.Array, dict[str, jax.Array]]:
+def gpg_loss(cfg: GPGLoss, *arrays) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(loss, metrics) of `gpg_loss_parts` (same arguments) for a whole batch."""
-    parts = gpg_loss_parts(logps, old_logps, ref_logps, advantages, mask, **hparams)
+    parts = gpg_loss_parts(cfg, *arrays)
     return loss_value(parts), finalize_metrics(parts.metric_sums)

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 from typing import Callable, Generic, Iterator, TypeVar
 
-F = TypeVar("F", bound=Callable)
+F = TypeVar("F")
 
 
 class Registry(Generic[F]):
-    """A mapping name -> callable filled by the `register(name)` decorator.
+    """A mapping name -> entry (a callable, or e.g. a policy loss's (config, function) pair) filled
+    by the `register(name)` decorator.
 
-    Registering a second, different callable under a taken name is an error (it would silently
-    change what a config means); re-registering the same function object is allowed.
+    Registering a second, different entry under a taken name is an error (it would silently
+    change what a config means); re-registering the same function object (an equal entry) is allowed.
     """
 
     def __init__(self, kind: str):
@@ -25,7 +26,7 @@ class Registry(Generic[F]):
     def register(self, name: str) -> Callable[[F], F]:
         def decorator(fn: F) -> F:
             existing = self._entries.get(name)
-            if existing is not None and existing is not fn:
+            if existing is not None and existing != fn:
                 raise ValueError(f"{self.kind} {name!r} is already registered ({existing!r})")
             self._entries[name] = fn
             return fn
@@ -37,6 +38,10 @@ class Registry(Generic[F]):
             return self._entries[name]
         except KeyError:
             raise KeyError(f"unknown {self.kind} {name!r}; registered: {sorted(self._entries)}") from None
+
+    def unregister(self, name: str) -> None:
+        """Removes `name` (tests that register an entry of their own leave the registry as they found it)."""
+        del self._entries[name]
 
     def names(self) -> list[str]:
         return sorted(self._entries)

@@ -160,15 +160,15 @@ def build_run(config, workdir: str) -> Run:
     evaluator = Evaluator(graphdef, collator, image_processor, tokenizer, sampling, rollout.mesh, rollout.rules,
                           EvalSettings(batch_size=c.train.batch_size * g, accuracy=accuracy_key))
     schedules, tx = phase_schedules(c), phase_optimizers(c)
+    configs = step_configs(c, num_categories=max(1, len(data.categories)), precision=precision)
     # A LoRA run holds no reference copy: its reference is the base model (adapters off).
-    kl_reference = c.rl.beta != 0 and not adapters.enabled
+    kl_reference = configs["grpo"].needs_reference and not adapters.enabled
     initial_state = programs.init_state(tx[first], precision, params, frozen, reference=kl_reference and first == "grpo")
     # The length-aware GRPO update (train.length_buckets K > 0): micro-batches of groups sorted by
     # length, each trimmed to one of K bucket lengths (train/micro_batches.py); 0: padded to T.
     k = c.train.length_buckets
     length_buckets = bucket_lengths(c.rl.max_completion_length, k) if k > 0 else None
 
-    configs = step_configs(c, num_categories=max(1, len(data.categories)), precision=precision)
     _check_batch_sizes(c, shard.count)
     calls = rollout_calls(c.train.batch_size, c.rl.rollout_batch_size, shard.count)
     pipe = dict(image_processor=image_processor, shard_index=shard.index, shard_count=shard.count,

@@ -161,9 +161,10 @@ class LengthAwareUpdate:
 
     @classmethod
     def build(cls, programs: "Programs", tx, cfg: StepConfig, state: TrainState, lengths) -> "LengthAwareUpdate":
-        if cfg.aggregation == "drgrpo" and cfg.max_completion_length is None:
+        loss = cfg.loss  # (a loss config with an aggregation: GRPOLoss, GPGLoss)
+        if getattr(loss, "aggregation", None) == "drgrpo" and getattr(loss, "max_completion_length", 0) is None:
             raise ValueError("the length-aware update trims completions: drgrpo's denominator needs "
-                             "StepConfig.max_completion_length (the padded T), not the trimmed width")
+                             f"{type(loss).__name__}.max_completion_length (the padded T), not the trimmed width")
         g, rules = programs.graphdef, (programs.mesh, programs.rules)
         state_sh, rep = _shardings(state), programs.replicated
         acc_sh = step_lib.Accumulator(grads=state_sh.params, parts=jax.tree.map(
@@ -181,7 +182,7 @@ class LengthAwareUpdate:
             lengths=tuple(sorted(lengths)),
             statistics=jit(statistics, out_shardings=(None, None, rep, rep)),
             zeros=jax.jit(lambda params: step_lib.zero_accumulator(cfg.precision, params), out_shardings=acc_sh),
-            reference=jit(reference, in_shardings=(state_sh, None)) if cfg.beta != 0 else None,
+            reference=jit(reference, in_shardings=(state_sh, None)) if cfg.needs_reference else None,
             accumulate=jit(accumulate, in_shardings=(state_sh, acc_sh, None, None, None, None, rep),
                            out_shardings=acc_sh, donate_argnums=1),
             # (the accumulator is not donated to apply: every output aliases a state buffer already)

@@ -40,17 +40,15 @@ from anatomy_r1_jax.runtime.precision import Precision
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-    """Static settings of the update (hashable)."""
+    """Static settings of the update (hashable). `loss` is the objective's own config (rl/losses.py,
+    e.g. GRPOLoss(eps_low, eps_high, beta, aggregation, max_completion_length)); None: its defaults.
+    A run builds its StepConfigs from the run config with `step_configs`."""
 
-    objective: str = "grpo"  # a registered policy loss (rl/losses.py: "grpo", "gpg", "sft")
+    objective: str = "grpo"  # a registered policy loss (rl/losses.py POLICY_LOSSES: "grpo", "gpg", "sft")
+    loss: Any = None
     group_size: int = 8
     advantage: str = "grpo"
     temperature: float = 0.9
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    beta: float = 0.04
-    aggregation: str = "token-mean"
-    max_completion_length: int | None = None
     logp_chunk: int = 128
     num_categories: int = 1
     precision: Precision = Precision()
@@ -58,6 +56,39 @@ class StepConfig:
     # DAPO-style dynamic sampling "drop": groups with all-equal rewards get zero weight (their tokens
     # leave the loss, its KL term and its denominator, so the loss is normalised by the valid groups).
     drop_invalid_groups: bool = False
+
+    def __post_init__(self):
+        config = losses.POLICY_LOSSES.get(self.objective).config
+        if self.loss is None:
+            object.__setattr__(self, "loss", config())
+        elif not isinstance(self.loss, config):
+            raise TypeError(f"StepConfig(objective={self.objective!r}) takes loss={config.__name__}(...), "
+                            f"not {type(self.loss).__name__}")
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the loss has a KL term (its config's beta != 0): the reference policy's log-probs."""
+        return losses.kl_weight(self.loss) != 0
+
+
+def step_configs(config, *, num_categories: int = 1, precision: Precision | None = None) -> dict[str, StepConfig]:
+    """A run's updates from its config: {"grpo": the RL update, "sft": the supervised warm-up}.
+
+    Both: temperature rl.temperature (the warm-up's 1.0), logp_chunk train.logp_chunk,
+    max(1, num_categories) reward categories, `precision` (None: Precision.from_config).
+    grpo: objective rl.loss with its config read from config.rl by field name (rl/losses.py
+    loss_config), group_size rl.group_size, advantage rl.advantage, old log-probs from the batch
+    when rl.num_iterations > 1, all-equal groups dropped when rl.dynamic_sampling == "drop".
+    sft: objective "sft", no advantage, groups of 1."""
+    c = config
+    common = dict(temperature=c.rl.temperature, logp_chunk=c.train.logp_chunk, num_categories=max(1, num_categories),
+                  precision=Precision.from_config(c) if precision is None else precision)
+    grpo = StepConfig(objective=c.rl.loss, loss=losses.loss_config(c.rl.loss, c.rl), group_size=c.rl.group_size,
+                      advantage=c.rl.advantage, old_logps="batch" if c.rl.num_iterations > 1 else "current",
+                      drop_invalid_groups=c.rl.dynamic_sampling == "drop", **common)
+    sft = StepConfig(objective="sft", loss=losses.loss_config("sft", c.rl), advantage="none", group_size=1,
+                     **{**common, "temperature": 1.0})
+    return {"grpo": grpo, "sft": sft}
 
 
 @flax.struct.dataclass
@@ -98,10 +129,9 @@ def _keep_update_dtype(inner: optax.GradientTransformation) -> optax.GradientTra
 
 
 def _loss_parts(cfg: StepConfig, logps, old_logps, ref_logps, advantages, mask, valid_fraction):
-    """The configured objective (rl/losses.py POLICY_LOSSES: one signature for all)."""
-    return losses.POLICY_LOSSES.get(cfg.objective)(
-        logps, old_logps, ref_logps, advantages, mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta,
-        aggregation=cfg.aggregation, max_completion_length=cfg.max_completion_length, valid_fraction=valid_fraction)
+    """The configured objective with its own config (rl/losses.py POLICY_LOSSES: one signature for all)."""
+    return losses.POLICY_LOSSES.get(cfg.objective).fn(cfg.loss, logps, old_logps, ref_logps, advantages, mask,
+                                                      valid_fraction)
 
 
 def reference_model(graphdef: nnx.GraphDef, state: TrainState) -> nnx.Module:
@@ -176,7 +206,7 @@ def accumulate_micro_batch(graphdef: nnx.GraphDef, cfg: StepConfig, state: Train
                            valid_fraction: jax.Array) -> Accumulator:
     """acc + one micro-batch's terms. mb arrays are [n, ...] with completions [n, T_m] for any T_m
     (the length-aware update trims each micro-batch; padding beyond a row's end is masked, so T_m
-    changes nothing but the work); advantages, keep [n]; ref_logps [n, T_m] or None (beta == 0).
+    changes nothing but the work); advantages, keep [n]; ref_logps [n, T_m] or None (not cfg.needs_reference).
 
         grads  += grad_params num_m(params)       (in the policy's grads dtype)
         parts  += (num_m, den_m, metric sums_m)   (rl/losses.py)
@@ -237,7 +267,8 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: St
     # and in a pass of their own: the reference's weights (and any backend copies of them, e.g.
     # XLA:CPU's float32 upcasts of bf16 weights) are then dead before the gradient pass's policy
     # weights, gradient accumulator and saved activations exist, instead of live beside them.
-    ref_logps = jax.lax.map(lambda mb: reference_logps(graphdef, cfg, state, mb), batch) if cfg.beta != 0 else None
+    ref_logps = (jax.lax.map(lambda mb: reference_logps(graphdef, cfg, state, mb), batch) if cfg.needs_reference
+                 else None)
 
     def micro(acc, xs):
         mb, adv_m, keep_m, ref = xs
@@ -280,17 +311,3 @@ def policy_logps(graphdef: nnx.GraphDef, state: TrainState, batch: TrainBatch, t
     logps = _batch_logps(lambda: nnx.merge(graphdef, state.params, state.frozen), batch, temperature, chunk,
                          group_size)
     return logps * batch.completions.mask
-
-
-def step_configs(config, *, num_categories: int, precision: Precision) -> dict[str, StepConfig]:
-    """The run's update settings per phase, {"sft", "grpo"}, from its config (the only place they are made)."""
-    c = config
-    common = dict(temperature=c.rl.temperature, logp_chunk=c.train.logp_chunk, num_categories=num_categories,
-                  precision=precision)
-    grpo = StepConfig(objective=c.rl.loss, group_size=c.rl.group_size, advantage=c.rl.advantage,
-                      eps_low=c.rl.eps_low, eps_high=c.rl.eps_high, beta=c.rl.beta, aggregation=c.rl.aggregation,
-                      max_completion_length=c.rl.max_completion_length,
-                      old_logps="batch" if c.rl.num_iterations > 1 else "current",
-                      drop_invalid_groups=c.rl.dynamic_sampling == "drop", **common)
-    sft = StepConfig(objective="sft", advantage="none", group_size=1, beta=0.0, **{**common, "temperature": 1.0})
-    return {"grpo": grpo, "sft": sft}
