@@ -39,6 +39,7 @@ from anatomy_r1_jax.train.state import RunState
 
 log = logging.getLogger(__name__)
 
+
 def _stack(items):
     return jax.tree.map(lambda *xs: np.stack(xs), *items)
 
