@@ -14,6 +14,7 @@ import pytest
 import transformers
 from PIL import Image
 
+from conftest import subprocess_env
 from anatomy_r1_jax.data import prompts
 from anatomy_r1_jax.data.collate import prompt_ids, prompt_text
 from anatomy_r1_jax.data.readers import DataError, read_records, write_records
@@ -170,7 +171,7 @@ def _bad_train_file(tmp_path) -> str:
 def test_train_py_stops_before_the_first_step_naming_every_bad_record(tmp_path):
     train = _bad_train_file(tmp_path)
     workdir = tmp_path / "run"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    env = subprocess_env(devices=1)
     out = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), f"--workdir={workdir}",
                           f"--config.data.train={train}", "--config.data.eval=", "--config.sft.steps=0"],
                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 import torch
 from flax import nnx
 
+from conftest import subprocess_env
 from anatomy_r1_jax.data import chat_messages, read_records
 from anatomy_r1_jax.data.collate import IMAGE_PAD, BatchShape, Collator, preprocess_images
 from anatomy_r1_jax.data.synthetic import make_synthetic_dataset
@@ -218,7 +218,7 @@ def test_scripts_without_config_evaluate_and_export_the_run(tmp_path, monkeypatc
         export_checkpoint(wrong, str(run), str(tmp_path / "wrong"))
     assert not (tmp_path / "wrong").exists()
 
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    env = subprocess_env(devices=1)
     evaluate = [f"--checkpoints={run}", "--datasets=synthetic:val", f"--out={tmp_path / 'eval'}", "--limit=2",
                 "--batch_size=2", "--config.rl.max_completion_length=4"]
     for script, args in (("export_hf.py", [f"--checkpoint={run}", f"--out={tmp_path / 'hf'}"]),

@@ -4,7 +4,7 @@ that vanishes, a NaN), nothing finished is lost and a resume ends where the unin
 Faults are injected at exact points through the test-only ANATOMY_R1_FAULT variable
 (anatomy_r1_jax/anatomy_r1_jax/faults.py); signals are real signals the process sends itself there. To keep
 the suite short one run is stopped again and again, each time at the next point, and resumed, and
-the runs that are compared start together."""
+compared with the session's uninterrupted run of the same config (test_train_e2e.uninterrupted_run)."""
 
 import json
 import os
@@ -17,7 +17,8 @@ import jax
 import numpy as np
 import pytest
 
-from test_train_e2e import CACHE, ROOT, TIMING, TINY
+from conftest import subprocess_env
+from test_train_e2e import CACHE, ROOT, TIMING, TINY, seed_tokenizer, uninterrupted_run
 
 from anatomy_r1_jax.train import preemption
 
@@ -26,8 +27,8 @@ CHAIN = ["--config.train.checkpoint_every=100"]
 
 
 def _start(workdir, *extra, fault=""):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu",
-           "ANATOMY_R1_FAULT": fault}
+    env = subprocess_env(devices=1, ANATOMY_R1_FAULT=fault)
+    seed_tokenizer(workdir)
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--workdir={workdir}", *TINY,
            f"--config.compilation_cache={CACHE}", *extra]
     return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -75,15 +76,15 @@ def _truncate_largest_array_file(step_dir: str) -> None:
         f.truncate(os.path.getsize(largest) // 2)
 
 
+@pytest.mark.slow
 def test_a_run_killed_and_stopped_in_every_phase_resumes_to_the_uninterrupted_run(tmp_path):
     """Steps 1-2 warm-up, 3-6 GRPO, evaluations at 2, 4, 6. One run, started seven times:
     kill -9 at start-up; SIGTERM in the warm-up, a second SIGTERM while its checkpoint is written;
     kill -9 at the switch to GRPO; SIGTERM at the switch; SIGTERM in an evaluation, then kill -9 in
     the middle of that stop's save; the latest checkpoint truncated and kill -9 in an evaluation;
-    the last start runs to the end. Its metrics and final checkpoint equal the uninterrupted run's,
-    which trains alongside."""
-    reference = str(tmp_path / "uninterrupted")
-    uninterrupted = _start(reference, *CHAIN)
+    the last start runs to the end. Its metrics and final checkpoint equal the uninterrupted run's
+    (the session's run of the same config, which saves a checkpoint every step: checkpoints alone
+    change nothing either)."""
     workdir = str(tmp_path / "stopped")
     checkpoints = os.path.join(workdir, "checkpoints")
 
@@ -114,7 +115,7 @@ def test_a_run_killed_and_stopped_in_every_phase_resumes_to_the_uninterrupted_ru
     assert _steps(workdir) == ["1"] and os.listdir(f"{checkpoints}.unreadable") == ["3"]
 
     _run(workdir, *CHAIN)
-    _finish(uninterrupted, 0)
+    reference, _ = uninterrupted_run()  # (made meanwhile by the other xdist worker, or now)
     assert _metrics(workdir) == _metrics(reference)
     assert [r["step"] for r in _metrics(workdir)] == list(range(1, 7))
     final, expected = _arrays(workdir, 6), _arrays(reference, 6)

@@ -149,6 +149,7 @@ def _assert_same(a, b, rtol=1e-5, atol=1e-6):
                  state_a.params, state_b.params)
 
 
+@pytest.mark.slow  # the 8-device programs: the longest compile of the file
 def test_length_aware_update_equals_the_padded_update_sharded_without_host_round_trips():
     """GRPO with the KL reference: two steps (lengths planned to buckets 8 | 32, then 8 | 24) on a
     data x fsdp x tensor mesh equal the padded update on one device; the loop of micro-batches

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import subprocess_env
 from anatomy_r1_jax.data.collate import BatchShape, Collator, ImageFeatures
 from anatomy_r1_jax.data.records import Record
 from anatomy_r1_jax.rl.rollout import image_embeddings
@@ -95,8 +96,7 @@ COMPARED = ("sft/loss", "grad_norm", "loss", "kl", "clip_fraction", "entropy", "
 
 
 def _launch(workdir, config, devices: int, process_id: int | None = None, port: int = 0, fault: str = ""):
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
-           "ANATOMY_R1_FAULT": fault}  # anatomy_r1_jax/faults.py
+    env = subprocess_env(devices=devices, ANATOMY_R1_FAULT=fault)  # anatomy_r1_jax/faults.py
     if process_id is not None:
         env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(process_id))
     log = open(f"{workdir}.{process_id}.log", "w")
@@ -120,6 +120,7 @@ def _final_state(workdir):
                                                                 tree))
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
     """train.py with two processes of 4 CPU devices (one mesh data 2 x tensor 4, each host reading
     its own queries) gives the metrics and final weights of the one-process 8-device run, also when

@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import subprocess_env
 from anatomy_r1_jax.runtime import builders
 from hf_tiny import HF_CLASSES, hf_image_logits, widen_
 
@@ -66,8 +67,7 @@ def _records_and_frames(root: Path, n: int = 16) -> tuple[Path, Path]:
 
 
 def _run(script: str, *args: str, cache: Path, expect_ok: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu",
-           "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    env = subprocess_env(devices=1, JAX_COMPILATION_CACHE_DIR=str(cache))
     out = subprocess.run([sys.executable, str(ROOT / script), *args], env=env, cwd=ROOT, capture_output=True,
                          text=True, timeout=900)
     if expect_ok:
@@ -93,6 +93,7 @@ def user(tmp_path_factory):
                 cache=root / "jax_cache")
 
 
+@pytest.mark.slow
 def test_train_resume_evaluate_export_on_the_real_path(user):
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
 

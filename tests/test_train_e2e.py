@@ -1,13 +1,20 @@
-"""train.py end to end on a minute-sized config, and kill -9 / resume equality."""
+"""train.py end to end on a minute-sized config, and kill -9 / resume equality.
+
+The uninterrupted run of the tiny config (`uninterrupted`) is made once per session and read by the
+tests that compare with it (here and test_faults.py); every run uses the session's compilation
+cache and starts from the session's tiny tokenizer (a fresh workdir would train the same BPE again)."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
+import pytest
+
+from conftest import RUN_CACHE, shared_run, subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.sft.steps=2", "--config.train.steps=4", "--config.train.batch_size=2", "--config.rl.group_size=2",
@@ -16,18 +23,39 @@ TINY = ["--config.sft.steps=2", "--config.train.steps=4", "--config.train.batch_
         "--config.model.tiny.hidden_size=32", "--config.model.tiny.intermediate_size=64",
         "--config.model.tiny.num_hidden_layers=1", "--config.gdqa.trigger=off"]
 LORA = ["--config.model.lora.rank=16", "--config.train.keep_checkpoints=6"]
-# One compilation cache for this module's runs (per pytest worker): a restart loads its programs.
-CACHE = tempfile.mkdtemp(prefix="xla_cache_")
+# One compilation cache for the session's runs: a restart (and every later run) loads its programs.
+CACHE = RUN_CACHE
 TIMING = ("step_seconds", "tokens_per_second", "time")
 
 
-def _train(workdir, *extra, wait=True, check=True):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+def tiny_tokenizer() -> str:
+    """The tiny BPE tokenizer a run makes in workdir/tokenizer (configs/default.py's vocab size), made
+    once per session."""
+    def make(folder):
+        from anatomy_r1_jax.data.tokenizer import build_tiny_tokenizer
+        from configs.default import get_config
+
+        build_tiny_tokenizer(folder, vocab_size=get_config().tokenizer.vocab_size)
+
+    return shared_run("tiny_tokenizer", make)
+
+
+def seed_tokenizer(workdir) -> None:
+    """A new workdir starts with the session's tiny tokenizer (train.py reuses workdir/tokenizer, as
+    on a restart) instead of training it again."""
+    if not os.path.exists(os.path.join(workdir, "tokenizer")):
+        shutil.copytree(tiny_tokenizer(), os.path.join(workdir, "tokenizer"), ignore=shutil.ignore_patterns(".made"))
+
+
+def _train(workdir, *extra, wait=True, check=True, cache=CACHE, tokenizer=True):
+    env = subprocess_env(devices=1)
+    if tokenizer:
+        seed_tokenizer(workdir)
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--workdir={workdir}", *TINY,
-           f"--config.compilation_cache={CACHE}", *extra]
+           f"--config.compilation_cache={cache}", *extra]
     if not wait:
         return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0 or not check, out.stderr[-4000:]
     return out
 
@@ -37,12 +65,28 @@ def _metrics(workdir):
         return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in f]
 
 
-def test_train_writes_metrics_plots_checkpoints_and_resumes_after_sigkill(tmp_path):
-    """One uninterrupted run (metrics, plots, checkpoints), then the same run killed with SIGKILL
-    after its 3rd checkpoint and restarted: the metrics equal the uninterrupted run's. (One test, so
-    that pytest-xdist workers do not each make the uninterrupted run.)"""
-    uninterrupted = str(tmp_path / "full")
-    full = _train(uninterrupted)
+def uninterrupted_run() -> tuple[str, str]:
+    """The tiny config's uninterrupted run (made once per session from a bare workdir: it trains its
+    own tokenizer) and its stderr. Read it, never write into it."""
+    def make(folder):
+        out = _train(os.path.join(folder, "run"), tokenizer=False)
+        with open(os.path.join(folder, "stderr.txt"), "w") as f:
+            f.write(out.stderr)
+
+    folder = shared_run("tiny_uninterrupted", make)
+    with open(os.path.join(folder, "stderr.txt")) as f:
+        return os.path.join(folder, "run"), f.read()
+
+
+@pytest.fixture
+def uninterrupted() -> tuple[str, str]:
+    return uninterrupted_run()
+
+
+def test_train_writes_metrics_plots_and_checkpoints(uninterrupted):
+    """The uninterrupted run: metrics of every step, plots, checkpoints, evaluations paired with the
+    warm-up's last, the final held-out line, compiled programs kept for a restart."""
+    uninterrupted, stderr = uninterrupted
     rows = _metrics(uninterrupted)
     assert [r["step"] for r in rows] == list(range(1, 7))
     with open(os.path.join(uninterrupted, "metrics.jsonl")) as f:
@@ -63,14 +107,28 @@ def test_train_writes_metrics_plots_checkpoints_and_resumes_after_sigkill(tmp_pa
         assert abs(r["eval/gain"] - (r["eval/accuracy"] - evals[0]["eval/accuracy"])) < 1e-9
     end = evals[-1]
     assert (f"held-out accuracy {evals[0]['eval/accuracy']:.3f} -> {end['eval/accuracy']:.3f} (4 questions): gain "
-            f"{end['eval/gain']:+.3f} +- {end['eval/gain_ci95']:.3f} (95% CI, paired)") in full.stderr
+            f"{end['eval/gain']:+.3f} +- {end['eval/gain_ci95']:.3f} (95% CI, paired)") in stderr
     assert os.path.exists(os.path.join(uninterrupted, "curves.png"))
     assert os.listdir(os.path.join(uninterrupted, "tensorboard"))
     assert "6" in os.listdir(os.path.join(uninterrupted, "checkpoints"))
     assert [n for n in os.listdir(CACHE) if n.endswith("-cache")]  # compiled programs kept for a restart
-    _kill_and_resume(tmp_path, uninterrupted, truncate_cache=True)
 
 
+@pytest.mark.slow
+def test_train_writes_metrics_plots_checkpoints_and_resumes_after_sigkill(tmp_path, uninterrupted):
+    """The uninterrupted run (its metrics, plots and checkpoints: test_train_writes_metrics_plots_and_checkpoints),
+    then the same run killed with SIGKILL after its 3rd checkpoint and restarted: the metrics equal the
+    uninterrupted run's. (The uninterrupted run is made once per session for every test that compares
+    with it.) The killed run has a compilation cache of its own, a copy of the session's that holds
+    the uninterrupted run's programs, whose entries it cuts in half before the restart."""
+    uninterrupted, _ = uninterrupted
+    cache = str(tmp_path / "xla_cache")
+    shutil.copytree(CACHE, cache, ignore=shutil.ignore_patterns("*.lock", ".lockfile"))
+    assert [n for n in os.listdir(cache) if n.endswith("-cache")]  # compiled programs kept for a restart
+    _kill_and_resume(tmp_path, uninterrupted, f"--config.compilation_cache={cache}", truncate_cache=cache)
+
+
+@pytest.mark.slow
 def test_lora_run_resumes_after_sigkill(tmp_path):
     """The same with LoRA adapters (rank 16) and an adapter warm-up: checkpoints of the warm-up hold
     the adapters alone and name the base model; after the warm-up is folded into the base weights
@@ -86,6 +144,7 @@ def test_lora_run_resumes_after_sigkill(tmp_path):
     _kill_and_resume(tmp_path, uninterrupted, *LORA, "--config.model.lora.warmup=adapters", after=(2,))
 
 
+@pytest.mark.slow
 def test_lora_run_with_a_full_warm_up_resumes_after_sigkill_in_either_phase(tmp_path):
     """LoRA (rank 16) with the default full warm-up: warm-up checkpoints hold the whole model; GRPO
     checkpoints hold the adapters and name the warm-up's last checkpoint (step 2) as their base, which
@@ -108,10 +167,10 @@ def test_lora_run_with_a_full_warm_up_resumes_after_sigkill_in_either_phase(tmp_
     _kill_and_resume(tmp_path, uninterrupted, *lora, after=(1, 4))
 
 
-def _kill_and_resume(tmp_path, uninterrupted: str, *extra, after: tuple[int, ...] = (3,), truncate_cache=False):
+def _kill_and_resume(tmp_path, uninterrupted: str, *extra, after: tuple[int, ...] = (3,), truncate_cache: str = ""):
     """The run of `uninterrupted`, killed with SIGKILL once its checkpoint after[0] is complete and
-    restarted, (killed again once after[1] is, ...), ends with the same metrics. truncate_cache: every
-    compilation-cache entry is cut in half before the final restart (as a kill during a cache write
+    restarted, (killed again once after[1] is, ...), ends with the same metrics. truncate_cache: the
+    run's compilation-cache folder, whose every program is cut in half before the final restart (as a kill during a cache write
     leaves one), which must only cost a recompilation."""
     # The later steps of this tiny model take about a second, so under load the run may finish before
     # the kill lands: then start over in a fresh workdir.
@@ -132,9 +191,9 @@ def _kill_and_resume(tmp_path, uninterrupted: str, *extra, after: tuple[int, ...
             break
     else:
         raise AssertionError("the run finished before it could be killed, three times")
-    if truncate_cache:
-        for name in os.listdir(CACHE):
-            with open(os.path.join(CACHE, name), "r+b") as f:
+    if truncate_cache:  # the folder of the cache the run uses (given in `extra`)
+        for name in os.listdir(truncate_cache):
+            with open(os.path.join(truncate_cache, name), "r+b") as f:
                 f.truncate(os.path.getsize(f.name) // 2)
     _train(workdir, *extra)
     assert _metrics(workdir) == _metrics(uninterrupted)
@@ -212,7 +271,7 @@ def test_held_out_accuracy_equals_evaluate_py(tmp_path):
     assert 0.0 < start["eval/accuracy"] < 1.0  # a non-trivial answer set to compare
     assert start["eval/accuracy_lo"] < start["eval/accuracy"] < start["eval/accuracy_hi"]
 
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    env = subprocess_env(devices=1)
     out_dir = str(tmp_path / "eval")
     cmd = [sys.executable, os.path.join(ROOT, "scripts", "evaluate.py"), f"--checkpoints={workdir}",
            "--datasets=synthetic:val", f"--out={out_dir}", f"--config.compilation_cache={CACHE}"]
