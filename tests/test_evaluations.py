@@ -28,6 +28,7 @@ def _config(workdir, extra_records):
     return c
 
 
+@pytest.mark.slow  # two in-process runs (build, compile, evaluate twice)
 def test_a_second_evaluation_runs_on_its_own_records_and_cadence_and_keeps_its_start_across_a_restart(tmp_path):
     """evals.train_sample (6 training records, every GRPO step) beside evals.heldout (data.eval, every
     2 GRPO steps): each logs its own metrics at its own steps, each paired against its own start (the
