@@ -108,18 +108,23 @@ class StepCollector:
         if scored is None:
             total, accuracy, per = self.score(texts, records)
         else:  # the other rows are discarded: zeros of the same dtypes
-            rows = np.repeat(scored, g)
-            t, a, p = self.score([t for t, keep in zip(texts, rows) if keep], [r for r, keep in zip(records, rows) if keep])
-            total, accuracy = self._spread(t, rows), self._spread(a, rows)
-            per = {k: self._spread(v, rows) for k, v in p.items()}
+            total, accuracy, per = self._score_rows(texts, records, np.repeat(scored, g))
         return MicroRollout(groups, completions, texts, total, accuracy, per, prompt=(batch, s))
 
-    @staticmethod
-    def _spread(values, rows: np.ndarray) -> np.ndarray:
-        """values [rows.sum()] at the True places of rows [N], zeros elsewhere (values' dtype)."""
-        out = np.zeros(len(rows), np.asarray(values).dtype)
-        out[rows] = values
-        return out
+    def _score_rows(self, texts, records, rows: np.ndarray, base: MicroRollout | None = None):
+        """(total, accuracy, per-reward) [N] with the rows where rows [N] is True scored against their
+        records and the others `base`'s values (None: zeros of the same dtypes)."""
+        total, accuracy, per = self.score([t for t, keep in zip(texts, rows) if keep],
+                                          [r for r, keep in zip(records, rows) if keep])
+
+        def place(values, old):
+            out = np.zeros(len(rows), np.asarray(values).dtype) if old is None else np.array(old)
+            out[rows] = values
+            return out
+
+        old = base or MicroRollout([], None, [], None, None, {})
+        return (place(total, old.rewards), place(accuracy, old.accuracy),
+                {k: place(v, old.per_reward.get(k)) for k, v in per.items()})
 
     # ---- the step ---------------------------------------------------------------------------------
     def collect(self, queries, unreadable: np.ndarray, rollout: Rollout, gdqa: GDQAState, key: jax.Array,
@@ -205,16 +210,9 @@ class StepCollector:
 
     def _rescored(self, mr: MicroRollout, groups: np.ndarray) -> MicroRollout:
         """`mr` with the rewards of the rows of `groups` [P] scored again against their records."""
-        rows = np.repeat(groups, self.group_size)
-        records = [r for grp in mr.groups for r in grp]
-        total, accuracy, per = self.score([t for t, keep in zip(mr.texts, rows) if keep],
-                                          [r for r, keep in zip(records, rows) if keep])
-        new = {k: v.copy() for k, v in mr.per_reward.items()}
-        for k, v in per.items():
-            new[k][rows] = v
-        rewards, acc = mr.rewards.copy(), mr.accuracy.copy()
-        rewards[rows], acc[rows] = total, accuracy
-        return dataclasses.replace(mr, rewards=rewards, accuracy=acc, per_reward=new)
+        total, accuracy, per = self._score_rows(mr.texts, [r for grp in mr.groups for r in grp],
+                                                np.repeat(groups, self.group_size), base=mr)
+        return dataclasses.replace(mr, rewards=total, accuracy=accuracy, per_reward={**mr.per_reward, **per})
 
     def _length_plan(self, rolled: list[MicroRollout], local: int):
         """The length-aware update's plan of the calls' groups (train/micro_batches.py: sorted by
