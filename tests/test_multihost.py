@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import subprocess_env
+from conftest import XLA_CACHE, subprocess_env
 from anatomy_r1_jax.data.collate import BatchShape, Collator, ImageFeatures
 from anatomy_r1_jax.data.records import Record
 from anatomy_r1_jax.rl.rollout import image_embeddings
@@ -100,7 +100,8 @@ def _launch(workdir, config, devices: int, process_id: int | None = None, port: 
     if process_id is not None:
         env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(process_id))
     log = open(f"{workdir}.{process_id}.log", "w")
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--config={config}", f"--workdir={workdir}", *ARGS]
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--config={config}", f"--workdir={workdir}", *ARGS,
+           f"--config.compilation_cache={XLA_CACHE}"]  # the session's, not the user's ~/.cache
     return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log.name
 
 
