@@ -102,6 +102,11 @@ def get_config(arg=None):
         # update takes): each call reads every weight once per generated token, so fewer, larger calls
         # decode faster; smaller ones hold a smaller KV cache. Must divide train.batch_size.
         rollout_batch_size=0,
+        # The rollout's prompt width: each call's left-padded prompts are cut to the smallest of K
+        # widths (data.prompt_length * k / K, multiples of 8) that holds its longest prompt, so the
+        # prefill and every decode step skip the padding (K compiled rollout shapes at most; the
+        # update still reads the full data.prompt_length); 1: always data.prompt_length.
+        prompt_buckets=4,
     )
 
     # The rest of the precision policy (runtime/precision.py): the dtype gradients are accumulated in, AdamW's

@@ -26,7 +26,7 @@ def _config(**gdqa):
     c.sft.update(steps=1, batch_size=4, warmup_steps=0, schedule="constant", lr=1e-3)
     c.optim.update(lr=1e-5, warmup_steps=0, schedule="constant")
     c.train.update(steps=3, batch_size=4, micro_batches=2)
-    c.rl.update(group_size=G, max_completion_length=24, beta=0.0)
+    c.rl.update(group_size=G, max_completion_length=24, beta=0.0, prompt_buckets=12)  # widths 8, 16, ..., 96
     c.data.update(eval_size=4)
     c.data.synthetic.n = 60
     c.model.tiny.update(hidden_size=32, intermediate_size=64, num_hidden_layers=1)
@@ -350,3 +350,26 @@ def test_accuracy_signal_rescues_all_wrong_groups_and_trains_on_the_chosen_promp
         np.testing.assert_array_equal(rewards, [2.0 if k % 2 == 0 else 1.0 for k in range(len(texts))])
     if rescued_prompt == "variant":
         assert any(len(set(rerolled[p * G:(p + 1) * G])) > 1 for p in range(4))  # variants were used
+
+
+def test_the_trainers_rollout_runs_at_the_cut_prompt_width(trainer, monkeypatch):
+    """A GRPO step's rollout through the trainer's compiled program: its prompts arrive cut to the
+    smallest of rl.prompt_buckets = 12 widths of data.prompt_length (96: 8, 16, ..., 96) holding the
+    step's longest prompt, and the collector still trains on the full-width prompts."""
+    r = trainer.run_parts
+    assert r.prompt_widths == tuple(range(8, 97, 8))
+    widths, compiled = [], r.rollout
+
+    def recording(params, frozen, batch, *args):
+        widths.append(batch.input_ids.shape[1])
+        return compiled(params, frozen, batch, *args)
+
+    monkeypatch.setattr(r, "rollout", recording)
+    steps = Steps(trainer, answer_a)
+    queries = next(steps.it)
+    batches, _ = steps.collector.collect(queries, steps.it.unreadable, trainer.rollout, steps.gdqa,
+                                         jax.random.key(0), np.random.default_rng(0))
+    mask = np.concatenate([np.asarray(b.prompt.attention_mask) for b in batches])
+    want = next(w for w in r.prompt_widths if w >= mask.sum(1).max())
+    assert widths == [want] and want < 96, (widths, mask.sum(1).max())
+    assert mask.shape[1] == 96  # the update's prompts keep data.prompt_length

@@ -7,10 +7,12 @@ to its row of the encoded image embeddings, so a group's G rows reuse one encodi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import flax.struct
 import jax
+import numpy as np
 
 
 @flax.struct.dataclass
@@ -49,3 +51,23 @@ class TrainBatch:
     completions: Completions
     rewards: jax.Array
     categories: jax.Array
+
+
+def prompt_width(attention_mask: np.ndarray, widths: Sequence[int]) -> int:
+    """The smallest of `widths` (ascending) that holds the longest prompt of a left-padded
+    attention_mask [N, Lp] (host array)."""
+    longest = int(np.asarray(attention_mask).sum(axis=1).max(initial=0))
+    return next((w for w in widths if w >= longest), widths[-1])
+
+
+def trim_prompts(batch: PromptBatch, width: int) -> PromptBatch:
+    """The last `width` columns of a left-padded prompt batch (host arrays): the same prompts
+    without their leading padding. Nothing else changes: `image_rows` follows the placeholders in
+    row-major order and the decode positions count the padding they skip (rope_index.decode_position_ids)."""
+    lp = batch.input_ids.shape[1]
+    if width >= lp:
+        return batch
+    if np.asarray(batch.attention_mask)[:, : lp - width].any():
+        raise ValueError(f"a prompt is longer than the width {width} it would be cut to (of {lp})")
+    return batch.replace(input_ids=batch.input_ids[:, lp - width:], attention_mask=batch.attention_mask[:, lp - width:],
+                         position_ids=batch.position_ids[:, :, lp - width:])

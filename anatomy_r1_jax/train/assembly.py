@@ -74,6 +74,7 @@ class Run:
     step_configs: dict
     old_logps: Any  # the padded update's old log-probs program (rl.num_iterations > 1)
     length_buckets: tuple[int, ...] | None
+    prompt_widths: tuple[int, ...]  # the rollout's prompt widths (rl.prompt_buckets of data.prompt_length)
     schedules: dict
     tx: dict
     kl_reference: bool
@@ -195,7 +196,8 @@ def build_run(config, workdir: str) -> Run:
         rollout=rollout.rollout(cache_dtype=precision.compute_dtype),
         evals=_evaluations(c, evaluator, data),
         step_configs=configs, old_logps=programs.old_logps(configs["grpo"]),
-        length_buckets=length_buckets, schedules=schedules, tx=tx, kl_reference=kl_reference,
+        length_buckets=length_buckets, prompt_widths=bucket_lengths(c.data.prompt_length, c.rl.prompt_buckets),
+        schedules=schedules, tx=tx, kl_reference=kl_reference,
         initial_state=initial_state, collector=None, gdqa=gdqa, pipeline=pipeline, pipeline_sft=pipeline_sft,
         ckpt=ckpt)
     run.collector = StepCollector(

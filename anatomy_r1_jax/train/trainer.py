@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from anatomy_r1_jax import faults
 from anatomy_r1_jax.data import prompts
-from anatomy_r1_jax.data.batch import Completions, TrainBatch
+from anatomy_r1_jax.data.batch import Completions, TrainBatch, prompt_width, trim_prompts
 from anatomy_r1_jax.data.readers import DataError
 from anatomy_r1_jax.evaluation.heldout import itstime
 from anatomy_r1_jax.runtime import distributed
@@ -54,10 +54,14 @@ class Trainer:
 
     # ---- the device side ------------------------------------------------------------------------------
     def rollout(self, batch, key, group_size: int, prompts_per_group: int) -> Completions:
-        """The step collector's rollout: this shard's prompts placed on the rollout's layout, the
-        compiled rollout over the weights resharded onto it (once per state), completions on the host."""
+        """The step collector's rollout: this shard's prompts cut to the call's prompt width (the
+        smallest of rl.prompt_buckets widths that holds every shard's longest prompt) and placed on
+        the rollout's layout, the compiled rollout over the weights resharded onto it (once per
+        state), completions on the host."""
         r = self.run_parts
         layout = r.rollout_programs
+        width = max(r.shard.gather(np.int32(prompt_width(batch.attention_mask, r.prompt_widths))))
+        batch = trim_prompts(batch, int(width))
         placed = put_batch(batch, layout.mesh, layout.rules, False, r.shard.count)
         weights = r.rollout_weights(self.state.train.params, self.state.train.frozen)
         return distributed.to_host(r.rollout(*weights, placed, key, r.sampling, group_size, prompts_per_group))
