@@ -78,8 +78,10 @@ def shared_run(name: str, make) -> str:
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: a long test (real processes killed and restarted, two-process "
-                                       "training, long runs); the fast lane deselects them with -m 'not slow'")
+    config.addinivalue_line("markers", "slow: a test that starts processes (train.py, a script, data workers, "
+                                       "two-process training, kills and restarts) or runs whole updates on 8 "
+                                       "devices; the fast lane (-m 'not slow') keeps one train.py run and every "
+                                       "in-process test")
 
 
 def pytest_unconfigure(config):

@@ -152,6 +152,7 @@ def _resume_matches(records, processor, workers: int, reference=None):
     return head + tail
 
 
+@pytest.mark.slow
 def test_resume_is_exact_with_and_without_worker_processes(records, processor):
     in_process = _resume_matches(records, processor, workers=0)
     assert list(itertools.chain(*_indices(in_process))) == \

@@ -168,6 +168,7 @@ def _bad_train_file(tmp_path) -> str:
     return str(write_records(records, tmp_path / "train.jsonl"))
 
 
+@pytest.mark.slow
 def test_train_py_stops_before_the_first_step_naming_every_bad_record(tmp_path):
     train = _bad_train_file(tmp_path)
     workdir = tmp_path / "run"

@@ -194,6 +194,7 @@ def test_export_keeps_the_trained_dtype(exported):
     assert json.loads((out / "anatomy_r1_export.json").read_text())["dtype"] == "float32"
 
 
+@pytest.mark.slow
 def test_scripts_without_config_evaluate_and_export_the_run(tmp_path, monkeypatch):
     """The user's commands with no --config on a run whose model is not configs/default.py's (1 layer,
     bfloat16 weights): the same results as the explicit config gives, nothing written into the run."""

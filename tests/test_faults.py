@@ -124,6 +124,7 @@ def test_a_run_killed_and_stopped_in_every_phase_resumes_to_the_uninterrupted_ru
         np.testing.assert_array_equal(final[key], expected[key], err_msg=key)
 
 
+@pytest.mark.slow
 def test_non_finite_updates_are_skipped_counted_and_stop_the_run_and_a_full_disk_stops_it(tmp_path):
     """NaN rewards at step 3: its update is skipped and counted, its checkpoint holds finite weights
     (the step 2 weights). The disk reports no space at checkpoint 4: one line naming the folder and
@@ -177,6 +178,7 @@ def _vanishing_record(grpo_step: int) -> int:
     return next(int(i) for i in grpo[2 * grpo_step:2 * grpo_step + 2] if i not in elsewhere)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("on_error", ["skip", "raise"])
 def test_an_image_that_vanishes_after_the_start_up_validation(tmp_path, on_error):
     """The image of a record GRPO reads at step 4 is deleted just before it is loaded. skip: the

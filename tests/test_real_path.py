@@ -148,6 +148,7 @@ def test_train_resume_evaluate_export_on_the_real_path(user):
     assert diff <= 1e-4, f"max |logits diff| {diff:.3g}"
 
 
+@pytest.mark.slow
 def test_set_up_errors_are_one_clear_line(user, tmp_path):
     no_folder = _run("train.py", f"--workdir={tmp_path / 'a'}", *user["config"], "--config.model.path=/no/such/model",
                      cache=user["cache"], expect_ok=False)

@@ -262,6 +262,7 @@ def test_a_decode_step_writes_the_cache_in_place():
     assert memory.temp_size_in_bytes < cache_bytes
 
 
+@pytest.mark.slow
 def test_sharded_fsdp_tensor_equals_single_device():
     assert jax.device_count() >= 8
     cfg = StepConfig(group_size=4, loss=GRPOLoss(beta=0.04), temperature=0.9, logp_chunk=3)
@@ -365,6 +366,7 @@ def test_shared_prompt_rollout_and_logps_equal_per_row(queries=2, group=4, per_g
                          group_size=group)
 
 
+@pytest.mark.slow
 def test_shared_prompt_update_equals_per_row_update_sharded():
     """The GRPO update on S = 1 prompt row per group, on a data x fsdp x tensor mesh (the 4 prompt
     rows one per data x fsdp device), equals the per-row update on one device."""

@@ -199,6 +199,7 @@ def _kill_and_resume(tmp_path, uninterrupted: str, *extra, after: tuple[int, ...
     assert _metrics(workdir) == _metrics(uninterrupted)
 
 
+@pytest.mark.slow
 def test_rl_beta_may_change_between_the_warm_up_and_grpo_but_not_within_grpo(tmp_path):
     """The warm-up holds no KL reference copy (GRPO makes it from the policy it starts from), so GRPO
     may continue a warm-up with any rl.beta; a GRPO checkpoint holds the reference exactly when
@@ -220,6 +221,7 @@ def test_rl_beta_may_change_between_the_warm_up_and_grpo_but_not_within_grpo(tmp
            "rl.beta=0.04" in out.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_gdqa_auto_calibration_marks_the_upcoming_queries(tmp_path):
     """An untrained model earns no reward, so the calibration pass finds every upcoming group
     all-equal; GRPO then triggers GDQA on every query of its first steps, which also shows the
@@ -232,6 +234,7 @@ def test_gdqa_auto_calibration_marks_the_upcoming_queries(tmp_path):
     assert [r["prompts_per_group"] for r in rows] == [2.0, 2.0]  # G = 2 different variants per group
 
 
+@pytest.mark.slow
 def test_gdqa_calibration_file_applies_when_grpo_resumes_from_a_warm_up(tmp_path):
     """The ablation's path: GRPO continues from a warm-up checkpoint and takes its calibration from
     an evaluate.py result (here: every sample of every training query wrong, so all are hard) and
@@ -256,6 +259,7 @@ def _train_with(workdir, *, sft_steps, train_steps, calibration, group_size=2, n
            f"--config.rl.group_size={group_size}", f"--config.gdqa.num_variants={num_variants}")  # later flags win
 
 
+@pytest.mark.slow
 def test_held_out_accuracy_equals_evaluate_py(tmp_path):
     """One evaluation path: a warm-up that learns the answer format (a constant structure name,
     lenient accuracy about 1/6, strict accuracy 0) logs the held-out accuracy scripts/evaluate.py
