@@ -20,6 +20,10 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
 
+from anatomy_r1_jax.requirements import check_installed  # noqa: E402
+
+check_installed()  # one line naming a missing package
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
