@@ -7,8 +7,8 @@ XLA:CPU compile, one compilation cache for the whole session, and `slow` tests.
 Compiling, not running, is most of the suite's time (the tiny models' update programs take XLA:CPU
 5-20 s each at its default optimisation level), so the tests compile with the LLVM backend at -O0 and
 XLA:CPU's older elemental fusion emitter instead of its MLIR fusion emitters (TEST_XLA_FLAGS: the same
-HLO passes; -O0 halves the compile time, the emitter takes another ~35% off the rest, measured on
-test_rollout_step.py + test_lora.py cold: 346 s -> 265 s; slower code that these tiny programs
+HLO passes; -O0 halves the compile time, the emitter takes another ~40% off the rest, measured on
+test_rollout_step.py + test_lora.py cold: 346 s -> 265 s, 139 s of it not compiling; slower code that these tiny programs
 hardly notice). A run of train.py or a script that a test starts gets the same flags
 and the session's compilation cache through `subprocess_env` / `XLA_CACHE`.
 """

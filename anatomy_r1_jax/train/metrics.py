@@ -110,7 +110,7 @@ def plot_curves(rows: list[dict], out_path: str, keys: Iterable[str], title: str
     # Fixed margins in inches (tight_layout measures every tick label: half the time of a 12-panel plot)
     width, height = fig.get_size_inches()
     fig.subplots_adjust(left=0.55 / width, right=1 - 0.15 / width, bottom=0.45 / height,
-                        top=1 - (0.7 if title else 0.35) / height, wspace=0.3, hspace=0.45 * 3.0 / 2.2)
+                        top=1 - (0.7 if title else 0.35) / height, wspace=0.3, hspace=0.6)
     fig.savefig(out_path, dpi=110)
     plt.close(fig)
     return out_path
