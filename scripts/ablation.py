@@ -225,7 +225,7 @@ def plot(runs: dict[str, list[str]], out_dir: str) -> list[str]:
     return paths
 
 
-def main():
+def main(argv: list[str] | None = None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/ablation")
     p.add_argument("--seeds", default="0,1,2")
@@ -234,7 +234,7 @@ def main():
     p.add_argument("--report", default=os.path.join(ROOT, "docs", "results"))
     p.add_argument("--summarize", action="store_true",
                    help="train nothing: report the seeds of --seeds whose every arm has finished (a sweep still running)")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     seeds = [int(s) for s in a.seeds.split(",")]
     unknown = sorted(set(a.arms.split(",")) - set(ARMS))
     if unknown:
@@ -258,7 +258,7 @@ def main():
     plots = plot(runs, a.report) if "grpo" in runs and "gdqa" in runs else []
     with open(os.path.join(a.report, "ablation.json"), "w") as f:
         json.dump(stats, f, indent=1)
-    cmd = "python scripts/ablation.py " + " ".join(sys.argv[1:])
+    cmd = "python scripts/ablation.py " + " ".join(sys.argv[1:] if argv is None else argv)
     report = os.path.join(a.report, "ablation.md")
     readings = ""  # what people wrote below READINGS survives a new report
     if os.path.exists(report):

@@ -75,13 +75,14 @@ def main(argv):
     from anatomy_r1_jax.evaluation.run_config import config_from_flags
     from anatomy_r1_jax.evaluation.scoring import run_accuracy
     from anatomy_r1_jax.evaluation.sweep import run_sweep
-    from anatomy_r1_jax.runtime.programs import use_compilation_cache
+    from anatomy_r1_jax.runtime.programs import collect_garbage_less, use_compilation_cache
     from anatomy_r1_jax.runtime.distributed import maybe_initialize
 
     ensure_flags_parsed()
     maybe_initialize()
     config = config_from_flags(_CONFIG, _CHECKPOINTS.value)
     use_compilation_cache(_CONFIG.value)  # this machine's cache (--config.compilation_cache=...), not the run's
+    collect_garbage_less()
     accuracy = _ACCURACY.value or run_accuracy(config.rl.rewards)
     settings = EvalSettings(batch_size=_BATCH.value, samples=_SAMPLES.value, ks=tuple(int(k) for k in _KS.value),
                             temperature=_TEMPERATURE.value, top_p=_TOP_P.value, top_k=_TOP_K.value, seed=_SEED.value,

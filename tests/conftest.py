@@ -99,3 +99,9 @@ def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(SLOW_FIRST)}
     # slow-marked first, then the slow files, the rest in their order (a stable sort)
     items.sort(key=lambda item: (item.get_closest_marker("slow") is None, rank.get(item.path.name, len(SLOW_FIRST))))
+
+
+def pytest_collection_finish(session):
+    from anatomy_r1_jax.runtime.programs import collect_garbage_less
+
+    collect_garbage_less()  # the test modules are imported: tracing runs quicker (docs/benchmarks.md "Start-up")

@@ -3,8 +3,9 @@ per seed against grpo (no training; the run folders are written here)."""
 
 import json
 import os
-import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
@@ -32,8 +33,9 @@ def test_summarize_reports_finished_seeds_paired_against_grpo(tmp_path):
         _fake_run(str(out / f"gdqa_seed{seed}"), 0.1, d, done=seed < 2)  # seed 2 still running
     assert ablation.finished_seeds(str(out), [0, 1, 2], arms) == [0, 1]
 
-    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "ablation.py"), "--summarize", "--out", str(out),
-                    "--seeds", "0,1,2", "--arms", ",".join(arms), "--report", str(report)], check=True, cwd=ROOT)
+    summarize = ["--summarize", "--out", str(out), "--seeds", "0,1,2", "--arms", ",".join(arms),
+                 "--report", str(report)]
+    ablation.main(summarize)  # in this process: the command line without a Python start
     stats = json.loads((report / "ablation.json").read_text())
     assert stats["grpo"]["final_accuracy"] == [0.30, 0.20]  # seed 2 left out: its gdqa run has not finished
     assert [round(x, 6) for x in stats["gdqa"]["vs_grpo"]] == [0.10, 0.05]
@@ -46,18 +48,17 @@ def test_summarize_reports_finished_seeds_paired_against_grpo(tmp_path):
     # Readings written below the marker survive the next report (seed 2 finished meanwhile).
     (report / "ablation.md").write_text(text + "GDQA helps on seed 0.\n")
     open(out / "gdqa_seed2" / "DONE", "w").close()
-    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "ablation.py"), "--summarize", "--out", str(out),
-                    "--seeds", "0,1,2", "--arms", ",".join(arms), "--report", str(report)], check=True, cwd=ROOT)
+    ablation.main(summarize)
     text = (report / "ablation.md").read_text()
     assert "| gdqa | 3 |" in text and text.endswith(ablation.READINGS + "\nGDQA helps on seed 0.\n")
 
 
-def test_summarize_with_no_finished_seed_fails_in_one_line(tmp_path):
+def test_summarize_with_no_finished_seed_fails_in_one_line(tmp_path, capsys):
     _fake_run(str(tmp_path / "grpo_seed0"), 0.1, 0.2, done=False)
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "ablation.py"), "--summarize", "--out",
-                        str(tmp_path), "--seeds", "0", "--arms", "grpo", "--report", str(tmp_path / "r")],
-                       capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 2 and "no seed has finished every arm" in r.stderr
+    with pytest.raises(SystemExit) as stop:
+        ablation.main(["--summarize", "--out", str(tmp_path), "--seeds", "0", "--arms", "grpo", "--report",
+                       str(tmp_path / "r")])
+    assert stop.value.code == 2 and "no seed has finished every arm" in capsys.readouterr().err
 
 
 def test_a_run_folder_of_an_arm_that_changed_is_refused(tmp_path):
@@ -67,9 +68,9 @@ def test_a_run_folder_of_an_arm_that_changed_is_refused(tmp_path):
     (run / "config.json").write_text(json.dumps({"method": "asc", "curriculum": {"schedule": "staged"}}))
     assert ablation.arm_mismatch(str(run), "asc") == ["curriculum.schedule='staged' (arm asc: 'competence')"]
     _fake_run(str(tmp_path / "grpo_seed0"), 0.1, 0.2, done=True)
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "ablation.py"), "--summarize", "--out",
-                        str(tmp_path), "--seeds", "0", "--arms", "grpo,asc", "--report", str(tmp_path / "r")],
-                       capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 1 and "not the arm asc of configs/methods.py" in r.stderr
+    with pytest.raises(SystemExit) as stop:  # one line, exit code 1 (SystemExit with a message)
+        ablation.main(["--summarize", "--out", str(tmp_path), "--seeds", "0", "--arms", "grpo,asc", "--report",
+                       str(tmp_path / "r")])
+    assert "not the arm asc of configs/methods.py" in str(stop.value.code)
     (run / "config.json").write_text(json.dumps({"method": "asc_staged", "curriculum": {"schedule": "staged"}}))
     assert ablation.arm_mismatch(str(run), "asc_staged") == []  # the fields it lacks: configs/default.py's

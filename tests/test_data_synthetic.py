@@ -1,6 +1,7 @@
 """Synthetic benchmark: determinism, valid records, answerable questions, S(q) spread, pixels decide."""
 
 import collections
+import dataclasses
 import json
 import re
 import subprocess
@@ -60,6 +61,11 @@ def test_deterministic_and_reused(tmp_path):
     image = "images/train/000000.png"
     assert (tmp_path / "a" / image).read_bytes() == (tmp_path / "b" / image).read_bytes()
     assert Path(other["train"]).read_text() != Path(first["train"]).read_text()
+    for split in first:  # the same records without drawing their images (read_records makes paths absolute)
+        written = [dataclasses.replace(r, images=tuple(str(Path(i).relative_to(tmp_path / "a")) for i in r.images))
+                   for r in read_records(first[split])]
+        assert syn.synthetic_records(split, n=48, seed=7) == written
+    assert syn.synthetic_records("train", n=48, seed=8) != syn.synthetic_records("train", n=48, seed=7)
     before = (tmp_path / "a/train.jsonl").stat().st_mtime_ns
     assert syn.make_synthetic_dataset(tmp_path / "a", n=48, seed=7) == first  # same parameters: reused
     assert (tmp_path / "a/train.jsonl").stat().st_mtime_ns == before

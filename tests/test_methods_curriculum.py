@@ -1,12 +1,10 @@
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import shared_run
 
-from anatomy_r1_jax.data.synthetic import make_synthetic_dataset
-from anatomy_r1_jax.data import read_records
+from anatomy_r1_jax.data import synthetic
+from anatomy_r1_jax.data.synthetic import synthetic_records
 from anatomy_r1_jax.methods import similarity as sim_mod
 from anatomy_r1_jax.methods.curriculum import Curriculum, competence, curriculum_order, stage_slices
 from anatomy_r1_jax.methods.curriculum_check import check_order
@@ -123,13 +121,11 @@ def test_competence_draws_each_step_from_the_eligible_easiest_per_class():
 
 @pytest.fixture(scope="module")
 def synthetic_train():
-    """The default run's training records (configs/default.py: 8000 generated, 6400 train) and their
-    S(q) under the generator's class-similarity matrix (written once per session, whichever xdist
-    worker asks first: 8000 images take ~30 s)."""
-    out = Path(shared_run("synthetic_8000", lambda folder: make_synthetic_dataset(folder, n=8000, seed=0,
-                                                                                   image_size=56)))
-    records = read_records(str(out / "train.jsonl"))
-    return records, sim_mod.make_similarity("matrix", matrix=out / "class_similarity.json")
+    """The default run's training records (configs/default.py: 8000 generated, 6400 train; made
+    without their images) and the generator's class-similarity matrix as its file holds it."""
+    records = synthetic_records("train", n=8000, seed=0, image_size=56)
+    matrix = {"classes": list(synthetic.CLASSES), "matrix": np.round(synthetic.CLASS_SIMILARITY, 6).tolist()}
+    return records, sim_mod.make_similarity("matrix", matrix=matrix)
 
 
 @pytest.mark.parametrize("schedule, violated", [

@@ -32,7 +32,9 @@ def text_prompts(rows: int) -> PromptBatch:
 
 
 def xla_flops(fn, *args) -> float:
-    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    """XLA's FLOP count (HloCostAnalysis) of `fn`'s lowered program: the HLO before XLA's passes,
+    so nothing is compiled (the compiled program's count differs by < 0.1% here)."""
+    cost = jax.jit(fn).lower(*args).cost_analysis()
     return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
 
 
@@ -68,7 +70,7 @@ def test_forward_and_update_flops_match_xla(shared):
 def test_decode_weights_are_the_language_model_without_the_input_table():
     for size in ("small", "100m"):  # untied, tied embeddings
         cfg = QwenVLConfig.from_hf(workloads.size_config(size))
-        params = nnx.state(QwenVL(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+        params = nnx.state(nnx.eval_shape(lambda: QwenVL(cfg, rngs=nnx.Rngs(0))), nnx.Param)  # shapes only
         language = sum(x.size for path, x in jax.tree_util.tree_leaves_with_path(params)
                        if "vision" not in jax.tree_util.keystr(path))
         input_table = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size
@@ -85,6 +87,7 @@ def test_device_peaks_by_longest_prefix():
     assert flops.device_peaks("cpu") is None
 
 
+@pytest.mark.slow  # whole updates on 8 devices
 def test_bench_device_reports_utilisation_with_the_device_name(capsys):
     import os
     import sys

@@ -22,6 +22,7 @@ import itertools
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -266,30 +267,46 @@ def make_example(rng: np.random.Generator, grid: int, target: str, kind: str) ->
     return scene, kind, question, distractors
 
 
-def generate_split(out_dir: Path, split: str, n: int, seed: int, image_size: int,
-                   question_mix: dict[str, float]) -> list[Record]:
-    """Render n records of one split (images under out_dir/images/<split>/); classes exactly balanced."""
+def split_examples(split: str, n: int, seed: int, image_size: int,
+                   question_mix: dict[str, float]) -> Iterator[tuple[Record, Scene, np.random.Generator]]:
+    """The n records of one split, each with its scene and the rng that renders it (classes exactly
+    balanced; image paths images/<split>/<index>.png). A record does not depend on its rendering, so
+    the records alone cost no drawing (`generate_split` renders them)."""
     grid = 2 if image_size < 3 * CELL_PIXELS else 3
     split_rng = np.random.default_rng([seed, SPLITS.index(split)])
     targets = [CLASSES[i % len(CLASSES)] for i in split_rng.permutation(n)]
     kinds, weights = list(question_mix), np.array(list(question_mix.values()), float)
-    image_dir = out_dir / "images" / split
-    image_dir.mkdir(parents=True, exist_ok=True)
-    records = []
     for index, target in enumerate(targets):
         rng = np.random.default_rng([seed, SPLITS.index(split), index, 1])
         kind = kinds[int(rng.choice(len(kinds), p=weights / weights.sum()))]
         scene, kind, question, distractors = make_example(rng, grid, target, kind)
         options = [target] + distractors
         options = [options[i] for i in rng.permutation(len(options))]
-        relative = f"images/{split}/{index:06d}.png"
-        Image.fromarray(render_scene(scene, image_size, rng)).save(out_dir / relative, compress_level=1)
-        records.append(Record(
-            id=f"synthetic-{split}-{index:06d}", images=(relative,), question=question, options=tuple(options),
-            answer=LETTERS[options.index(target)], answer_text=target, category=target, source="synthetic",
-            question_type=kind,
-        ))
+        record = Record(
+            id=f"synthetic-{split}-{index:06d}", images=(f"images/{split}/{index:06d}.png",), question=question,
+            options=tuple(options), answer=LETTERS[options.index(target)], answer_text=target, category=target,
+            source="synthetic", question_type=kind)
+        yield record, scene, rng
+
+
+def generate_split(out_dir: Path, split: str, n: int, seed: int, image_size: int,
+                   question_mix: dict[str, float]) -> list[Record]:
+    """Render n records of one split (images under out_dir/images/<split>/)."""
+    (out_dir / "images" / split).mkdir(parents=True, exist_ok=True)
+    records = []
+    for record, scene, rng in split_examples(split, n, seed, image_size, question_mix):
+        Image.fromarray(render_scene(scene, image_size, rng)).save(out_dir / record.images[0], compress_level=1)
+        records.append(record)
     return records
+
+
+def synthetic_records(split: str, n: int = 1200, seed: int = 0, image_size: int = 84,
+                      split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+                      question_mix: dict[str, float] | None = None) -> list[Record]:
+    """The records `make_synthetic_dataset` writes for `split` with the same arguments, without their
+    images (for model-free studies of the questions, e.g. a curriculum's order)."""
+    size = _split_sizes(n, split_fractions)[split]
+    return [r for r, _, _ in split_examples(split, size, seed, image_size, dict(question_mix or DEFAULT_QUESTION_MIX))]
 
 
 def _split_sizes(n: int, fractions: tuple[float, ...]) -> dict[str, int]:
