@@ -32,6 +32,7 @@ def _programs(mesh, lr=1e-2):
     return programs, tx, params, frozen
 
 
+@pytest.mark.slow  # whole updates on 8 devices
 def test_update_is_traced_under_the_rules_and_compiles_once():
     mesh = sharding.make_mesh([("data", 2), ("fsdp", 2), ("tensor", 2)])
     programs, tx, params, frozen = _programs(mesh)

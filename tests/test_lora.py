@@ -122,6 +122,7 @@ def test_adapter_gradient_is_the_merged_models_gradient_through_the_chain_rule(s
                                    err_msg=".".join(map(str, path)))
 
 
+@pytest.mark.slow  # whole updates on 8 devices
 def test_only_adapters_train_have_optimizer_state_and_follow_the_sharding_rules():
     mesh = sharding.make_mesh([("data", 2), ("fsdp", 2), ("tensor", 2)])
     graphdef, params, frozen = split_model(adapted_model(), freeze_vision=False)
