@@ -38,13 +38,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
 
-from anatomy_r1_jax import sharding  # noqa: E402
 from anatomy_r1_jax.perf import profile, report, workloads  # noqa: E402
 from anatomy_r1_jax.perf.memory import compiled_memory  # noqa: E402
 from anatomy_r1_jax.perf.timing import time_interleaved  # noqa: E402
-from anatomy_r1_jax.train.compiled import Programs  # noqa: E402
-from anatomy_r1_jax.runtime.placement import split_model  # noqa: E402
-from anatomy_r1_jax.train.step import make_optimizer, step_configs  # noqa: E402
+from anatomy_r1_jax.train.step import step_configs  # noqa: E402
 from configs.default import get_config  # noqa: E402
 from configs.methods import paper_update  # noqa: E402
 
@@ -68,14 +65,7 @@ def our_batch(prompts, comp):
 
 def our_update(model, group: int, length: int):
     """(jitted step, initial TrainState) for the GRPO update of the benchmark (completions of `length`)."""
-    graphdef, params, frozen = split_model(model, freeze_vision=False)
-    params, frozen = jax.tree.map(jnp.copy, (params, frozen))  # the step donates its state; the model stays usable
-    tx = make_optimizer(HP["lr"], grad_clip=HP["grad_clip"], b1=HP["b1"], b2=HP["b2"])
-    # Compiled as the trainer compiles it (train/compiled.py), on the default device.
-    programs = Programs.create(graphdef, sharding.make_mesh([("data", 1)], devices=jax.devices()[:1]), RULES)
-    cfg = step_config(group, length)
-    state = programs.init_state(tx, cfg.precision, params, frozen, reference=True)
-    return programs.update(tx, cfg, state), state
+    return workloads.one_device_update(model, step_config(group, length), RULES, **HP)
 
 
 class OurStepper:

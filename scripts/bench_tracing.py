@@ -6,7 +6,8 @@
 Every start of a run pays jax's tracing and lowering of its programs (a warm restart loads the
 compiled programs from the persistent cache, but still traces and lowers each). This times that
 work alone for the trainer's GRPO update (train/compiled.py `Programs.update`, the paper's
-settings, 8 queries x G 8, one image per prompt): `jax.clear_caches()`, then `update.lower(...)`
+settings, 8 queries x G 8, one image per prompt; no torch in the process, as in a user's run):
+`jax.clear_caches()`, then `update.lower(...)`
 (trace + lower to StableHLO, no XLA compile), the two collector settings interleaved in one
 process (`gc.unfreeze()` and Python's default thresholds (700, 10, 10) restore the default).
 """
@@ -31,7 +32,9 @@ from anatomy_r1_jax.models import QwenVL, QwenVLConfig  # noqa: E402
 from anatomy_r1_jax.perf import report, workloads  # noqa: E402
 from anatomy_r1_jax.perf.timing import time_interleaved  # noqa: E402
 from anatomy_r1_jax.runtime.programs import collect_garbage_less  # noqa: E402
-from bench_step import our_batch, our_update  # noqa: E402
+from anatomy_r1_jax.train.step import step_configs  # noqa: E402
+from configs.default import get_config  # noqa: E402
+from configs.methods import paper_update  # noqa: E402
 
 PYTHON_DEFAULT = (700, 10, 10)
 
@@ -53,8 +56,11 @@ def main(argv=None) -> dict:
     cfg = QwenVLConfig.from_hf(workloads.size_config(a.size))
     prompts, _ = workloads.image_prompts(cfg, queries=a.queries, group=a.group, prompt_length=a.prompt_length)
     comp = workloads.random_completions(cfg, a.queries * a.group, a.completion_length)
-    update, state = our_update(QwenVL(cfg, rngs=nnx.Rngs(0)), a.group, a.completion_length)
-    batch = our_batch(prompts, comp)
+    run_config = paper_update(get_config(), group=a.group, length=a.completion_length, logp_chunk=32)
+    update, state = workloads.one_device_update(QwenVL(cfg, rngs=nnx.Rngs(0)), step_configs(run_config)["grpo"],
+                                                [tuple(r) for r in run_config.sharding_rules],
+                                                lr=1e-5, grad_clip=1.0, b1=0.9, b2=0.99)
+    batch = workloads.train_batch(prompts, comp)  # NumPy: lowering needs its shapes only
 
     def lower(collector):
         def run():

@@ -3,7 +3,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from anatomy_r1_jax.data import synthetic
+from anatomy_r1_jax.data import synthetic, write_class_similarity
 from anatomy_r1_jax.data.synthetic import synthetic_records
 from anatomy_r1_jax.methods import similarity as sim_mod
 from anatomy_r1_jax.methods.curriculum import Curriculum, competence, curriculum_order, stage_slices
@@ -120,12 +120,13 @@ def test_competence_draws_each_step_from_the_eligible_easiest_per_class():
 
 
 @pytest.fixture(scope="module")
-def synthetic_train():
+def synthetic_train(tmp_path_factory):
     """The default run's training records (configs/default.py: 8000 generated, 6400 train; made
-    without their images) and the generator's class-similarity matrix as its file holds it."""
+    without their images) and the generator's class-similarity matrix, written as its dataset writes it."""
     records = synthetic_records("train", n=8000, seed=0, image_size=56)
-    matrix = {"classes": list(synthetic.CLASSES), "matrix": np.round(synthetic.CLASS_SIMILARITY, 6).tolist()}
-    return records, sim_mod.make_similarity("matrix", matrix=matrix)
+    path = write_class_similarity(tmp_path_factory.mktemp("similarity") / "class_similarity.json",
+                                  list(synthetic.CLASSES), synthetic.CLASS_SIMILARITY)
+    return records, sim_mod.make_similarity("matrix", matrix=path)
 
 
 @pytest.mark.parametrize("schedule, violated", [

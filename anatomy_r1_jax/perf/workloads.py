@@ -219,3 +219,23 @@ def train_batch(prompts: PromptBatch, comp: dict[str, np.ndarray]):
     import jax
 
     return jax.tree.map(lambda x: np.asarray(x)[None], batch)
+
+
+def one_device_update(model, cfg, rules, *, lr: float, grad_clip: float, b1: float, b2: float):
+    """(the jitted GRPO update, its initial TrainState) of `model` under StepConfig `cfg`, compiled as
+    the trainer compiles it (train/compiled.py `Programs`, AdamW, a KL reference copy) on the first
+    device. The model's weights are copied (the update donates its state)."""
+    import jax
+    import jax.numpy as jnp
+
+    from anatomy_r1_jax import sharding
+    from anatomy_r1_jax.runtime.placement import split_model
+    from anatomy_r1_jax.train.compiled import Programs
+    from anatomy_r1_jax.train.step import make_optimizer
+
+    graphdef, params, frozen = split_model(model, freeze_vision=False)
+    params, frozen = jax.tree.map(jnp.copy, (params, frozen))
+    tx = make_optimizer(lr, grad_clip=grad_clip, b1=b1, b2=b2)
+    programs = Programs.create(graphdef, sharding.make_mesh([("data", 1)], devices=jax.devices()[:1]), rules)
+    state = programs.init_state(tx, cfg.precision, params, frozen, reference=True)
+    return programs.update(tx, cfg, state), state
